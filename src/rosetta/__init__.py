@@ -1,0 +1,3 @@
+"""rosetta: neural machine translation toolkit."""
+
+__version__ = "0.1.0"

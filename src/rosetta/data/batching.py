@@ -1,0 +1,152 @@
+"""Token-budget batching with length bucketing, and the padded ``Batch``.
+
+Pairs are sorted by (target length, source length) with random tie-breaking, cut
+into batches whose *padded* size stays within ``max_tokens``, and the batch
+order is shuffled. Both the tie-breaking and the shuffle draw from a generator
+seeded with ``(seed, epoch)``, so the epoch's batch list is a pure function of
+the seed and the epoch number: resuming training just rebuilds it and skips
+the batches already seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rosetta.data.prepare import TokenizedSplit
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class Batch:
+    """One padded batch for teacher-forced training.
+
+    src:        (batch, src_len)  source ids, padded with <pad>
+    src_lengths:(batch,)          true source lengths
+    tgt_in:     (batch, tgt_len)  decoder input: <bos> + target
+    tgt_out:    (batch, tgt_len)  label: target + <eos>
+    indices:    (batch,)          positions of the pairs in their split
+    """
+
+    src: torch.Tensor
+    src_lengths: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def src_pad_mask(self) -> torch.Tensor:
+        """(batch, src_len), True where the source is padding."""
+        return self.src.eq(PAD_ID)
+
+    @property
+    def num_tgt_tokens(self) -> int:
+        """Real target tokens (labels that are not padding), the loss' normaliser."""
+        return int(self.tgt_out.ne(PAD_ID).sum())
+
+    def __len__(self) -> int:
+        return self.src.size(0)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in self.__dict__.values()))
+
+
+def padded_size(src_len: int, tgt_len: int, n: int) -> int:
+    """Tokens a batch of ``n`` pairs costs, padding included (target counts <eos>/<bos>)."""
+    return n * max(src_len, tgt_len + 1)
+
+
+def make_batches(
+    src_lengths: np.ndarray,
+    tgt_lengths: np.ndarray,
+    max_tokens: int,
+    seed: int | None = None,
+    epoch: int = 0,
+    max_sentences: int = 0,
+) -> list[np.ndarray]:
+    """Groups pair indices into batches of at most ``max_tokens`` padded tokens.
+
+    With ``seed=None`` the order is deterministic and unshuffled (for
+    evaluation); otherwise ties are broken and batches shuffled with a
+    generator seeded by ``(seed, epoch)``. A pair longer than the budget gets a
+    batch of its own rather than being dropped.
+    """
+    n = len(src_lengths)
+    rng = np.random.default_rng([seed, epoch]) if seed is not None else None
+    tie_break = rng.permutation(n) if rng is not None else np.arange(n)
+    order = np.lexsort((tie_break, src_lengths, tgt_lengths))
+    batches, start = [], 0
+    max_src = max_tgt = 0
+    for position, index in enumerate(order):
+        new_src = max(max_src, int(src_lengths[index]))
+        new_tgt = max(max_tgt, int(tgt_lengths[index]))
+        size = position - start + 1
+        full = max_sentences and size > max_sentences
+        if size > 1 and (padded_size(new_src, new_tgt, size) > max_tokens or full):
+            batches.append(order[start:position])
+            start, new_src, new_tgt = position, int(src_lengths[index]), int(tgt_lengths[index])
+        max_src, max_tgt = new_src, new_tgt
+    if start < n:
+        batches.append(order[start:])
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(split: TokenizedSplit, indices: np.ndarray) -> Batch:
+    """Pads the pairs at ``indices`` into a ``Batch`` (shift-right done here)."""
+    src_lengths = split.src_lengths[indices]
+    tgt_lengths = split.tgt_lengths[indices] + 1
+    src = np.full((len(indices), src_lengths.max()), PAD_ID, dtype=np.int64)
+    tgt_in = np.full((len(indices), tgt_lengths.max()), PAD_ID, dtype=np.int64)
+    tgt_out = np.full_like(tgt_in, PAD_ID)
+    for row, index in enumerate(indices):
+        source, target = split.source(index), split.target(index)
+        src[row, : len(source)] = source
+        tgt_in[row, 0] = BOS_ID
+        tgt_in[row, 1 : len(target) + 1] = target
+        tgt_out[row, : len(target)] = target
+        tgt_out[row, len(target)] = EOS_ID
+    return Batch(
+        src=torch.from_numpy(src),
+        src_lengths=torch.from_numpy(src_lengths.astype(np.int64)),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        indices=torch.from_numpy(np.asarray(indices, dtype=np.int64)),
+    )
+
+
+class BatchIterator:
+    """Epochs of token-budget batches over a ``TokenizedSplit``.
+
+    ``epoch_batches(epoch)`` is deterministic for the iterator's seed, which is
+    what makes exact resume possible (see ``rosetta.train.trainer``).
+    """
+
+    def __init__(self, split: TokenizedSplit, max_tokens: int, seed: int | None = 1) -> None:
+        self.split = split
+        self.max_tokens = max_tokens
+        self.seed = seed
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        return make_batches(
+            self.split.src_lengths, self.split.tgt_lengths, self.max_tokens, self.seed, epoch
+        )
+
+    def iterate(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
+        """Yields ``(index_in_epoch, batch)`` from batch ``start`` of ``epoch`` on."""
+        batches = self.epoch_batches(epoch)
+        for i in range(start, len(batches)):
+            yield i, collate(self.split, batches[i])
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """Fraction of the padded source+target cells that are padding."""
+        real = padded = 0
+        src_len, tgt_len = self.split.src_lengths, self.split.tgt_lengths + 1
+        for indices in self.epoch_batches(epoch):
+            real += int(src_len[indices].sum() + tgt_len[indices].sum())
+            padded += len(indices) * int(src_len[indices].max() + tgt_len[indices].max())
+        return 1.0 - real / max(padded, 1)

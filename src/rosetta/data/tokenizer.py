@@ -1,0 +1,182 @@
+"""SentencePiece subword tokenizer and the vocabulary's special tokens.
+
+The SentencePiece model *is* the vocabulary: piece ids are the ids of the
+model's embedding table. The four special tokens have fixed ids in every model
+rosetta trains, so code can refer to them as constants:
+
+====== ===== =============================================
+id     piece use
+====== ===== =============================================
+0      <pad> padding; ignored by the loss and masked in attention
+1      <unk> a piece outside the vocabulary (rare: byte fallback is on by default)
+2      <bos> first decoder input ("start of sentence")
+3      <eos> last label; generation stops when it is produced
+====== ===== =============================================
+
+Text is NFC-normalised by ``rosetta.data.corpus`` before it gets here, and the
+SentencePiece models use the ``identity`` normalisation rule with whitespace
+kept as is, so ``decode(encode(text)) == text`` (no-break spaces, typographic
+quotes and umlauts included).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
+
+JOINT_MODEL = "spm.model"
+SOURCE_MODEL = "spm.src.model"
+TARGET_MODEL = "spm.tgt.model"
+
+
+def train_sentencepiece(
+    sentences: Iterable[str],
+    model_path: Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    byte_fallback: bool = True,
+    input_sentence_size: int = 0,
+) -> Path:
+    """Trains one SentencePiece model on ``sentences`` and writes it to ``model_path``.
+
+    ``vocab_size`` is an upper bound (``hard_vocab_limit`` is off), so a small
+    corpus such as the toy task does not fail for lack of pieces.
+    """
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
+        prefix = Path(tmp) / "spm"
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_prefix=str(prefix),
+                model_type=model_type,
+                vocab_size=vocab_size,
+                character_coverage=character_coverage,
+                byte_fallback=byte_fallback,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                hard_vocab_limit=False,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                pad_piece=SPECIAL_PIECES[PAD_ID],
+                unk_piece=SPECIAL_PIECES[UNK_ID],
+                bos_piece=SPECIAL_PIECES[BOS_ID],
+                eos_piece=SPECIAL_PIECES[EOS_ID],
+                num_threads=2,
+                minloglevel=2,
+            )
+        except RuntimeError as error:
+            raise ValueError(
+                f"SentencePiece could not train a {vocab_size}-piece model: "
+                f"{str(error).split('] ')[-1]} (byte fallback alone needs 260 pieces)"
+            ) from None
+        shutil.move(f"{prefix}.model", model_path)
+        shutil.move(f"{prefix}.vocab", model_path.with_suffix(".vocab"))
+    return model_path
+
+
+class Tokenizer:
+    """Source and target subword models (one shared model when ``joint``)."""
+
+    def __init__(self, source_model: str | Path, target_model: str | Path | None = None) -> None:
+        self.source = spm.SentencePieceProcessor(model_file=str(source_model))
+        self.target = (
+            self.source
+            if target_model is None
+            else spm.SentencePieceProcessor(model_file=str(target_model))
+        )
+        self.joint = target_model is None
+        for processor in {id(self.source): self.source, id(self.target): self.target}.values():
+            for token_id, piece in SPECIAL_PIECES.items():
+                if processor.id_to_piece(token_id) != piece:
+                    raise ValueError(
+                        f"SentencePiece model maps id {token_id} to "
+                        f"{processor.id_to_piece(token_id)!r}, expected {piece!r}"
+                    )
+
+    @classmethod
+    def train(
+        cls,
+        pairs: Sequence[tuple[str, str]],
+        directory: str | Path,
+        vocab_size: int,
+        joint: bool = True,
+        model_type: str = "bpe",
+        character_coverage: float = 1.0,
+        byte_fallback: bool = True,
+        input_sentence_size: int = 0,
+    ) -> Tokenizer:
+        """Trains on the training pairs only and saves the model(s) in ``directory``."""
+        directory = Path(directory)
+        options = dict(
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            input_sentence_size=input_sentence_size,
+        )
+        sources = (src for src, _ in pairs)
+        targets = (tgt for _, tgt in pairs)
+        if joint:
+            both = (text for pair in pairs for text in pair)
+            train_sentencepiece(both, directory / JOINT_MODEL, **options)
+        else:
+            train_sentencepiece(sources, directory / SOURCE_MODEL, **options)
+            train_sentencepiece(targets, directory / TARGET_MODEL, **options)
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Loads the model(s) saved by ``train`` from ``directory``."""
+        directory = Path(directory)
+        if (directory / JOINT_MODEL).exists():
+            return cls(directory / JOINT_MODEL)
+        if (directory / SOURCE_MODEL).exists() and (directory / TARGET_MODEL).exists():
+            return cls(directory / SOURCE_MODEL, directory / TARGET_MODEL)
+        raise FileNotFoundError(
+            f"no SentencePiece model ({JOINT_MODEL} or {SOURCE_MODEL}) in {directory}"
+        )
+
+    def files(self) -> list[str]:
+        """Names of the files that make up this tokenizer (for copying it)."""
+        names = [JOINT_MODEL] if self.joint else [SOURCE_MODEL, TARGET_MODEL]
+        return names + [name.replace(".model", ".vocab") for name in names]
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.source.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.target.get_piece_size()
+
+    def encode_source(self, texts: list[str]) -> list[list[int]]:
+        """Source sentences to piece ids (no <bos>/<eos>: the encoder does not need them)."""
+        return self.source.encode(texts)
+
+    def encode_target(self, texts: list[str]) -> list[list[int]]:
+        """Target sentences to piece ids (without <bos>/<eos>; batching adds them)."""
+        return self.target.encode(texts)
+
+    def decode_target(self, ids: Sequence[int]) -> str:
+        """Piece ids back to detokenised text; special tokens are dropped."""
+        return self.target.decode([i for i in ids if i > EOS_ID])
+
+    def source_pieces(self, ids: Sequence[int]) -> list[str]:
+        return [self.source.id_to_piece(int(i)) for i in ids]
+
+    def target_pieces(self, ids: Sequence[int]) -> list[str]:
+        return [self.target.id_to_piece(int(i)) for i in ids]
