@@ -1,0 +1,130 @@
+"""The Transformer of "Attention Is All You Need" assembled from its parts.
+
+``forward`` is the teacher-forced training path; ``encode`` /
+``init_state`` / ``decode_step`` implement the incremental interface of
+``rosetta.model.interface`` for search; ``attention_maps`` returns every
+head's weights for plotting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rosetta.config import ModelConfig
+from rosetta.data.tokenizer import PAD_ID
+from rosetta.model.decoder import Decoder, DecoderLayer
+from rosetta.model.embeddings import (
+    EmbeddingBlock,
+    LearnedPositions,
+    SinusoidalPositions,
+    TokenEmbedding,
+)
+from rosetta.model.encoder import Encoder, EncoderLayer
+from rosetta.model.interface import DecoderState, EncoderOutput
+
+
+def _positions(cfg: ModelConfig) -> nn.Module:
+    if cfg.positional == "learned":
+        return LearnedPositions(cfg.d_model, cfg.max_positions)
+    return SinusoidalPositions(cfg.d_model, cfg.max_positions)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer with optional tied embeddings."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
+        tgt_tokens = TokenEmbedding(tgt_vocab_size, cfg.d_model)
+        share_all = cfg.tie_all and src_vocab_size == tgt_vocab_size
+        src_tokens = tgt_tokens if share_all else TokenEmbedding(src_vocab_size, cfg.d_model)
+        self.src_embed = EmbeddingBlock(src_tokens, _positions(cfg), cfg.dropout)
+        self.tgt_embed = EmbeddingBlock(tgt_tokens, _positions(cfg), cfg.dropout)
+        layer_args = (cfg.d_model, cfg.heads, cfg.d_ff, cfg.dropout, cfg.attention_dropout)
+        layer_kwargs = dict(activation=cfg.activation, norm=cfg.norm)
+        self.encoder = Encoder(
+            [EncoderLayer(*layer_args, **layer_kwargs) for _ in range(cfg.encoder_layers)],
+            cfg.d_model,
+            cfg.norm,
+        )
+        self.decoder = Decoder(
+            [DecoderLayer(*layer_args, **layer_kwargs) for _ in range(cfg.decoder_layers)],
+            cfg.d_model,
+            cfg.norm,
+        )
+        self.output = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self._init_weights()
+        if cfg.tie_output:
+            self.output.weight = tgt_tokens.weight
+
+    def _init_weights(self) -> None:
+        """Xavier-uniform for the projections, as in the reference implementations."""
+        for name, param in self.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                nn.init.xavier_uniform_(param)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
+
+    # ---- training path -------------------------------------------------------------
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: src (batch, src_len), tgt_in (batch, tgt_len) ->
+        logits (batch, tgt_len, tgt_vocab)."""
+        encoded = self.encode(src)
+        state = self.init_state(encoded)
+        x = self.tgt_embed(tgt_in)
+        x = self.decoder(x, state.tensors["memory_kv"], state.tensors["memory_mask"])
+        return self.output(x)
+
+    # ---- incremental interface -----------------------------------------------------
+    def encode(self, src: torch.Tensor, need_weights: bool = False) -> EncoderOutput:
+        """src (batch, src_len) -> H_enc (batch, src_len, d_model) and its padding mask."""
+        pad_mask = src.eq(PAD_ID)
+        # (batch, 1, 1, src_len): True where attention is allowed
+        mask = ~pad_mask[:, None, None, :]
+        memory, self._encoder_weights = self.encoder(self.src_embed(src), mask, need_weights)
+        return EncoderOutput(memory=memory, pad_mask=pad_mask)
+
+    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
+        """Projects H_enc to every decoder layer's cross-attention K/V, once."""
+        memory_kv = [
+            layer.cross_attn.project_memory(encoder_output.memory) for layer in self.decoder.layers
+        ]
+        mask = ~encoder_output.pad_mask[:, None, None, :]
+        caches: list[dict[str, torch.Tensor]] = [{} for _ in self.decoder.layers]
+        return DecoderState(tensors={"memory_kv": memory_kv, "memory_mask": mask, "caches": caches})
+
+    def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab)."""
+        x = self.tgt_embed(tokens[:, None], offset=state.step)  # (batch, 1, d_model)
+        x = self.decoder(
+            x, state.tensors["memory_kv"], state.tensors["memory_mask"], state.tensors["caches"]
+        )
+        state.step += 1
+        return self.output(x[:, -1])
+
+    # ---- inspection ----------------------------------------------------------------
+    @torch.no_grad()
+    def attention_maps(
+        self, src: torch.Tensor, tgt_in: torch.Tensor
+    ) -> dict[str, list[torch.Tensor]]:
+        """Every head's weights for a teacher-forced pass (use the model's own output
+        as ``tgt_in`` to see what it attended to while translating).
+
+        Returns lists over layers of (batch, heads, q_len, k_len) tensors under
+        ``encoder_self``, ``decoder_self`` and ``cross``.
+        """
+        encoded = self.encode(src, need_weights=True)
+        state = self.init_state(encoded)
+        self.decoder(
+            self.tgt_embed(tgt_in),
+            state.tensors["memory_kv"],
+            state.tensors["memory_mask"],
+            need_weights=True,
+        )
+        return {
+            "encoder_self": list(self._encoder_weights),
+            "decoder_self": [layer.self_weights for layer in self.decoder.layers],
+            "cross": [layer.cross_weights for layer in self.decoder.layers],
+        }
