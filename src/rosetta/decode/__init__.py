@@ -1,0 +1,8 @@
+"""Search: greedy, beam and sampling, over the incremental model interface."""
+
+from rosetta.decode.beam import beam_search
+from rosetta.decode.common import Hypothesis
+from rosetta.decode.greedy import greedy_search
+from rosetta.decode.sampling import sample
+
+__all__ = ["Hypothesis", "beam_search", "greedy_search", "sample"]

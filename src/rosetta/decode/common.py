@@ -1,0 +1,52 @@
+"""Pieces shared by the search algorithms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class Hypothesis:
+    """One output sequence (without <bos>/<eos>) and its score.
+
+    ``score`` is the length-normalised log-probability used for ranking;
+    ``log_prob`` the raw sum of token log-probabilities (including <eos>).
+    """
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+
+
+def max_lengths(src_lengths: torch.Tensor, a: float, b: int, limit: int) -> torch.Tensor:
+    """Per-sentence output budget ``a * src_len + b`` (tokens incl. <eos>), capped at ``limit``."""
+    return (src_lengths.float() * a + b).long().clamp(min=1, max=limit)
+
+
+def source_lengths(src: torch.Tensor) -> torch.Tensor:
+    return src.ne(PAD_ID).sum(dim=1)
+
+
+def forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
+    """<pad> and <bos> are never generated."""
+    log_probs[:, PAD_ID] = float("-inf")
+    log_probs[:, BOS_ID] = float("-inf")
+    return log_probs
+
+
+def force_eos(log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows that reached their length budget may only produce <eos>."""
+    if rows.any():
+        eos = log_probs[rows, EOS_ID].clone()
+        log_probs[rows] = float("-inf")
+        log_probs[rows, EOS_ID] = eos
+    return log_probs
+
+
+def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GNMT length penalty ((5 + |Y|) / 6) ** alpha (Wu et al., 2016); 1 when alpha = 0."""
+    return ((5.0 + length.float()) / 6.0) ** alpha

@@ -1,0 +1,54 @@
+"""Greedy search: the arg-max token at every step, batched, with the KV cache.
+
+Finished sentences are dropped from the batch (``DecoderState.select``), so
+the work per step shrinks as sentences end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rosetta.data.tokenizer import BOS_ID, EOS_ID
+from rosetta.decode.common import (
+    Hypothesis,
+    forbid_specials,
+    force_eos,
+    max_lengths,
+    source_lengths,
+)
+from rosetta.model.interface import Seq2SeqModel
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Seq2SeqModel,
+    src: torch.Tensor,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    max_len: int = 1024,
+) -> list[Hypothesis]:
+    """Decodes a padded source batch (batch, src_len); returns one hypothesis per row."""
+    batch = src.size(0)
+    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len)
+    state = model.init_state(model.encode(src))
+    alive = torch.arange(batch, device=src.device)  # original row of each live sentence
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    scores = [0.0] * batch
+    for step in range(int(budget.max())):
+        log_probs = forbid_specials(model.decode_step(tokens, state).log_softmax(-1).float())
+        log_probs = force_eos(log_probs, budget[alive] <= step + 1)
+        best, tokens = log_probs.max(dim=-1)
+        # one host transfer per step for the bookkeeping below
+        for row, token, score in zip(alive.tolist(), tokens.tolist(), best.tolist()):
+            scores[row] += score
+            if token != EOS_ID:
+                outputs[row].append(token)
+        running = tokens.ne(EOS_ID)
+        if not running.all():
+            if not running.any():
+                break
+            keep = running.nonzero().squeeze(1)
+            state.select(keep)
+            alive, tokens = alive[keep], tokens[keep]
+    return [Hypothesis(out, score, score) for out, score in zip(outputs, scores)]

@@ -1,0 +1,71 @@
+"""Ancestral sampling with temperature, top-k and nucleus (top-p) filtering."""
+
+from __future__ import annotations
+
+import torch
+
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from rosetta.decode.common import (
+    Hypothesis,
+    forbid_specials,
+    force_eos,
+    max_lengths,
+    source_lengths,
+)
+from rosetta.model.interface import Seq2SeqModel
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sets to -inf every logit outside the top-k and outside the smallest set whose
+    probability mass reaches top-p (both optional). logits: (batch, vocab)."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        drop_sorted = mass_before >= top_p  # the token that crosses top-p is kept
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.inference_mode()
+def sample(
+    model: Seq2SeqModel,
+    src: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    max_len: int = 1024,
+    generator: torch.Generator | None = None,
+) -> list[Hypothesis]:
+    """Draws one translation per source row; ``log_prob`` is under the filtered
+    distribution that was sampled from."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive (use greedy search for temperature 0)")
+    batch = src.size(0)
+    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len)
+    state = model.init_state(model.encode(src))
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    out = torch.full((batch, int(budget.max())), PAD_ID, dtype=torch.long, device=src.device)
+    log_prob = torch.zeros(batch, device=src.device)
+    for step in range(int(budget.max())):
+        logits = forbid_specials(model.decode_step(tokens, state).float() / temperature)
+        logits = filter_logits(force_eos(logits, budget <= step + 1), top_k, top_p)
+        log_probs = logits.log_softmax(-1)
+        tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+        tokens = tokens.masked_fill(finished, EOS_ID)
+        log_prob += torch.where(finished, 0.0, log_probs.gather(1, tokens[:, None]).squeeze(1))
+        out[:, step] = tokens.masked_fill(finished, PAD_ID)
+        finished |= tokens.eq(EOS_ID)
+        if bool(finished.all()):
+            break
+    results = []
+    for row in range(batch):
+        seq = out[row][(out[row] != PAD_ID) & (out[row] != EOS_ID)].tolist()
+        results.append(Hypothesis(seq, float(log_prob[row]), float(log_prob[row])))
+    return results
