@@ -1,0 +1,156 @@
+"""Text in, text out: tokenise, batch by length, search, detokenise.
+
+Sentences are sorted by length and batched by a token budget internally, and
+results are returned in input order. Each sentence's result does not depend on
+the batch it landed in (padding is masked everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rosetta.config import DecodeConfig
+from rosetta.data.batching import make_batches
+from rosetta.data.corpus import clean_line
+from rosetta.data.tokenizer import PAD_ID, Tokenizer
+from rosetta.decode.beam import beam_search
+from rosetta.decode.common import Hypothesis
+from rosetta.decode.greedy import greedy_search
+from rosetta.decode.sampling import sample
+
+
+@dataclass
+class SearchOptions:
+    """How to search; defaults come from the model's ``decode`` configuration."""
+
+    beam: int = 5
+    nbest: int = 1
+    length_penalty: float = 0.6
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    max_tokens: int = 4000
+    batch_size: int = 64
+    sampling: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: DecodeConfig, **overrides) -> SearchOptions:
+        base = cls(
+            beam=cfg.beam,
+            length_penalty=cfg.length_penalty,
+            max_len_a=cfg.max_len_a,
+            max_len_b=cfg.max_len_b,
+            max_tokens=cfg.max_tokens,
+            batch_size=cfg.batch_size,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(base, key, value)
+        return base
+
+
+@dataclass
+class Translation:
+    """The n-best translations of one input, best first."""
+
+    source: str
+    hypotheses: list[tuple[str, Hypothesis]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.hypotheses[0][0] if self.hypotheses else ""
+
+
+def pad_batch(sequences: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Right-pads id lists into (batch, max_len)."""
+    out = torch.full((len(sequences), max(map(len, sequences))), PAD_ID, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out.to(device)
+
+
+class Translator:
+    """Wraps a model and its tokenizer to translate raw sentences."""
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Tokenizer, options: SearchOptions
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.options = options
+        self.device = next(model.parameters()).device
+        self.max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
+
+    @classmethod
+    def from_model_dir(cls, directory: str | Path, device: str = "cpu", **overrides) -> Translator:
+        from rosetta.modeldir import load_model_dir
+
+        config, tokenizer, model = load_model_dir(directory, device)
+        return cls(model, tokenizer, SearchOptions.from_config(config.decode, **overrides))
+
+    def search_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+        """Runs the configured search on id sequences, in input order."""
+        opts = self.options
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        lengths = np.array([len(s) for s in sources])
+        nonempty = np.flatnonzero(lengths > 0)
+        generator = torch.Generator(device=self.device).manual_seed(opts.seed)
+        limit = self.max_positions - 1
+        batches = make_batches(
+            lengths[nonempty], lengths[nonempty], opts.max_tokens, max_sentences=opts.batch_size
+        )
+        for batch in batches:
+            rows = nonempty[batch]
+            src = pad_batch([sources[i][:limit] for i in rows], self.device)
+            common = dict(max_len_a=opts.max_len_a, max_len_b=opts.max_len_b, max_len=limit)
+            if opts.sampling:
+                found = [
+                    [h]
+                    for h in sample(
+                        self.model,
+                        src,
+                        opts.temperature,
+                        opts.top_k,
+                        opts.top_p,
+                        generator=generator,
+                        **common,
+                    )
+                ]
+            elif opts.beam == 1 and opts.nbest == 1:
+                found = [[h] for h in greedy_search(self.model, src, **common)]
+            else:
+                found = beam_search(
+                    self.model, src, opts.beam, opts.length_penalty, opts.nbest, **common
+                )
+            for row, hyps in zip(rows, found):
+                results[row] = hyps
+        return results
+
+    def translate(self, sentences: list[str]) -> list[Translation]:
+        """Translates raw sentences; an empty line gives an empty translation."""
+        cleaned = [clean_line(s) for s in sentences]
+        ids = self.tokenizer.encode_source(cleaned)
+        found = self.search_ids(ids)
+        return [
+            Translation(source, [(self.tokenizer.decode_target(h.tokens), h) for h in hyps])
+            for source, hyps in zip(cleaned, found)
+        ]
+
+    def translate_stream(self, lines: Iterator[str], chunk: int = 1000) -> Iterator[Translation]:
+        """Translates a long stream in chunks, keeping memory bounded."""
+        buffer: list[str] = []
+        for line in lines:
+            buffer.append(line)
+            if len(buffer) >= chunk:
+                yield from self.translate(buffer)
+                buffer = []
+        if buffer:
+            yield from self.translate(buffer)
