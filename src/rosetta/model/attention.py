@@ -5,8 +5,9 @@ Heads are split over the feature dimension; the core product is
 when the caller asks for the attention weights, where the same computation is
 written out so the weights can be returned.
 
-Masks are boolean and broadcast to (batch, heads, query_len, key_len); True
-means "may attend", as in ``scaled_dot_product_attention``.
+Masks broadcast to (batch, heads, query_len, key_len). A boolean mask is True
+where attention is allowed; a float mask is added to the scores. Both follow
+``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class MultiHeadAttention(nn.Module):
             if causal:
                 future = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device)
                 scores = scores.masked_fill(future.triu(1), float("-inf"))
-            if mask is not None:
+            if mask is not None and mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))
+            elif mask is not None:  # a float mask is added to the scores, as in SDPA
+                scores = scores + mask
             weights = scores.softmax(dim=-1)
             context = F.dropout(weights, dropout, self.training) @ v
         else:

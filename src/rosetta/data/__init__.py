@@ -1,0 +1,1 @@
+"""Data: corpus reading, toy task, download, SentencePiece, preparation, batching."""

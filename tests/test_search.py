@@ -1,0 +1,125 @@
+"""Search algorithms: beam = exhaustive search, beam 1 = greedy, batch independence."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from rosetta.config import ModelConfig
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from rosetta.decode import beam_search, greedy_search, sample
+from rosetta.decode.common import length_penalty
+from rosetta.decode.sampling import filter_logits
+from rosetta.model import build_model
+
+
+def make_model(vocab: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, d_ff=64, heads=2, encoder_layers=1, decoder_layers=2, dropout=0)
+    model = build_model(cfg, vocab, vocab).eval()
+    with torch.no_grad():  # sharper distributions: fewer near-ties between sequences
+        model.output.weight.mul_(4.0)
+    return model
+
+
+def sequence_log_prob(model, src: torch.Tensor, tokens: list[int]) -> float:
+    """Log-probability of ``tokens + <eos>`` by a full teacher-forced pass."""
+    tgt_in = torch.tensor([[BOS_ID, *tokens]])
+    labels = torch.tensor([*tokens, EOS_ID])
+    with torch.no_grad():
+        log_probs = model(src, tgt_in).log_softmax(-1)[0]
+    return float(log_probs.gather(1, labels[:, None]).sum())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wide_beam_equals_exhaustive_search(alpha, seed):
+    vocab = 6  # <pad> <unk> <bos> <eos> and two real tokens
+    model = make_model(vocab, seed)
+    src = torch.tensor([[4, 5, 4]])
+    max_tokens = 4  # output budget including <eos>
+    words = [UNK_ID, 4, 5]  # everything but <pad>, <bos> (never generated) and <eos>
+    scored = []
+    for length in range(max_tokens):
+        for seq in itertools.product(words, repeat=length):
+            log_prob = sequence_log_prob(model, src, list(seq))
+            penalty = float(length_penalty(torch.tensor(length + 1), alpha))
+            scored.append((log_prob / penalty, list(seq)))
+    scored.sort(key=lambda item: -item[0])
+
+    beam = len(words) ** (max_tokens - 1)  # holds every prefix
+    found = beam_search(
+        model, src, beam=beam, alpha=alpha, nbest=5, max_len_a=0.0, max_len_b=max_tokens
+    )[0]
+    assert found[0].tokens == scored[0][1]
+    assert found[0].score == pytest.approx(scored[0][0], abs=1e-4)
+    assert [h.tokens for h in found] == [seq for _, seq in scored[:5]]
+
+
+def test_beam_one_equals_greedy():
+    model = make_model(30)
+    src = torch.randint(4, 30, (6, 9), generator=torch.Generator().manual_seed(0))
+    src[2, 5:] = PAD_ID
+    greedy = greedy_search(model, src, max_len_b=12)
+    beam = beam_search(model, src, beam=1, alpha=0.0, max_len_b=12)
+    assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in beam]
+    for g, b in zip(greedy, beam):
+        assert g.log_prob == pytest.approx(b[0].log_prob, abs=1e-4)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_result_does_not_depend_on_the_rest_of_the_batch(search):
+    model = make_model(30, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    sentences = [torch.randint(4, 30, (n,), generator=generator) for n in (3, 9, 5, 7, 2)]
+
+    def run(batch_sentences):
+        src = torch.full((len(batch_sentences), 9), PAD_ID)
+        for row, s in enumerate(batch_sentences):
+            src[row, : len(s)] = s
+        if search == "greedy":
+            return [h.tokens for h in greedy_search(model, src)]
+        return [hyps[0].tokens for hyps in beam_search(model, src, beam=4)]
+
+    together = run(sentences)
+    alone = [run([s])[0] for s in sentences]
+    reversed_batch = run(sentences[::-1])[::-1]
+    assert together == alone == reversed_batch
+
+
+def test_nbest_is_sorted_and_distinct():
+    model = make_model(30, seed=4)
+    src = torch.tensor([[5, 6, 7, 8]])
+    hyps = beam_search(model, src, beam=6, nbest=6)[0]
+    scores = [h.score for h in hyps]
+    assert scores == sorted(scores, reverse=True)
+    assert len({tuple(h.tokens) for h in hyps}) == 6
+
+
+def test_output_respects_the_length_budget():
+    model = make_model(30, seed=5)
+    src = torch.tensor([[5, 6, PAD_ID], [5, 6, 7]])
+    for hyp in greedy_search(model, src, max_len_a=1.0, max_len_b=2):
+        assert len(hyp.tokens) <= 4  # budget a*len+b counts <eos>: at most 4 tokens + <eos>
+    for hyps in beam_search(model, src, beam=3, max_len_a=0.0, max_len_b=3):
+        assert len(hyps[0].tokens) <= 2
+
+
+def test_sampling_with_top_k_one_is_greedy_and_seeded_sampling_repeats():
+    model = make_model(30, seed=6)
+    src = torch.randint(4, 30, (4, 6), generator=torch.Generator().manual_seed(2))
+    greedy = [h.tokens for h in greedy_search(model, src)]
+    assert [h.tokens for h in sample(model, src, top_k=1)] == greedy
+    first = sample(model, src, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    second = sample(model, src, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert [h.tokens for h in first] == [h.tokens for h in second]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # top-p 0.7: 0.5 alone is not enough, 0.5 + 0.3 reaches it
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]

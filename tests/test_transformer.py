@@ -1,0 +1,123 @@
+"""Behaviour of the Transformer: shapes, causality, cached = full decoding, tying."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rosetta.config import ModelConfig
+from rosetta.data.tokenizer import BOS_ID, PAD_ID
+from rosetta.model import build_model
+
+VOCAB = 40
+
+
+def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        d_model=32,
+        d_ff=64,
+        heads=4,
+        encoder_layers=2,
+        decoder_layers=2,
+        dropout=0.0,
+        **overrides,
+    )
+    return build_model(cfg, VOCAB, VOCAB).eval()
+
+
+def random_batch(batch: int = 3, src_len: int = 7, tgt_len: int = 6, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, VOCAB, (batch, src_len), generator=generator)
+    src[0, src_len - 2 :] = PAD_ID
+    tgt = torch.randint(4, VOCAB, (batch, tgt_len), generator=generator)
+    tgt[:, 0] = BOS_ID
+    return src, tgt
+
+
+def test_forward_shape():
+    model = tiny_model()
+    src, tgt = random_batch()
+    assert model(src, tgt).shape == (3, 6, VOCAB)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_future_target_tokens_do_not_change_earlier_outputs(norm):
+    model = tiny_model(norm=norm)
+    src, tgt = random_batch(tgt_len=8)
+    before = model(src, tgt)
+    for t in range(1, 8):
+        changed = tgt.clone()
+        changed[:, t] = (changed[:, t] + 1 - 4) % (VOCAB - 4) + 4
+        after = model(src, changed)
+        torch.testing.assert_close(after[:, :t], before[:, :t], atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(after[:, t:], before[:, t:])
+
+
+def test_source_padding_does_not_change_outputs():
+    model = tiny_model()
+    src, tgt = random_batch()
+    longer = torch.cat([src, torch.full((3, 4), PAD_ID)], dim=1)
+    torch.testing.assert_close(model(longer, tgt), model(src, tgt), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"norm": "post"}, {"positional": "learned"}, {"activation": "gelu"}],
+)
+def test_cached_incremental_decoding_equals_full_recomputation(overrides):
+    model = tiny_model(**overrides)
+    src, tgt = random_batch(tgt_len=9)
+    full = model(src, tgt)
+    state = model.init_state(model.encode(src))
+    for t in range(tgt.size(1)):
+        step_logits = model.decode_step(tgt[:, t], state)
+        torch.testing.assert_close(step_logits, full[:, t], atol=1e-5, rtol=1e-4)
+    assert state.step == tgt.size(1)
+    # one cached key/value per generated position in every layer
+    assert state.tensors["caches"][0]["k"].shape[2] == tgt.size(1)
+
+
+def test_state_select_reorders_the_batch():
+    model = tiny_model()
+    src, tgt = random_batch()
+    full = model(src, tgt)
+    state = model.init_state(model.encode(src))
+    model.decode_step(tgt[:, 0], state)
+    order = torch.tensor([2, 0, 0])
+    state.select(order)
+    torch.testing.assert_close(
+        model.decode_step(tgt[order, 1], state), full[order, 1], atol=1e-5, rtol=1e-4
+    )
+
+
+def test_weight_tying():
+    tied = tiny_model()
+    assert tied.output.weight is tied.tgt_embed.tokens.weight
+    assert tied.src_embed.tokens is tied.tgt_embed.tokens
+    untied = tiny_model(tie_output=False, tie_all=False)
+    assert untied.output.weight is not untied.tgt_embed.tokens.weight
+    assert untied.src_embed.tokens is not untied.tgt_embed.tokens
+    separate_vocab = build_model(ModelConfig(preset="toy"), 30, 50)
+    assert separate_vocab.src_embed.tokens.weight.shape == (30, 128)
+    assert separate_vocab.output.weight.shape == (50, 128)
+
+
+def test_attention_maps_are_distributions_over_real_source_positions():
+    model = tiny_model()
+    src, tgt = random_batch()
+    maps = model.attention_maps(src, tgt)
+    assert len(maps["cross"]) == 2 and len(maps["encoder_self"]) == 2
+    cross = maps["cross"][1]
+    assert cross.shape == (3, 4, 6, 7)  # (batch, heads, tgt_len, src_len)
+    torch.testing.assert_close(cross.sum(-1), torch.ones(3, 4, 6))
+    assert torch.all(cross[0, :, :, -2:] == 0)  # padded source positions
+    decoder_self = maps["decoder_self"][0]
+    assert torch.all(decoder_self.triu(1) == 0)  # nothing attends to the future
+
+
+def test_presets_and_sizes():
+    assert ModelConfig(preset="small").d_model == 256
+    base = ModelConfig(preset="base")
+    assert (base.d_model, base.d_ff, base.heads, base.encoder_layers) == (512, 2048, 8, 6)
+    assert ModelConfig(preset="small", d_model=128).d_model == 128  # explicit key wins
