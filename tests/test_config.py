@@ -1,0 +1,73 @@
+"""Configuration: the shipped files load; every error names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rosetta.config import ConfigError, load_config, parse_duration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "experiment_dir: exp\ndata:\n  root: corpus\n"
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "multi30k_en_de.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(ROOT / "configs" / name)
+    assert config.model.d_model % config.model.heads == 0
+
+
+def test_defaults_and_presets(tmp_path):
+    config = load_config(write_config(tmp_path, MINIMAL + "model:\n  preset: small\n"))
+    assert config.model.d_model == 256 and config.model.encoder_layers == 3
+    assert config.train.label_smoothing == 0.1 and config.train.betas == (0.9, 0.98)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL + "modle: {}\n", "modle: unknown key"),
+        (MINIMAL + "model:\n  d_modle: 3\n", "model.d_modle: unknown key"),
+        ("data:\n  root: x\n", "experiment_dir: required key is missing"),
+        (MINIMAL + "train:\n  max_tokens: lots\n", "train.max_tokens: Input should be a valid"),
+        (MINIMAL + "model:\n  norm: middle\n", "model.norm: Input should be 'pre' or 'post'"),
+        (MINIMAL + "model:\n  d_model: 100\n  heads: 8\n", "divisible by heads"),
+        (MINIMAL + "train:\n  max_time: soon\n", "bad duration 'soon'"),
+        ("experiment_dir: x\ndata:\n  src_lang: en\n", "set data.root"),
+        ("experiment_dir: x\ndata: [1, 2\n", "not valid YAML"),
+        ("- a list\n", "must hold a mapping"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=None) as error:
+        load_config(write_config(tmp_path, text))
+    assert expected in str(error.value)
+
+
+def test_overrides(tmp_path):
+    path = write_config(tmp_path, MINIMAL)
+    config = load_config(path, ["train.lr=5e-4", "model.preset=toy", "data.root=/elsewhere"])
+    assert config.train.lr == 5e-4 and config.model.d_model == 128
+    assert str(config.data.root) == "/elsewhere"
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(path, ["train.lr"])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_parse_duration():
+    assert parse_duration("60m") == 3600
+    assert parse_duration("90") == 90
+    assert parse_duration("1.5h") == 5400
