@@ -1,0 +1,119 @@
+"""Multi30k En->De benchmark: prepare, train for a wall-clock budget, evaluate.
+
+    python benchmarks/multi30k.py [--config configs/multi30k_en_de.yaml] [--budget 60m]
+
+Reports, on val and test2016, sacreBLEU BLEU and chrF (cased, detokenised,
+13a) for greedy search and beam 5, decoding speed, parameter count and
+training throughput. Results go to benchmarks/results/<name>.json and .md.
+Decoding time is not part of the training budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rosetta.cli import evaluate_files
+from rosetta.config import load_config
+from rosetta.data.prepare import corpus_root, prepare
+from rosetta.decode.translator import Translator
+from rosetta.modeldir import read_metadata
+from rosetta.train.trainer import train
+
+
+def training_throughput(metrics_path: Path) -> float:
+    """Mean target tokens/s over the logged training windows."""
+    rates = []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("type") == "train":
+            rates.append(record["tgt_tokens_per_s"])
+    return sum(rates) / len(rates) if rates else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
+    parser.add_argument("--budget", default="60m", help="training wall-clock budget")
+    parser.add_argument("--name", default=None, help="result file name (default: config stem)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate an existing model")
+    args = parser.parse_args()
+
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    config = load_config(args.config, [*args.set, f"train.max_time={args.budget}"])
+    name = args.name or Path(args.config).stem
+    exp = config.experiment_dir
+    if not args.skip_train:
+        if (exp / "checkpoints").exists():
+            raise SystemExit(
+                f"{exp}/checkpoints exists: remove it or pass --set experiment_dir=..."
+            )
+        prepare(config)
+        start = time.monotonic()
+        train(config)
+        print(f"training took {(time.monotonic() - start) / 60:.1f} min")
+
+    model_dir = exp / "model"
+    metadata = read_metadata(model_dir)
+    root = corpus_root(config)
+    results = {
+        "command": command,
+        "config": args.config,
+        "overrides": args.set,
+        "budget": args.budget,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"torch threads, torch {torch.__version__}",
+        "parameters": metadata.get("parameters"),
+        "steps": metadata.get("steps"),
+        "training_minutes": metadata.get("training_minutes"),
+        "weights": metadata.get("weights"),
+        "train_tgt_tokens_per_s": training_throughput(exp / "metrics.jsonl"),
+        "scores": {},
+    }
+    for split in (config.data.valid, config.data.test):
+        src = root / f"{split}.{config.data.src_lang}"
+        ref = root / f"{split}.{config.data.tgt_lang}"
+        for beam in (1, 5):
+            translator = Translator.from_model_dir(model_dir, beam=beam)
+            result = evaluate_files(translator, src, ref)
+            result.pop("hypotheses")
+            results["scores"][f"{split}/beam{beam}"] = result
+            print(
+                f"{split} beam {beam}: {result['bleu_text']}  chrF {result['chrf']:.1f}  "
+                f"{result['sentences_per_s']:.1f} sent/s"
+            )
+    print(f"signature: {result['bleu_signature']}")
+
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    rows = [
+        "| split | search | BLEU | chrF | sentences/s |",
+        "|---|---|---|---|---|",
+    ]
+    for key, score in results["scores"].items():
+        split, search = key.split("/")
+        rows.append(
+            f"| {split} | {search.replace('beam1', 'greedy').replace('beam5', 'beam 5')} | "
+            f"{score['bleu']:.1f} | {score['chrf']:.1f} | {score['sentences_per_s']:.1f} |"
+        )
+    summary = (
+        f"`{command}`\n\n{results['parameters']:,} parameters, {results['steps']} steps in "
+        f"{results['training_minutes']} min, {results['train_tgt_tokens_per_s']:,.0f} target "
+        f"tokens/s in training, weights: {results['weights']}.\n\n" + "\n".join(rows) + "\n\n"
+        f"BLEU signature: `{result['bleu_signature']}`\n"
+    )
+    (out_dir / f"{name}.md").write_text(summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The built-in toy task: English-like sentences into "Zeta", a made-up language.
+
+Zeta is small but has the structure that makes translation more than a word
+lookup:
+
+* **its own words**: dog -> kano, big -> granda, see -> vid-, ...;
+* **reordering**: English is subject-verb-object, Zeta subject-object-verb;
+  adjectives follow their noun; a prepositional phrase ("near the river")
+  comes first in Zeta and last in English;
+* **agreement**: plural nouns take ``-j`` and so do their adjectives and the
+  article (the -> ``la`` / ``laj``); the object takes the accusative ``-n`` on
+  noun and adjective; the verb ending marks tense and the subject's number
+  (``-as``/``-an`` present singular/plural, ``-is``/``-in`` past);
+* **irregular English**: men, women, children; saw, ate, found, ...
+
+Example::
+
+    two small children saw the old dog near the river .
+    apud la rivero du infanoj malgrandaj la kanon maljunan vidin .
+
+The generator is deterministic for a seed, so the corpus never needs to be
+shipped: ``write_corpus`` regenerates it anywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# English singular, English plural, Zeta stem
+NOUNS = [
+    ("dog", "dogs", "kano"),
+    ("cat", "cats", "kato"),
+    ("bird", "birds", "birdo"),
+    ("child", "children", "infano"),
+    ("man", "men", "viro"),
+    ("woman", "women", "virino"),
+    ("horse", "horses", "ĉevalo"),
+    ("teacher", "teachers", "instruisto"),
+    ("farmer", "farmers", "farmisto"),
+    ("girl", "girls", "knabino"),
+    ("boy", "boys", "knabo"),
+    ("king", "kings", "reĝo"),
+]
+ADJECTIVES = [
+    ("big", "granda"),
+    ("small", "malgranda"),
+    ("old", "maljuna"),
+    ("young", "juna"),
+    ("happy", "feliĉa"),
+    ("tired", "laca"),
+    ("red", "ruĝa"),
+    ("clever", "saĝa"),
+]
+# English 3rd-person singular present, plural present, past, Zeta stem
+VERBS = [
+    ("sees", "see", "saw", "vid"),
+    ("likes", "like", "liked", "ŝat"),
+    ("finds", "find", "found", "trov"),
+    ("follows", "follow", "followed", "sekv"),
+    ("helps", "help", "helped", "help"),
+    ("hears", "hear", "heard", "aŭd"),
+]
+NUMBERS = [("two", "du"), ("three", "tri"), ("four", "kvar"), ("five", "kvin")]
+PLACES = [("river", "rivero"), ("house", "domo"), ("tree", "arbo"), ("market", "bazaro")]
+PREPOSITIONS = [("near", "apud"), ("in", "en"), ("under", "sub"), ("behind", "malantaŭ")]
+
+
+@dataclass(frozen=True)
+class ToySplits:
+    """Number of pairs in each split."""
+
+    train: int = 20000
+    valid: int = 500
+    test: int = 500
+
+
+def _noun_phrase(rng: random.Random, accusative: bool) -> tuple[list[str], list[str], bool]:
+    """A determiner, an optional adjective and a noun; returns (English, Zeta, plural)."""
+    singular, plural_form, stem = rng.choice(NOUNS)
+    plural = rng.random() < 0.4
+    adjective = rng.choice(ADJECTIVES) if rng.random() < 0.5 else None
+    case = "n" if accusative else ""
+    number = "j" if plural else ""
+    if plural and rng.random() < 0.5:
+        english_det, zeta_det = rng.choice(NUMBERS)
+    elif plural:
+        english_det, zeta_det = "the", "laj"
+    elif rng.random() < 0.6:
+        english_det, zeta_det = "the", "la"
+    else:
+        english_det, zeta_det = "a", "unu"
+    english = [english_det] + ([adjective[0]] if adjective else [])
+    english.append(plural_form if plural else singular)
+    zeta = [zeta_det, stem + number + case]
+    if adjective:
+        zeta.append(adjective[1] + number + case)  # the adjective follows and agrees
+    return english, zeta, plural
+
+
+def generate_pair(rng: random.Random) -> tuple[str, str]:
+    """One (English, Zeta) sentence pair drawn from the grammar."""
+    subject_en, subject_zeta, plural_subject = _noun_phrase(rng, accusative=False)
+    object_en, object_zeta, _ = _noun_phrase(rng, accusative=True)
+    third_singular, base, past, stem = rng.choice(VERBS)
+    is_past = rng.random() < 0.4
+    if is_past:
+        verb_en, ending = past, ("in" if plural_subject else "is")
+    else:
+        verb_en, ending = (base, "an") if plural_subject else (third_singular, "as")
+    english = [*subject_en, verb_en, *object_en]
+    zeta = subject_zeta + object_zeta + [stem + ending]
+    if rng.random() < 0.3:
+        (place_en, place_zeta), (prep_en, prep_zeta) = rng.choice(PLACES), rng.choice(PREPOSITIONS)
+        english += [prep_en, "the", place_en]
+        zeta = [prep_zeta, "la", place_zeta, *zeta]
+    return " ".join([*english, "."]), " ".join([*zeta, "."])
+
+
+def generate_corpus(
+    seed: int = 1, sizes: ToySplits = ToySplits()
+) -> dict[str, list[tuple[str, str]]]:
+    """Train/valid/test pairs, deterministic for ``seed``.
+
+    Valid and test hold only sentences that appear in no other split, so the
+    scores measure generalisation rather than memory.
+    """
+    rng = random.Random(seed)
+    held_out: set[str] = set()  # valid + test sources
+    corpus: dict[str, list[tuple[str, str]]] = {}
+    for split in ("valid", "test", "train"):
+        wanted, pairs = getattr(sizes, split), []
+        while len(pairs) < wanted:
+            source, target = generate_pair(rng)
+            if source in held_out:
+                continue
+            if split != "train":
+                held_out.add(source)
+            pairs.append((source, target))
+        corpus[split] = pairs
+    return {split: corpus[split] for split in ("train", "valid", "test")}
+
+
+def write_corpus(
+    dest: str | Path,
+    seed: int = 1,
+    sizes: ToySplits = ToySplits(),
+    src_lang: str = "en",
+    tgt_lang: str = "zeta",
+) -> dict[str, tuple[Path, Path]]:
+    """Writes ``dest/{train,valid,test}.{src_lang,tgt_lang}``; returns the paths."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, pairs in generate_corpus(seed, sizes).items():
+        src_path, tgt_path = dest / f"{split}.{src_lang}", dest / f"{split}.{tgt_lang}"
+        src_path.write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+        tgt_path.write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+        paths[split] = (src_path, tgt_path)
+    return paths

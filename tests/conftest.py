@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny experiments on the toy task, and the Multi30k location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rosetta.config import ExperimentConfig, config_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+def toy_config(experiment_dir: Path, **sections) -> ExperimentConfig:
+    """A small toy-task experiment; keyword arguments update the sections."""
+    data = {
+        "experiment_dir": str(experiment_dir),
+        "data": {
+            "toy": {"seed": 1, "train_size": 3000, "valid_size": 100, "test_size": 100},
+            "src_lang": "en",
+            "tgt_lang": "zeta",
+        },
+        "tokenizer": {"vocab_size": 300, "byte_fallback": False},
+        "model": {
+            "d_model": 32,
+            "d_ff": 64,
+            "heads": 2,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "max_positions": 128,
+        },
+        "train": {
+            "max_tokens": 1024,
+            "lr": 2e-3,
+            "warmup": 20,
+            "schedule": "inverse_sqrt",
+            "max_steps": 12,
+            "valid_every": 4,
+            "log_every": 2,
+            "valid_bleu_size": 10,
+        },
+        "decode": {"beam": 2},
+    }
+    for section, values in sections.items():
+        data[section].update(values)
+    return config_from_dict(data)
