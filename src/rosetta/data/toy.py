@@ -15,8 +15,8 @@ lookup:
 
 Example::
 
-    two small children saw the old dog near the river .
-    apud la rivero du infanoj malgrandaj la kanon maljunan vidin .
+    two small children saw the old dog near the river.
+    apud la rivero du infanoj malgrandaj la kanon maljunan vidin.
 
 The generator is deterministic for a seed, so the corpus never needs to be
 shipped: ``write_corpus`` regenerates it anywhere.
@@ -115,7 +115,7 @@ def generate_pair(rng: random.Random) -> tuple[str, str]:
         (place_en, place_zeta), (prep_en, prep_zeta) = rng.choice(PLACES), rng.choice(PREPOSITIONS)
         english += [prep_en, "the", place_en]
         zeta = [prep_zeta, "la", place_zeta, *zeta]
-    return " ".join([*english, "."]), " ".join([*zeta, "."])
+    return " ".join(english) + ".", " ".join(zeta) + "."
 
 
 def generate_corpus(

@@ -1,0 +1,114 @@
+"""Fetching Multi30k En-De (task 1) from its public source, or from a local copy.
+
+``download_multi30k(DEST)`` downloads the gzip'ed files of the Multi30k
+repository and writes them decompressed as ``train.en``, ``train.de``,
+``val.*`` and ``test2016.*``. Every file is written to a temporary name and
+renamed when complete, so an interrupted download never leaves a truncated
+file behind; files already present are kept. ``from_dir`` copies the same six
+files from a local folder instead (e.g. ``../shared/data/multi30k``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
+# rosetta's split name -> (local file prefix, remote file prefix)
+MULTI30K_SPLITS = {
+    "train": ("train", "train"),
+    "val": ("val", "val"),
+    "test2016": ("test2016", "test_2016_flickr"),
+}
+LANGUAGES = ("en", "de")
+
+
+class DownloadError(RuntimeError):
+    """A corpus file that could not be fetched or decompressed."""
+
+
+def _fetch(url: str, dest: Path, progress: bool, timeout: float = 60.0) -> None:
+    """Downloads ``url`` (gzip), decompresses it into ``dest`` atomically."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with (
+                os.fdopen(fd, "wb") as raw_out,
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    desc=dest.name,
+                    disable=not progress,
+                ) as bar,
+            ):
+                decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                while chunk := response.read(1 << 16):
+                    raw_out.write(decompressor.decompress(chunk))
+                    bar.update(len(chunk))
+                raw_out.write(decompressor.flush())
+                if not decompressor.eof:
+                    raise DownloadError(f"{url}: the gzip stream ended early (truncated download)")
+        os.replace(tmp, dest)
+    except urllib.error.HTTPError as error:
+        raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from None
+    except urllib.error.URLError as error:
+        raise DownloadError(f"{url}: {error.reason}") from None
+    except (zlib.error, gzip.BadGzipFile, EOFError) as error:
+        raise DownloadError(f"{url}: not a valid gzip file ({error})") from None
+    except OSError as error:
+        raise DownloadError(f"{url}: {error}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def download_multi30k(
+    dest: str | Path,
+    base_url: str = MULTI30K_URL,
+    from_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, tuple[Path, Path]]:
+    """Puts Multi30k En-De into ``dest``; returns ``{split: (en_path, de_path)}``.
+
+    Raises ``DownloadError`` for a failed fetch or a missing local file, and
+    ``ValueError`` when the two sides of a split differ in line count.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, tuple[Path, Path]] = {}
+    for split, (local, remote) in MULTI30K_SPLITS.items():
+        for lang in LANGUAGES:
+            target = dest / f"{local}.{lang}"
+            if target.exists():
+                continue
+            if from_dir is not None:
+                source = Path(from_dir) / f"{local}.{lang}"
+                if not source.exists():
+                    raise DownloadError(f"{source} is missing: expected the file {local}.{lang}")
+                tmp = target.with_name(f".{target.name}.part")
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            else:
+                _fetch(f"{base_url.rstrip('/')}/{remote}.{lang}.gz", target, progress)
+        en, de = dest / f"{local}.en", dest / f"{local}.de"
+        en_lines, de_lines = _count_lines(en), _count_lines(de)
+        if en_lines != de_lines:
+            raise ValueError(f"{en} has {en_lines:,} lines but {de} has {de_lines:,}")
+        paths[split] = (en, de)
+    return paths
