@@ -1,0 +1,125 @@
+"""System tests: a tiny model learns the toy task; the CLI runs end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import toy_config
+from rosetta.cli import main
+from rosetta.data.prepare import prepare
+from rosetta.decode.translator import Translator
+from rosetta.evaluate.metrics import bleu
+from rosetta.train.trainer import train
+
+pytestmark = pytest.mark.slow
+
+
+def learning_config(tmp_path):
+    return toy_config(
+        tmp_path / "exp",
+        data={"toy": {"seed": 1, "train_size": 8000, "valid_size": 100, "test_size": 200}},
+        model={"d_model": 64, "d_ff": 256, "heads": 4, "encoder_layers": 2, "decoder_layers": 2},
+        train={
+            "max_tokens": 3000,
+            "lr": 3e-3,
+            "warmup": 60,
+            "max_steps": 350,
+            "valid_every": 350,
+            "valid_bleu_size": 100,
+            "log_every": 50,
+        },
+    )
+
+
+def test_tiny_transformer_learns_the_toy_task(tmp_path):
+    config = learning_config(tmp_path)
+    prepare(config, log=lambda _: None)
+    model_dir = train(config, log=lambda _: None)
+    corpus = tmp_path / "exp" / "corpus"
+    sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()
+    references = (corpus / "test.zeta").read_text(encoding="utf-8").splitlines()
+    for beam in (1, 4):
+        outputs = [
+            t.text for t in Translator.from_model_dir(model_dir, beam=beam).translate(sources)
+        ]
+        assert bleu(outputs, references).score > 90, beam
+
+
+def write_config(tmp_path) -> str:
+    config = toy_config(tmp_path / "exp", train={"max_steps": 8, "valid_every": 4})
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    return str(path)
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rosetta.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_cli_prepare_train_translate_evaluate_average(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["prepare", config]) == 0
+    assert "batches of <=" in capsys.readouterr().out
+    assert main(["train", config]) == 0
+    model_dir = tmp_path / "exp" / "model"
+    assert (model_dir / "model.safetensors").exists()
+
+    corpus = tmp_path / "exp" / "corpus"
+    sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()[:12]
+    (tmp_path / "in.en").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (tmp_path / "ref").write_text(
+        "\n".join((corpus / "test.zeta").read_text(encoding="utf-8").splitlines()[:12]) + "\n"
+    )
+    # a fresh process loads the model directory and translates like this one
+    process = run_cli("translate", str(model_dir), "--beam", "3", stdin="\n".join(sources))
+    assert process.returncode == 0, process.stderr
+    expected = [t.text for t in Translator.from_model_dir(model_dir, beam=3).translate(sources)]
+    assert process.stdout.splitlines() == expected
+
+    out = tmp_path / "out.zeta"
+    args = ["translate", str(model_dir), "-i", str(tmp_path / "in.en"), "-o", str(out)]
+    assert main([*args, "--batch-size", "5"]) == 0
+    assert out.read_text(encoding="utf-8").splitlines() == [
+        t.text for t in Translator.from_model_dir(model_dir).translate(sources)
+    ]
+    capsys.readouterr()
+    assert main(["translate", str(model_dir), "-i", str(tmp_path / "in.en"), "--nbest", "2"]) == 0
+    nbest = capsys.readouterr().out.splitlines()
+    assert len(nbest) == 24 and all("\t" in line for line in nbest)
+
+    scores = tmp_path / "scores.json"
+    args = ["evaluate", str(model_dir), "--src", str(tmp_path / "in.en")]
+    assert main([*args, "--ref", str(tmp_path / "ref"), "--json", str(scores)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("BLEU = ") and "signature: nrefs:1|case:mixed" in printed
+    assert "chrF2 = " in printed
+    assert yaml.safe_load(scores.read_text())["bleu_signature"].startswith("nrefs:1")
+
+    assert main(["average", config, "--last", "2"]) == 0
+    assert "averaged 2 checkpoints (step_4.pt, step_8.pt)" in capsys.readouterr().out
+
+    assert main(["train", config, "--resume", "--set", "train.max_steps=12"]) == 0
+    assert "resumed from step 8" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment_dir: x\ndata:\n  root: y\nmodel:\n  layers: 3\n")
+    assert main(["prepare", str(bad)]) == 2
+    assert "model.layers: unknown key" in capsys.readouterr().err
+    assert main(["translate", str(tmp_path)]) == 2
+    assert "not a rosetta model directory" in capsys.readouterr().err
+    config = write_config(tmp_path)
+    assert main(["prepare", config, "--set", "data.toy=null"]) == 2
+    assert "set data.root" in capsys.readouterr().err
