@@ -56,3 +56,23 @@ def test_peak_learning_rate_is_reached_at_the_end_of_warmup():
     assert learning_rate(200, "inverse_sqrt", 256, 400, peak=1e-3) == pytest.approx(5e-4)
     assert learning_rate(1600, "inverse_sqrt", 256, 400, peak=1e-3) == pytest.approx(5e-4)
     assert learning_rate(800, "constant", 256, 400, peak=3e-4) == pytest.approx(3e-4)
+
+
+def test_closed_form_gradient_matches_autograd():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 13, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(1, 13, (2, 6))
+    labels[0, 4:] = PAD_ID
+    eps = 0.1
+    loss, nll = label_smoothed_nll(logits, labels, eps)
+    (2.0 * loss + 0.5 * nll).backward()
+    ours = logits.grad.clone()
+
+    logits.grad = None
+    log_probs = torch.log_softmax(logits, -1)[labels.ne(PAD_ID)]
+    gold = labels[labels.ne(PAD_ID)]
+    ref_nll = -log_probs.gather(1, gold[:, None]).sum()
+    ref_loss = (1 - eps) * ref_nll + eps * (-log_probs.mean(-1)).sum()
+    (2.0 * ref_loss + 0.5 * ref_nll).backward()
+    torch.testing.assert_close(ours, logits.grad)
+    torch.testing.assert_close(loss, ref_loss)

@@ -68,13 +68,22 @@ class Transformer(nn.Module):
                 nn.init.zeros_(param)
 
     # ---- training path -------------------------------------------------------------
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, label_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Teacher forcing: src (batch, src_len), tgt_in (batch, tgt_len) ->
-        logits (batch, tgt_len, tgt_vocab)."""
+        logits (batch, tgt_len, tgt_vocab).
+
+        With ``label_mask`` (batch, tgt_len), only the positions where it is True
+        are projected to the vocabulary: logits (tokens, tgt_vocab). Training
+        passes the non-padding labels, so no time goes into padding logits.
+        """
         encoded = self.encode(src)
         state = self.init_state(encoded)
         x = self.tgt_embed(tgt_in)
         x = self.decoder(x, state.tensors["memory_kv"], state.tensors["memory_mask"])
+        if label_mask is not None:
+            x = x[label_mask]  # (tokens, d_model)
         return self.output(x)
 
     # ---- incremental interface -----------------------------------------------------

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rosetta.config import ExperimentConfig, parse_duration
 from rosetta.data.batching import BatchIterator, collate, make_batches
 from rosetta.data.prepare import TokenizedSplit, load_split
-from rosetta.data.tokenizer import Tokenizer
+from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode.translator import SearchOptions, Translator
 from rosetta.evaluate.metrics import bleu
 from rosetta.model import build_model
@@ -233,9 +233,10 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
             loss_sum = 0.0
             for b in pending:
                 b = b.to(device)
+                real = b.tgt_out.ne(PAD_ID)
                 with autocast:
-                    logits = model(b.src, b.tgt_in)
-                loss, _ = label_smoothed_nll(logits, b.tgt_out, tc.label_smoothing)
+                    logits = model(b.src, b.tgt_in, label_mask=real)
+                loss, _ = label_smoothed_nll(logits, b.tgt_out[real], tc.label_smoothing)
                 scaler.scale(loss / tokens).backward()
                 loss_sum += loss.detach()
             pending = []
