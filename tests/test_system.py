@@ -123,3 +123,16 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     config = write_config(tmp_path)
     assert main(["prepare", config, "--set", "data.toy=null"]) == 2
     assert "set data.root" in capsys.readouterr().err
+
+
+def test_cli_data_verbs(tmp_path, capsys):
+    assert main(["data", "toy", str(tmp_path / "toy"), "--seed", "3"]) == 0
+    assert (tmp_path / "toy" / "train.zeta").exists()
+    local = tmp_path / "local"
+    local.mkdir()
+    for name in ("train", "val", "test2016"):
+        (local / f"{name}.en").write_text("A dog.\n")
+        (local / f"{name}.de").write_text("Ein Hund.\n")
+    assert main(["data", "multi30k", str(tmp_path / "m30k"), "--from", str(local)]) == 0
+    assert "test2016:" in capsys.readouterr().out
+    assert (tmp_path / "m30k" / "val.de").read_text() == "Ein Hund.\n"

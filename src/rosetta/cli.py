@@ -242,10 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from rosetta.data.download import DownloadError
+    from rosetta.train.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        DownloadError,
+        CheckpointError,
+    ) as error:
         print(f"rosetta {args.verb}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ from rosetta.data.batching import BatchIterator, collate, make_batches
 from rosetta.data.prepare import TokenizedSplit, load_split
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode.translator import SearchOptions, Translator
-from rosetta.evaluate.metrics import bleu
+from rosetta.evaluate.metrics import Score, bleu
 from rosetta.model import build_model
 from rosetta.modeldir import save_model_dir
 from rosetta.train import checkpoint
@@ -98,7 +98,7 @@ def validation_bleu(
     split: TokenizedSplit,
     config: ExperimentConfig,
     limit: int = 0,
-) -> tuple[float, list[str]]:
+) -> tuple[Score, list[str]]:
     """Greedy BLEU on (the first ``limit`` pairs of) a split; returns score and outputs."""
     count = len(split) if limit <= 0 else min(limit, len(split))
     sources = [split.source(i).tolist() for i in range(count)]
@@ -106,7 +106,20 @@ def validation_bleu(
     options = SearchOptions.from_config(config.decode, beam=1, nbest=1)
     found = Translator(model, tokenizer, options).search_ids(sources)
     hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
-    return bleu(hypotheses, references).score, hypotheses
+    return bleu(hypotheses, references), hypotheses
+
+
+def build_optimizer(
+    model: torch.nn.Module, config: ExperimentConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """Adam with the paper's betas/eps; the fused kernel where this PyTorch has one
+    for the device (CUDA, and CPU from PyTorch 2.4 on)."""
+    tc = config.train
+    options = dict(lr=0.0, betas=tc.betas, eps=tc.eps, weight_decay=tc.weight_decay)
+    try:
+        return torch.optim.Adam(model.parameters(), fused=True, **options)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), **options)
 
 
 def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
@@ -124,15 +137,7 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
     train_split, valid_split = load_split(config, "train"), load_split(config, "valid")
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     model.to(device)
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=0.0,
-        betas=tc.betas,
-        eps=tc.eps,
-        weight_decay=tc.weight_decay,
-        **fused,
-    )
+    optimizer = build_optimizer(model, config, device)
     amp_dtype = autocast_dtype(tc.amp, device)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     progress = Progress()
@@ -181,10 +186,9 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
         record: dict[str, Any] = {"step": progress.step, "valid_nll": nll, "valid_ppl": ppl}
         score = -nll
         if tc.valid_bleu:
-            record["valid_bleu"], _ = validation_bleu(
-                model, tokenizer, valid_split, config, tc.valid_bleu_size
-            )
-            score = record["valid_bleu"]
+            result, _ = validation_bleu(model, tokenizer, valid_split, config, tc.valid_bleu_size)
+            score = record["valid_bleu"] = result.score
+            record["valid_bleu_signature"] = result.signature
         model.train()
         improved = score > progress.best_score
         if improved:
@@ -203,7 +207,7 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
         checkpoint.prune(ckpt_dir, tc.keep_last)
         progress.history.append(record)
         metrics.write({"type": "valid", "elapsed": progress.elapsed, **record})
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
         log(f"step {progress.step}: {shown}{' (best)' if improved else ''}")
         save_last()
         return bool(tc.patience) and progress.bad_validations >= tc.patience
@@ -259,7 +263,13 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
                 now = time.monotonic()
                 rate = window_tokens / max(now - window_start, 1e-9)
                 loss_value = float(window_loss) / max(window_tokens, 1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                left = max_time - progress.elapsed
+                shown = dict(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                if left < math.inf:
+                    shown["left"] = f"{left / 60:.1f}m"
+                bar.set_postfix(shown)
+                if bar.disable:  # no terminal (a log file): one plain line instead
+                    log(f"step {progress.step} " + " ".join(f"{k} {v}" for k, v in shown.items()))
                 metrics.write(
                     {
                         "type": "train",
@@ -314,11 +324,11 @@ def export_model_dir(
         tokenizer = Tokenizer.load(exp / "tokenizer")
         valid = load_split(config, "valid")
         limit = config.train.valid_bleu_size
-        best_bleu, _ = validation_bleu(model, tokenizer, valid, config, limit)
+        best_bleu = validation_bleu(model, tokenizer, valid, config, limit)[0].score
         best_weights = {k: v.clone() for k, v in model.state_dict().items()}
         paths = checkpoint.step_checkpoints(ckpt_dir)[-average_last:]
         model.load_state_dict(average_checkpoints(paths))
-        avg_bleu, _ = validation_bleu(model, tokenizer, valid, config, limit)
+        avg_bleu = validation_bleu(model, tokenizer, valid, config, limit)[0].score
         log(f"valid BLEU: best checkpoint {best_bleu:.2f}, average of {len(paths)} {avg_bleu:.2f}")
         if avg_bleu >= best_bleu:
             chosen = f"average of the last {len(paths)} checkpoints"
