@@ -20,7 +20,7 @@ def write_config(tmp_path, text: str) -> Path:
 MINIMAL = "experiment_dir: exp\ndata:\n  root: corpus\n"
 
 
-@pytest.mark.parametrize("name", ["toy.yaml", "multi30k_en_de.yaml"])
+@pytest.mark.parametrize("name", ["toy.yaml", "multi30k_en_de.yaml", "multi30k_en_de_rnn.yaml"])
 def test_shipped_configs_load(name):
     config = load_config(ROOT / "configs" / name)
     assert config.model.d_model % config.model.heads == 0

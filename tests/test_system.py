@@ -10,42 +10,19 @@ import yaml
 
 from conftest import toy_config
 from rosetta.cli import main
-from rosetta.data.prepare import prepare
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu
-from rosetta.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
 
-def learning_config(tmp_path):
-    return toy_config(
-        tmp_path / "exp",
-        data={"toy": {"seed": 1, "train_size": 8000, "valid_size": 100, "test_size": 200}},
-        model={"d_model": 64, "d_ff": 256, "heads": 4, "encoder_layers": 2, "decoder_layers": 2},
-        train={
-            "max_tokens": 3000,
-            "lr": 3e-3,
-            "warmup": 60,
-            "max_steps": 350,
-            "valid_every": 350,
-            "valid_bleu_size": 100,
-            "log_every": 50,
-        },
-    )
-
-
-def test_tiny_transformer_learns_the_toy_task(tmp_path):
-    config = learning_config(tmp_path)
-    prepare(config, log=lambda _: None)
-    model_dir = train(config, log=lambda _: None)
-    corpus = tmp_path / "exp" / "corpus"
+def test_tiny_transformer_learns_the_toy_task(toy_model_dir):
+    corpus = toy_model_dir.parent / "corpus"
     sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()
     references = (corpus / "test.zeta").read_text(encoding="utf-8").splitlines()
     for beam in (1, 4):
-        outputs = [
-            t.text for t in Translator.from_model_dir(model_dir, beam=beam).translate(sources)
-        ]
+        translator = Translator.from_model_dir(toy_model_dir, beam=beam)
+        outputs = [t.text for t in translator.translate(sources)]
         assert bleu(outputs, references).score > 90, beam
 
 

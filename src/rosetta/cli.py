@@ -5,6 +5,7 @@
     rosetta translate MODEL_DIR       file or stdin -> translations
     rosetta evaluate MODEL_DIR --src F --ref F     sacreBLEU BLEU and chrF
     rosetta average CONFIG --last N   average checkpoints into EXP/model
+    rosetta attention MODEL_DIR --src TEXT -o out.png   attention heat map (or --format json)
     rosetta data multi30k DEST        download (or --from DIR) Multi30k En-De
     rosetta data toy DEST             write the built-in toy corpus
     rosetta demo                      toy task end to end: train, translate, BLEU
@@ -149,6 +150,28 @@ def cmd_average(args: argparse.Namespace) -> None:
     print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) -> {output}")
 
 
+def cmd_attention(args: argparse.Namespace) -> None:
+    from rosetta.decode.translator import Translator
+    from rosetta.plotting import compute_attention, plot_attention
+
+    translator = Translator.from_model_dir(args.model_dir, args.device, **_search_overrides(args))
+    attention = compute_attention(translator, args.src, args.kind)
+    head = -1 if args.all_heads else args.head
+    if args.format == "json":
+        text = json.dumps(
+            attention.to_json(args.layer, None if head == -1 else head), ensure_ascii=False
+        )
+        if args.output:
+            Path(args.output).write_text(text + "\n", encoding="utf-8")
+        else:
+            print(text)
+        return
+    if not args.output:
+        raise ValueError("--format png needs -o FILE.png")
+    path = plot_attention(attention, args.output, args.layer, head)
+    print(f"{attention.translation}\nwrote {path}")
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     if args.corpus == "multi30k":
         from rosetta.data.download import download_multi30k
@@ -227,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--last", type=int, default=5, help="how many (default 5)")
     sub.add_argument("-o", "--output", help="model directory to write (default EXP/model)")
     sub.set_defaults(func=cmd_average)
+
+    sub = verbs.add_parser("attention", help="heat map of what the model attended to")
+    sub.add_argument("model_dir")
+    sub.add_argument("--src", required=True, help="the source sentence")
+    sub.add_argument("--kind", choices=["cross", "encoder_self", "decoder_self"], default="cross")
+    sub.add_argument("--layer", type=int, default=-1, help="layer index (default: the last)")
+    heads = sub.add_mutually_exclusive_group()
+    heads.add_argument("--head", type=int, help="one head (default: the mean over heads)")
+    heads.add_argument("--all-heads", action="store_true", help="one panel per head")
+    sub.add_argument("-o", "--output", help="PNG (or JSON) file to write")
+    sub.add_argument("--format", choices=["png", "json"], default="png")
+    _add_search_options(sub)
+    sub.set_defaults(func=cmd_attention)
 
     sub = verbs.add_parser("data", help="get a corpus")
     sub.add_argument("corpus", choices=["multi30k", "toy"])

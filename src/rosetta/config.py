@@ -70,14 +70,30 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(d_model=128, d_ff=512, heads=4, encoder_layers=2, decoder_layers=2, dropout=0.1),
     "small": dict(d_model=256, d_ff=1024, heads=4, encoder_layers=3, decoder_layers=3, dropout=0.1),
     "base": dict(d_model=512, d_ff=2048, heads=8, encoder_layers=6, decoder_layers=6, dropout=0.1),
+    "rnn_small": dict(
+        arch="rnn",
+        d_model=256,
+        hidden_size=512,
+        rnn_cell="lstm",
+        attention="bahdanau",
+        encoder_layers=1,
+        decoder_layers=1,
+        dropout=0.3,
+    ),
 }
 
 
 class ModelConfig(Section):
-    """Architecture and sizes. A ``preset`` fills the sizes; explicit keys win."""
+    """Architecture and sizes. A ``preset`` fills the sizes; explicit keys win.
 
-    arch: Literal["transformer"] = "transformer"
-    preset: Literal["toy", "small", "base"] | None = None
+    ``d_model`` is the embedding (and output) size of both architectures; the
+    Transformer-only keys are d_ff, heads, attention_dropout, activation, norm
+    and positional; the RNN-only keys are rnn_cell, hidden_size, attention and
+    input_feeding.
+    """
+
+    arch: Literal["transformer", "rnn"] = "transformer"
+    preset: Literal["toy", "small", "base", "rnn_small"] | None = None
     d_model: int = Field(512, gt=0)
     d_ff: int = Field(2048, gt=0)
     heads: int = Field(8, gt=0)
@@ -91,6 +107,10 @@ class ModelConfig(Section):
     max_positions: int = Field(1024, gt=0)
     tie_output: bool = True
     tie_all: bool = True
+    rnn_cell: Literal["lstm", "gru"] = "lstm"
+    hidden_size: int = Field(512, gt=0)
+    attention: Literal["bahdanau", "dot", "general"] = "bahdanau"
+    input_feeding: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -101,8 +121,13 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
-        if self.d_model % self.heads:
+        if self.arch == "transformer" and self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        if self.arch == "rnn" and self.hidden_size % 2:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be even: "
+                "the bidirectional encoder gives each direction half"
+            )
         return self
 
 
@@ -113,7 +138,9 @@ class TrainConfig(Section):
     accumulate: int = Field(1, ge=1)
     lr: float | None = Field(None, gt=0.0)
     warmup: int = Field(4000, ge=1)
-    schedule: Literal["noam", "inverse_sqrt", "constant"] = "noam"
+    schedule: Literal["noam", "inverse_sqrt", "constant", "plateau"] = "noam"
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(1, ge=1)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-9, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -129,6 +156,7 @@ class TrainConfig(Section):
     keep_last: int = Field(5, ge=1)
     patience: int = Field(0, ge=0)
     average_last: int = Field(0, ge=0)
+    attention_samples: int = Field(0, ge=0)
     seed: int = 1
     threads: int = Field(0, ge=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"

@@ -24,10 +24,12 @@ import torch
 
 @dataclass
 class EncoderOutput:
-    """memory: (batch, src_len, dim); pad_mask: (batch, src_len), True on padding."""
+    """memory: (batch, src_len, dim); pad_mask: (batch, src_len), True on padding;
+    final_state: what else the decoder starts from (the RNN's final encoder states)."""
 
     memory: torch.Tensor
     pad_mask: torch.Tensor
+    final_state: Any = None
 
 
 def _select(value: Any, index: torch.Tensor) -> Any:

@@ -49,6 +49,7 @@ class Progress:
     best_score: float = -math.inf
     best_step: int = 0
     bad_validations: int = 0
+    lr_scale: float = 1.0  # the plateau schedule's accumulated decay
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -107,6 +108,28 @@ def validation_bleu(
     found = Translator(model, tokenizer, options).search_ids(sources)
     hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
     return bleu(hypotheses, references), hypotheses
+
+
+def save_attention_snapshots(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    split: TokenizedSplit,
+    config: ExperimentConfig,
+    directory: Path,
+    step: int,
+) -> None:
+    """Heat maps of the first ``train.attention_samples`` validation sentences, so a
+    user can watch alignment form: ``directory/step_<N>_<i>.png``."""
+    from rosetta.plotting import compute_attention, plot_attention
+
+    translator = Translator(
+        model, tokenizer, SearchOptions.from_config(config.decode, beam=1, nbest=1)
+    )
+    for i in range(min(config.train.attention_samples, len(split))):
+        sentence = tokenizer.source.decode(split.source(i).tolist())
+        attention = compute_attention(translator, sentence)
+        plot_attention(attention, directory / f"step_{step}_{i}.png")
+    model.train()
 
 
 def build_optimizer(
@@ -200,11 +223,18 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
             )
         else:
             progress.bad_validations += 1
+            if tc.schedule == "plateau" and progress.bad_validations % tc.plateau_patience == 0:
+                progress.lr_scale *= tc.plateau_factor
+                log(f"validation plateaued: learning rate scaled by {progress.lr_scale:g}")
         checkpoint.atomic_save(
             {"model": model.state_dict(), "step": progress.step},
             ckpt_dir / f"step_{progress.step}.pt",
         )
         checkpoint.prune(ckpt_dir, tc.keep_last)
+        if tc.attention_samples:
+            save_attention_snapshots(
+                model, tokenizer, valid_split, config, exp / "attention", progress.step
+            )
         progress.history.append(record)
         metrics.write({"type": "valid", "elapsed": progress.elapsed, **record})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
@@ -245,7 +275,9 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
                 loss_sum += loss.detach()
             pending = []
             progress.step += 1
-            lr = learning_rate(progress.step, tc.schedule, config.model.d_model, tc.warmup, tc.lr)
+            lr = progress.lr_scale * learning_rate(
+                progress.step, tc.schedule, config.model.d_model, tc.warmup, tc.lr
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if tc.clip_norm > 0:

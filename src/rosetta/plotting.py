@@ -1,0 +1,150 @@
+"""Attention heat maps (SPEC §3): what each generated word looked at.
+
+``compute_attention`` translates one sentence and runs the model once more,
+teacher-forced on its own output, to collect every layer's and head's weights
+(the Transformer) or the alignment matrix α (the RNN). ``plot_attention`` draws
+them with matplotlib: source subwords on the x axis, generated subwords on the
+y axis, a colour bar, and one panel per head in a grid when asked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rosetta.data.corpus import clean_line
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from rosetta.decode.translator import Translator
+
+KINDS = ("cross", "encoder_self", "decoder_self")
+DPI = 100
+CELL_INCHES = 0.42  # one attention cell
+MARGIN_INCHES = (2.2, 1.8)  # room for labels and the colour bar (width, height)
+
+
+@dataclass
+class Attention:
+    """Weights of one kind for one sentence.
+
+    weights: (layers, heads, rows, columns); rows are the ``queries`` tokens,
+    columns the ``keys`` tokens (for ``cross``: generated x source subwords).
+    """
+
+    kind: str
+    queries: list[str]
+    keys: list[str]
+    weights: np.ndarray
+    translation: str
+
+    def select(self, layer: int = -1, head: int | None = None) -> np.ndarray:
+        """(heads, rows, cols) of one layer; one head, or all heads with ``head=None``."""
+        layers, heads = self.weights.shape[:2]
+        if not -layers <= layer < layers:
+            raise ValueError(f"layer {layer} out of range: the model has {layers} layer(s)")
+        chosen = self.weights[layer]
+        if head is None:
+            return chosen
+        if not 0 <= head < heads:
+            raise ValueError(f"head {head} out of range: the layer has {heads} head(s)")
+        return chosen[head : head + 1]
+
+    def to_json(self, layer: int = -1, head: int | None = None) -> dict[str, Any]:
+        """A JSON-ready dict; ``weights`` is (rows, cols) for one head, else (heads, rows, cols)."""
+        matrices = self.select(layer, head)
+        weights = matrices[0] if head is not None else matrices
+        return {
+            "kind": self.kind,
+            "layer": layer % self.weights.shape[0],
+            "head": head,
+            "translation": self.translation,
+            "rows": self.queries,
+            "columns": self.keys,
+            "weights": np.round(weights, 6).tolist(),
+        }
+
+
+def compute_attention(translator: Translator, sentence: str, kind: str = "cross") -> Attention:
+    """Translates ``sentence`` with the translator's search and returns its attention."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
+    tokenizer: Tokenizer = translator.tokenizer
+    sentence = clean_line(sentence)
+    if not sentence:
+        raise ValueError("the source sentence is empty")
+    result = translator.translate([sentence])[0]
+    output = result.hypotheses[0][1].tokens
+    src_ids = tokenizer.encode_source([sentence])[0]
+    device = translator.device
+    src = torch.tensor([src_ids], device=device)
+    tgt_in = torch.tensor([[BOS_ID, *output]], device=device)
+    maps = translator.model.attention_maps(src, tgt_in)[kind]
+    if not maps:
+        raise ValueError(f"this model has no {kind.replace('_', ' ')} attention")
+    # (layers, heads, rows, cols) for the single sentence
+    weights = torch.stack([m[0] for m in maps]).float().cpu().numpy()
+    source = tokenizer.source_pieces(src_ids)
+    produced = tokenizer.target_pieces([*output, EOS_ID])  # row i is the step producing it
+    decoder_inputs = tokenizer.target_pieces([BOS_ID, *output])
+    queries, keys = {
+        "cross": (produced, source),
+        "encoder_self": (source, source),
+        "decoder_self": (produced, decoder_inputs),
+    }[kind]
+    return Attention(kind, queries, keys, weights, result.text)
+
+
+def figure_size(rows: int, cols: int, panels: int) -> tuple[float, float, int, int]:
+    """Figure (width, height) in inches and the panel grid (grid_rows, grid_cols)."""
+    grid_cols = min(panels, 4)
+    grid_rows = math.ceil(panels / grid_cols)
+    width = grid_cols * (cols * CELL_INCHES + MARGIN_INCHES[0])
+    height = grid_rows * (rows * CELL_INCHES + MARGIN_INCHES[1])
+    return width, height, grid_rows, grid_cols
+
+
+def plot_attention(
+    attention: Attention, path: str | Path, layer: int = -1, head: int | None = None
+) -> Path:
+    """Writes a heat map PNG: the head-average of ``layer`` unless ``head`` is given;
+    ``head=-1`` draws every head of the layer in a grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if head == -1:
+        matrices = attention.select(layer, None)
+        titles = [f"head {h}" for h in range(len(matrices))]
+    elif head is None:
+        matrices = attention.select(layer, None).mean(axis=0, keepdims=True)
+        titles = ["mean over heads"] if attention.weights.shape[1] > 1 else [""]
+    else:
+        matrices = attention.select(layer, head)
+        titles = [f"head {head}"]
+    rows, cols = matrices.shape[1:]
+    width, height, grid_rows, grid_cols = figure_size(rows, cols, len(matrices))
+    figure, axes = plt.subplots(
+        grid_rows, grid_cols, figsize=(width, height), dpi=DPI, squeeze=False
+    )
+    layer_name = layer % attention.weights.shape[0]
+    figure.suptitle(f"{attention.kind.replace('_', ' ')} attention, layer {layer_name}")
+    for index, ax in enumerate(axes.flat):
+        if index >= len(matrices):
+            ax.axis("off")
+            continue
+        image = ax.imshow(matrices[index], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(cols), attention.keys, rotation=60, ha="right", fontsize=9)
+        ax.set_yticks(range(rows), attention.queries, fontsize=9)
+        ax.set_title(titles[index], fontsize=10)
+        figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
