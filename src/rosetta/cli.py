@@ -6,6 +6,7 @@
     rosetta evaluate MODEL_DIR --src F --ref F     sacreBLEU BLEU and chrF
     rosetta average CONFIG --last N   average checkpoints into EXP/model
     rosetta attention MODEL_DIR --src TEXT -o out.png   attention heat map (or --format json)
+    rosetta export MODEL_DIR OUT --format ctranslate2   for `translate --engine ctranslate2`
     rosetta data multi30k DEST        download (or --from DIR) Multi30k En-De
     rosetta data toy DEST             write the built-in toy corpus
     rosetta demo                      toy task end to end: train, translate, BLEU
@@ -68,12 +69,24 @@ def _search_overrides(args: argparse.Namespace) -> dict:
     )
 
 
+def make_translator(args: argparse.Namespace):
+    """rosetta's own search, or CTranslate2 on an exported model (``--engine``)."""
+    from rosetta.decode.translator import SearchOptions, Translator
+
+    if getattr(args, "engine", "torch") == "ctranslate2":
+        from rosetta.config import load_config
+        from rosetta.export.ctranslate2 import CTranslate2Translator
+
+        config = load_config(Path(args.model_dir) / "config.yaml")
+        options = SearchOptions.from_config(config.decode, **_search_overrides(args))
+        return CTranslate2Translator(args.model_dir, options)
+    return Translator.from_model_dir(args.model_dir, args.device, **_search_overrides(args))
+
+
 def cmd_translate(args: argparse.Namespace) -> None:
     import contextlib
 
-    from rosetta.decode.translator import Translator
-
-    translator = Translator.from_model_dir(args.model_dir, args.device, **_search_overrides(args))
+    translator = make_translator(args)
     with contextlib.ExitStack() as files:
         out = files.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else None
         if args.interactive:
@@ -118,9 +131,7 @@ def evaluate_files(translator, src: Path, ref: Path, output: Path | None = None)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from rosetta.decode.translator import Translator
-
-    translator = Translator.from_model_dir(args.model_dir, args.device, **_search_overrides(args))
+    translator = make_translator(args)
     result = evaluate_files(translator, Path(args.src), Path(args.ref), args.output)
     print(f"{result['bleu_text']}\n  signature: {result['bleu_signature']}")
     print(f"chrF2 = {result['chrf']:.2f}\n  signature: {result['chrf_signature']}")
@@ -154,6 +165,8 @@ def cmd_attention(args: argparse.Namespace) -> None:
     from rosetta.decode.translator import Translator
     from rosetta.plotting import compute_attention, plot_attention
 
+    if args.engine != "torch":
+        raise ValueError("attention needs rosetta's own engine (--engine torch)")
     translator = Translator.from_model_dir(args.model_dir, args.device, **_search_overrides(args))
     attention = compute_attention(translator, args.src, args.kind)
     head = -1 if args.all_heads else args.head
@@ -170,6 +183,14 @@ def cmd_attention(args: argparse.Namespace) -> None:
         raise ValueError("--format png needs -o FILE.png")
     path = plot_attention(attention, args.output, args.layer, head)
     print(f"{attention.translation}\nwrote {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from rosetta.export.ctranslate2 import export_ctranslate2
+
+    quantization = None if args.quantization == "none" else args.quantization
+    path = export_ctranslate2(args.model_dir, args.output, quantization)
+    print(f"exported {args.model_dir} to {path} (CTranslate2, {args.quantization})")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -203,6 +224,12 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int)
     group.add_argument("--top-p", type=float)
     group.add_argument("--device", default="cpu", help="cpu or cuda")
+    group.add_argument(
+        "--engine",
+        choices=["torch", "ctranslate2"],
+        default="torch",
+        help="ctranslate2: MODEL_DIR is a `rosetta export` folder",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=["png", "json"], default="png")
     _add_search_options(sub)
     sub.set_defaults(func=cmd_attention)
+
+    sub = verbs.add_parser("export", help="convert a model directory for an inference engine")
+    sub.add_argument("model_dir")
+    sub.add_argument("output", help="folder to write")
+    sub.add_argument("--format", choices=["ctranslate2"], default="ctranslate2")
+    sub.add_argument(
+        "--quantization", choices=["none", "int8", "int8_float32", "int16"], default="none"
+    )
+    sub.set_defaults(func=cmd_export)
 
     sub = verbs.add_parser("data", help="get a corpus")
     sub.add_argument("corpus", choices=["multi30k", "toy"])

@@ -7,7 +7,7 @@ the batch it landed in (padding is masked everywhere).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,13 +144,20 @@ class Translator:
             for source, hyps in zip(cleaned, found)
         ]
 
-    def translate_stream(self, lines: Iterator[str], chunk: int = 1000) -> Iterator[Translation]:
+    def translate_stream(self, lines: Iterable[str], chunk: int = 1000) -> Iterator[Translation]:
         """Translates a long stream in chunks, keeping memory bounded."""
-        buffer: list[str] = []
-        for line in lines:
-            buffer.append(line)
-            if len(buffer) >= chunk:
-                yield from self.translate(buffer)
-                buffer = []
-        if buffer:
-            yield from self.translate(buffer)
+        return translate_in_chunks(self.translate, lines, chunk)
+
+
+def translate_in_chunks(
+    translate: Callable[[list[str]], list[Translation]], lines: Iterable[str], chunk: int
+) -> Iterator[Translation]:
+    """Feeds ``lines`` to ``translate`` ``chunk`` at a time (each chunk is length-sorted)."""
+    buffer: list[str] = []
+    for line in lines:
+        buffer.append(line)
+        if len(buffer) >= chunk:
+            yield from translate(buffer)
+            buffer = []
+    if buffer:
+        yield from translate(buffer)

@@ -1,0 +1,1 @@
+"""Export to optimised inference engines."""

@@ -1,0 +1,204 @@
+"""Export a rosetta Transformer to CTranslate2, and translate with it.
+
+The conversion goes through CTranslate2's own Python specifications
+(``ctranslate2.specs.TransformerSpec``): every weight of rosetta's modules is
+assigned to the matching spec variable, then CTranslate2 validates, optionally
+quantises and saves the model. The exported folder also holds the rosetta
+configuration and SentencePiece model, so tokenisation is identical:
+
+    OUT/model.bin, OUT/config.json, OUT/*_vocabulary.json   the CTranslate2 model
+    OUT/config.yaml, OUT/spm.model, OUT/spm.vocab            as in the model directory
+
+CTranslate2 is an optional dependency (``pip install rosetta-nmt[export]``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rosetta.data.corpus import clean_line
+from rosetta.data.tokenizer import SPECIAL_PIECES, Tokenizer
+from rosetta.decode.common import Hypothesis
+from rosetta.decode.translator import SearchOptions, Translation, translate_in_chunks
+from rosetta.model.transformer import Transformer
+from rosetta.modeldir import CONFIG, load_model_dir
+
+
+def _ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "CTranslate2 is not installed: pip install 'rosetta-nmt[export]'"
+        ) from error
+    return ctranslate2
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+def _linear(spec, module: torch.nn.Linear) -> None:
+    spec.weight = _numpy(module.weight)
+    if module.bias is not None:
+        spec.bias = _numpy(module.bias)
+
+
+def _layer_norm(spec, module: torch.nn.LayerNorm) -> None:
+    spec.gamma = _numpy(module.weight)
+    spec.beta = _numpy(module.bias)
+
+
+def _inputs(spec, embed, positions_for: int) -> None:
+    embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
+    embeddings.weight = _numpy(embed.tokens.weight)
+    spec.scale_embeddings = True  # rosetta multiplies embeddings by sqrt(d_model)
+    spec.position_encodings.encodings = _numpy(embed.positions(positions_for))
+
+
+def _feed_forward(spec, layer) -> None:
+    _layer_norm(spec.layer_norm, layer.ff_residual.norm)
+    _linear(spec.linear_0, layer.feed_forward.fc1)
+    _linear(spec.linear_1, layer.feed_forward.fc2)
+
+
+def build_spec(model: Transformer, tokenizer: Tokenizer):
+    """The ``TransformerSpec`` holding ``model``'s weights and vocabularies."""
+    _ctranslate2()  # a clear error if it is missing
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    cfg = model.cfg
+    if cfg.arch != "transformer":
+        raise ValueError("only Transformer models can be exported to CTranslate2")
+    activation = (
+        common_spec.Activation.GELU if cfg.activation == "gelu" else (common_spec.Activation.RELU)
+    )
+    spec = transformer_spec.TransformerSpec.from_config(
+        (cfg.encoder_layers, cfg.decoder_layers),
+        cfg.heads,
+        pre_norm=cfg.norm == "pre",
+        activation=activation,
+    )
+    positions = cfg.max_positions
+    _inputs(spec.encoder, model.src_embed, positions)
+    for layer_spec, layer in zip(spec.encoder.layer, model.encoder.layers):
+        attention = layer_spec.self_attention
+        _linear(attention.linear[0], layer.self_attn.qkv_proj)  # fused Q, K, V
+        _linear(attention.linear[1], layer.self_attn.out_proj)
+        _layer_norm(attention.layer_norm, layer.attn_residual.norm)
+        _feed_forward(layer_spec.ffn, layer)
+    _inputs(spec.decoder, model.tgt_embed, positions)
+    _linear(spec.decoder.projection, model.output)
+    for layer_spec, layer in zip(spec.decoder.layer, model.decoder.layers):
+        _linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
+        _linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
+        _layer_norm(layer_spec.self_attention.layer_norm, layer.self_residual.norm)
+        _linear(layer_spec.attention.linear[0], layer.cross_attn.q_proj)
+        _linear(layer_spec.attention.linear[1], layer.cross_attn.kv_proj)  # fused K, V
+        _linear(layer_spec.attention.linear[2], layer.cross_attn.out_proj)
+        _layer_norm(layer_spec.attention.layer_norm, layer.cross_residual.norm)
+        _feed_forward(layer_spec.ffn, layer)
+    if cfg.norm == "pre":
+        _layer_norm(spec.encoder.layer_norm, model.encoder.final_norm)
+        _layer_norm(spec.decoder.layer_norm, model.decoder.final_norm)
+    spec.register_source_vocabulary(tokenizer.source_pieces(range(tokenizer.src_vocab_size)))
+    spec.register_target_vocabulary(tokenizer.target_pieces(range(tokenizer.tgt_vocab_size)))
+    config = spec.config
+    config.unk_token, config.bos_token, config.eos_token = (
+        SPECIAL_PIECES[1],
+        SPECIAL_PIECES[2],
+        SPECIAL_PIECES[3],
+    )
+    config.decoder_start_token = SPECIAL_PIECES[2]
+    config.add_source_bos = config.add_source_eos = False
+    config.layer_norm_epsilon = model.encoder.layers[0].attn_residual.norm.eps
+    return spec
+
+
+def export_ctranslate2(
+    model_dir: str | Path, output_dir: str | Path, quantization: str | None = None
+) -> Path:
+    """Converts a rosetta model directory into a CTranslate2 model directory."""
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    _, tokenizer, model = load_model_dir(model_dir)
+    spec = build_spec(model, tokenizer)
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(str(output_dir))
+    for name in [CONFIG, *tokenizer.files()]:
+        shutil.copyfile(model_dir / name, output_dir / name)
+    return output_dir
+
+
+class CTranslate2Translator:
+    """The same ``translate`` as ``rosetta.decode.Translator``, run by CTranslate2.
+
+    Differences from rosetta's own search: CTranslate2 normalises beam scores by
+    length ** length_penalty rather than the GNMT penalty, and its length limit
+    is one number per batch (the longest source's budget).
+    """
+
+    def __init__(self, export_dir: str | Path, options: SearchOptions, threads: int = 0):
+        ct2 = _ctranslate2()
+        import yaml
+
+        from rosetta.config import config_from_dict
+
+        export_dir = Path(export_dir)
+        if not (export_dir / "model.bin").exists():
+            raise FileNotFoundError(
+                f"{export_dir} is not a CTranslate2 export (run `rosetta export` first)"
+            )
+        data = yaml.safe_load((export_dir / CONFIG).read_text(encoding="utf-8"))
+        self.config = config_from_dict(data, str(export_dir / CONFIG))
+        self.tokenizer = Tokenizer.load(export_dir)
+        self.options = options
+        self.engine = ct2.Translator(
+            str(export_dir),
+            device="cpu",
+            inter_threads=1,
+            intra_threads=threads or torch.get_num_threads(),
+        )
+
+    def translate(self, sentences: list[str]) -> list[Translation]:
+        opts = self.options
+        cleaned = [clean_line(s) for s in sentences]
+        ids = self.tokenizer.encode_source(cleaned)
+        results: list[Translation] = [Translation(s) for s in cleaned]
+        todo = [i for i, seq in enumerate(ids) if seq]
+        if not todo:
+            return results
+        limit = self.config.model.max_positions - 1
+        pieces = [self.tokenizer.source_pieces(ids[i][:limit]) for i in todo]
+        longest = max(len(p) for p in pieces)
+        found = self.engine.translate_batch(
+            pieces,
+            beam_size=opts.beam,
+            num_hypotheses=opts.nbest,
+            length_penalty=opts.length_penalty if opts.beam > 1 else 0.0,
+            max_decoding_length=min(int(longest * opts.max_len_a + opts.max_len_b), limit),
+            max_batch_size=opts.batch_size,
+            batch_type="examples",
+            return_scores=True,
+            sampling_topk=opts.top_k if opts.sampling else 1,
+            sampling_topp=opts.top_p if opts.sampling else 1.0,
+            sampling_temperature=opts.temperature if opts.sampling else 1.0,
+        )
+        target = self.tokenizer.target
+        for index, result in zip(todo, found):
+            for tokens, score in zip(result.hypotheses, result.scores):
+                token_ids = [target.piece_to_id(piece) for piece in tokens]
+                hypothesis = Hypothesis(token_ids, float(score), float(score))
+                results[index].hypotheses.append(
+                    (self.tokenizer.decode_target(token_ids), hypothesis)
+                )
+        return results
+
+    def translate_stream(self, lines: Iterable[str], chunk: int = 1000) -> Iterator[Translation]:
+        return translate_in_chunks(self.translate, lines, chunk)
