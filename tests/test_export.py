@@ -86,3 +86,12 @@ def test_ctranslate2_greedy_output_equals_rosetta_greedy(toy_model_dir, tmp_path
     args = ["translate", str(export_dir), "--engine", "ctranslate2", "-i", str(tmp_path / "in.en")]
     assert main([*args, "--beam", "1"]) == 0
     assert capsys.readouterr().out.splitlines() == ours[:5]
+
+
+@pytest.mark.slow
+def test_dynamic_int8_quantization_still_translates_the_toy_task(toy_model_dir, capsys):
+    corpus = toy_model_dir.parent / "corpus"
+    args = ["evaluate", str(toy_model_dir), "--src", str(corpus / "test.en")]
+    assert main([*args, "--ref", str(corpus / "test.zeta"), "--quantize", "int8"]) == 0
+    bleu = float(capsys.readouterr().out.split()[2])
+    assert bleu > 90

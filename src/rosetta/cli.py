@@ -80,7 +80,9 @@ def make_translator(args: argparse.Namespace):
         config = load_config(Path(args.model_dir) / "config.yaml")
         options = SearchOptions.from_config(config.decode, **_search_overrides(args))
         return CTranslate2Translator(args.model_dir, options)
-    return Translator.from_model_dir(args.model_dir, args.device, **_search_overrides(args))
+    return Translator.from_model_dir(
+        args.model_dir, args.device, getattr(args, "quantize", None), **_search_overrides(args)
+    )
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -229,6 +231,9 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
         choices=["torch", "ctranslate2"],
         default="torch",
         help="ctranslate2: MODEL_DIR is a `rosetta export` folder",
+    )
+    group.add_argument(
+        "--quantize", choices=["none", "int8"], help="dynamic int8 linear layers (torch, CPU)"
     )
 
 

@@ -90,10 +90,23 @@ class Translator:
         self.max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
 
     @classmethod
-    def from_model_dir(cls, directory: str | Path, device: str = "cpu", **overrides) -> Translator:
+    def from_model_dir(
+        cls, directory: str | Path, device: str = "cpu", quantize: str | None = None, **overrides
+    ) -> Translator:
+        """Loads a model directory; ``quantize="int8"`` applies PyTorch's dynamic int8
+        quantization to every linear layer (CPU only; weights int8, activations
+        quantized on the fly)."""
         from rosetta.modeldir import load_model_dir
 
         config, tokenizer, model = load_model_dir(directory, device)
+        if quantize == "int8":
+            if torch.device(device).type != "cpu":
+                raise ValueError("dynamic int8 quantization runs on the CPU only")
+            model = torch.ao.quantization.quantize_dynamic(
+                model, {torch.nn.Linear}, dtype=torch.qint8
+            )
+        elif quantize not in (None, "none"):
+            raise ValueError(f"unknown quantization {quantize!r}: expected int8")
         return cls(model, tokenizer, SearchOptions.from_config(config.decode, **overrides))
 
     def search_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
