@@ -7,6 +7,7 @@ the batch it landed in (padding is masked everywhere).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,9 +103,13 @@ class Translator:
         if quantize == "int8":
             if torch.device(device).type != "cpu":
                 raise ValueError("dynamic int8 quantization runs on the CPU only")
-            model = torch.ao.quantization.quantize_dynamic(
-                model, {torch.nn.Linear}, dtype=torch.qint8
-            )
+            with warnings.catch_warnings():
+                # PyTorch 2.13 announces the removal of quantized tensors (torchao takes
+                # over); the API still works, so keep the user's terminal clean
+                warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+                model = torch.ao.quantization.quantize_dynamic(
+                    model, {torch.nn.Linear}, dtype=torch.qint8
+                )
         elif quantize not in (None, "none"):
             raise ValueError(f"unknown quantization {quantize!r}: expected int8")
         return cls(model, tokenizer, SearchOptions.from_config(config.decode, **overrides))
