@@ -123,3 +123,12 @@ def test_filter_logits_top_k_and_top_p():
     # top-p 0.7: 0.5 alone is not enough, 0.5 + 0.3 reaches it
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_min_len_forces_equal_output_lengths():
+    model = make_model(30, seed=7)
+    src = torch.randint(4, 30, (5, 6), generator=torch.Generator().manual_seed(3))
+    common = dict(max_len_a=0.0, max_len_b=9, min_len=8)
+    assert [len(h.tokens) for h in greedy_search(model, src, **common)] == [8] * 5
+    assert [len(h[0].tokens) for h in beam_search(model, src, beam=3, **common)] == [8] * 5
+    assert [len(h.tokens) for h in sample(model, src, **common)] == [8] * 5

@@ -19,6 +19,7 @@ import torch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     Hypothesis,
+    forbid_eos,
     forbid_specials,
     force_eos,
     length_penalty,
@@ -40,6 +41,7 @@ def beam_search(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
     max_len: int = 1024,
+    min_len: int = 0,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into ``nbest`` hypotheses per row,
     best first."""
@@ -47,7 +49,7 @@ def beam_search(
         raise ValueError(f"nbest must be between 1 and the beam size ({beam}), got {nbest}")
     device = src.device
     batch = src.size(0)
-    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len)  # (batch,)
+    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)  # (batch,)
     steps = int(budget.max())
     state = model.init_state(model.encode(src))
     state.select(torch.arange(batch, device=device).repeat_interleave(beam))
@@ -67,7 +69,8 @@ def beam_search(
 
     for step in range(steps):
         log_probs = model.decode_step(tokens, state).log_softmax(-1).float()
-        log_probs = force_eos(forbid_specials(log_probs), row_budget <= step + 1)
+        log_probs = forbid_eos(forbid_specials(log_probs), step, min_len)
+        log_probs = force_eos(log_probs, row_budget <= step + 1)
         vocab = log_probs.size(-1)
         # (batch, beam * vocab): score of every one-token continuation
         candidates = (scores.view(-1, 1) + log_probs).view(batch, beam * vocab)

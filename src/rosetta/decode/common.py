@@ -22,9 +22,12 @@ class Hypothesis:
     log_prob: float
 
 
-def max_lengths(src_lengths: torch.Tensor, a: float, b: int, limit: int) -> torch.Tensor:
-    """Per-sentence output budget ``a * src_len + b`` (tokens incl. <eos>), capped at ``limit``."""
-    return (src_lengths.float() * a + b).long().clamp(min=1, max=limit)
+def max_lengths(
+    src_lengths: torch.Tensor, a: float, b: int, limit: int, min_len: int = 0
+) -> torch.Tensor:
+    """Per-sentence output budget ``a * src_len + b`` (tokens incl. <eos>), capped at
+    ``limit`` and never below ``min_len + 1``."""
+    return (src_lengths.float() * a + b).long().clamp(max=limit).clamp(min=min_len + 1)
 
 
 def source_lengths(src: torch.Tensor) -> torch.Tensor:
@@ -35,6 +38,14 @@ def forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
     """<pad> and <bos> are never generated."""
     log_probs[:, PAD_ID] = float("-inf")
     log_probs[:, BOS_ID] = float("-inf")
+    return log_probs
+
+
+def forbid_eos(log_probs: torch.Tensor, step: int, min_len: int) -> torch.Tensor:
+    """No <eos> before ``min_len`` tokens (used to force equal output lengths when
+    timing systems against each other)."""
+    if step < min_len:
+        log_probs[:, EOS_ID] = float("-inf")
     return log_probs
 
 

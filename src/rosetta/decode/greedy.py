@@ -11,6 +11,7 @@ import torch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID
 from rosetta.decode.common import (
     Hypothesis,
+    forbid_eos,
     forbid_specials,
     force_eos,
     max_lengths,
@@ -26,10 +27,11 @@ def greedy_search(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
     max_len: int = 1024,
+    min_len: int = 0,
 ) -> list[Hypothesis]:
     """Decodes a padded source batch (batch, src_len); returns one hypothesis per row."""
     batch = src.size(0)
-    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len)
+    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
     state = model.init_state(model.encode(src))
     alive = torch.arange(batch, device=src.device)  # original row of each live sentence
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
@@ -37,6 +39,7 @@ def greedy_search(
     scores = [0.0] * batch
     for step in range(int(budget.max())):
         log_probs = forbid_specials(model.decode_step(tokens, state).log_softmax(-1).float())
+        log_probs = forbid_eos(log_probs, step, min_len)
         log_probs = force_eos(log_probs, budget[alive] <= step + 1)
         best, tokens = log_probs.max(dim=-1)
         # one host transfer per step for the bookkeeping below

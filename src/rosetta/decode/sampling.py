@@ -7,6 +7,7 @@ import torch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     Hypothesis,
+    forbid_eos,
     forbid_specials,
     force_eos,
     max_lengths,
@@ -40,6 +41,7 @@ def sample(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
     max_len: int = 1024,
+    min_len: int = 0,
     generator: torch.Generator | None = None,
 ) -> list[Hypothesis]:
     """Draws one translation per source row; ``log_prob`` is under the filtered
@@ -47,7 +49,7 @@ def sample(
     if temperature <= 0:
         raise ValueError("temperature must be positive (use greedy search for temperature 0)")
     batch = src.size(0)
-    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len)
+    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
     state = model.init_state(model.encode(src))
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
@@ -55,6 +57,7 @@ def sample(
     log_prob = torch.zeros(batch, device=src.device)
     for step in range(int(budget.max())):
         logits = forbid_specials(model.decode_step(tokens, state).float() / temperature)
+        logits = forbid_eos(logits, step, min_len)
         logits = filter_logits(force_eos(logits, budget <= step + 1), top_k, top_p)
         log_probs = logits.log_softmax(-1)
         tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
