@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rosetta.data.tokenizer import BOS_ID, EOS_ID
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     Hypothesis,
     forbid_eos,
@@ -33,25 +33,29 @@ def greedy_search(
     batch = src.size(0)
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
     state = model.init_state(model.encode(src))
-    alive = torch.arange(batch, device=src.device)  # original row of each live sentence
-    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    scores = [0.0] * batch
-    for step in range(int(budget.max())):
+    device = src.device
+    steps = int(budget.max())
+    alive = torch.arange(batch, device=device)  # original row of each live sentence
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    outputs = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, device=device)
+    for step in range(steps):
         log_probs = forbid_specials(model.decode_step(tokens, state).log_softmax(-1).float())
         log_probs = forbid_eos(log_probs, step, min_len)
         log_probs = force_eos(log_probs, budget[alive] <= step + 1)
         best, tokens = log_probs.max(dim=-1)
-        # one host transfer per step for the bookkeeping below
-        for row, token, score in zip(alive.tolist(), tokens.tolist(), best.tolist()):
-            scores[row] += score
-            if token != EOS_ID:
-                outputs[row].append(token)
+        outputs[alive, step] = tokens
+        scores[alive] += best
         running = tokens.ne(EOS_ID)
-        if not running.all():
-            if not running.any():
+        still_running = int(running.sum())  # the one host sync of the step
+        if still_running < len(alive):
+            if still_running == 0:
                 break
             keep = running.nonzero().squeeze(1)
             state.select(keep)
             alive, tokens = alive[keep], tokens[keep]
-    return [Hypothesis(out, score, score) for out, score in zip(outputs, scores)]
+    results = []
+    for row, score in zip(outputs.tolist(), scores.tolist()):
+        sequence = row[: row.index(EOS_ID)] if EOS_ID in row else row
+        results.append(Hypothesis([t for t in sequence if t != PAD_ID], score, score))
+    return results
