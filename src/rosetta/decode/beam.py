@@ -1,9 +1,11 @@
 """Batched beam search with GNMT length penalty and n-best lists.
 
-All bookkeeping is on tensors of shape (batch, beam, ...): there is no Python
-loop over hypotheses. Each step takes the top ``2 * beam`` continuations of
-every sentence; those ending in <eos> compete for the ``beam`` finished slots
-(scored with the length penalty), the best ``beam`` others stay alive.
+All bookkeeping is on tensors of shape (sentences, beam, ...): there is no
+Python loop over hypotheses, and a sentence whose search is over leaves the
+batch, so the model only runs on sentences still searching. Each step takes
+the top ``2 * beam`` continuations of every sentence; those ending in <eos>
+compete for the ``beam`` finished slots (scored with the length penalty), the
+best ``beam`` others stay alive.
 
 A sentence stops when its worst finished hypothesis beats the best score any
 live one could still reach: log-probabilities only fall as a hypothesis grows,
@@ -53,66 +55,85 @@ def beam_search(
     steps = int(budget.max())
     state = model.init_state(model.encode(src))
     state.select(torch.arange(batch, device=device).repeat_interleave(beam))
-    offsets = (torch.arange(batch, device=device) * beam)[:, None]  # (batch, 1)
 
+    # Results of finished sentences, by original row.
+    out_scores = torch.full((batch, beam), NEG_INF, device=device)
+    out_log_probs = torch.full((batch, beam), NEG_INF, device=device)
+    out_tokens = torch.full((batch, beam, steps), PAD_ID, dtype=torch.long, device=device)
+
+    # Working set: the sentences still searching (`active` holds their original rows).
+    active = torch.arange(batch, device=device)
     # Live hypotheses; only beam 0 starts alive so the first step has no duplicates.
     scores = torch.full((batch, beam), NEG_INF, device=device)
     scores[:, 0] = 0.0
     alive = torch.empty((batch, beam, 0), dtype=torch.long, device=device)
     tokens = torch.full((batch * beam,), BOS_ID, dtype=torch.long, device=device)
-    # Finished hypotheses (tokens without <eos>), best first.
+    # Finished hypotheses of the active sentences (tokens without <eos>), best first.
     fin_scores = torch.full((batch, beam), NEG_INF, device=device)
     fin_log_probs = torch.full((batch, beam), NEG_INF, device=device)
     fin_tokens = torch.full((batch, beam, steps), PAD_ID, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    row_budget = budget.repeat_interleave(beam)  # (batch * beam,)
 
     for step in range(steps):
+        n = len(active)
+        row_budget = budget[active].repeat_interleave(beam)  # (n * beam,)
         log_probs = model.decode_step(tokens, state).log_softmax(-1).float()
         log_probs = forbid_eos(forbid_specials(log_probs), step, min_len)
         log_probs = force_eos(log_probs, row_budget <= step + 1)
         vocab = log_probs.size(-1)
-        # (batch, beam * vocab): score of every one-token continuation
-        candidates = (scores.view(-1, 1) + log_probs).view(batch, beam * vocab)
+        # (n, beam * vocab): score of every one-token continuation
+        candidates = (scores.view(-1, 1) + log_probs).view(n, beam * vocab)
         top_scores, top_index = candidates.topk(min(2 * beam, beam * vocab), dim=1)
-        origin, token = top_index // vocab, top_index % vocab  # (batch, 2 * beam)
+        origin, token = top_index // vocab, top_index % vocab  # (n, 2 * beam)
         ends = token.eq(EOS_ID)
 
         # Finished: merge this step's <eos> candidates into the n-best so far.
         penalty = length_penalty(torch.tensor(step + 1, device=device), alpha)
-        new_fin = torch.where(ends & ~done[:, None], top_scores / penalty, NEG_INF)
-        prefix = alive.gather(1, origin[..., None].expand(-1, -1, step))  # (batch, 2b, step)
+        new_fin = torch.where(ends, top_scores / penalty, NEG_INF)
+        prefix = alive.gather(1, origin[..., None].expand(-1, -1, step))  # (n, 2b, step)
         prefix = torch.nn.functional.pad(prefix, (0, steps - step), value=PAD_ID)
-        pool_scores = torch.cat([fin_scores, new_fin], dim=1)  # (batch, 3 * beam)
-        fin_scores, pick = pool_scores.topk(beam, dim=1)
+        fin_scores, pick = torch.cat([fin_scores, new_fin], dim=1).topk(beam, dim=1)
         fin_log_probs = torch.cat([fin_log_probs, top_scores], 1).gather(1, pick)
         pool_tokens = torch.cat([fin_tokens, prefix], dim=1)
         fin_tokens = pool_tokens.gather(1, pick[..., None].expand(-1, -1, steps))
 
         # Alive: the best `beam` continuations that did not end.
-        alive_scores, keep = torch.where(ends, NEG_INF, top_scores).topk(beam, dim=1)
-        origin, token = origin.gather(1, keep), token.gather(1, keep)  # (batch, beam)
+        scores, keep = torch.where(ends, NEG_INF, top_scores).topk(beam, dim=1)
+        origin, token = origin.gather(1, keep), token.gather(1, keep)  # (n, beam)
         alive = torch.cat(
             [alive.gather(1, origin[..., None].expand(-1, -1, step)), token[..., None]], dim=2
         )
+        offsets = (torch.arange(n, device=device) * beam)[:, None]  # (n, 1)
         state.select((origin + offsets).view(-1))
-        tokens, scores = token.view(-1), alive_scores
+        tokens = token.view(-1)
 
-        best_reachable = scores.max(dim=1).values / length_penalty(budget, alpha)
-        done |= fin_scores[:, -1] >= best_reachable
-        if bool(done.all()):
-            break
+        best_reachable = scores.max(dim=1).values / length_penalty(budget[active], alpha)
+        done = fin_scores[:, -1] >= best_reachable
+        if step == steps - 1:
+            done[:] = True
+        if bool(done.any()):
+            # store the finished sentences' n-best and drop them from the working set
+            rows = active[done]
+            out_scores[rows], out_log_probs[rows] = fin_scores[done], fin_log_probs[done]
+            out_tokens[rows] = fin_tokens[done]
+            if bool(done.all()):
+                break
+            keep = (~done).nonzero().squeeze(1)
+            active = active[keep]
+            scores, alive, tokens = scores[keep], alive[keep], tokens.view(n, beam)[keep].view(-1)
+            fin_scores, fin_log_probs = fin_scores[keep], fin_log_probs[keep]
+            fin_tokens = fin_tokens[keep]
+            state.select((keep[:, None] * beam + torch.arange(beam, device=device)).view(-1))
 
     results = []
     for row in range(batch):
         hyps = []
         for rank in range(nbest):
-            seq = fin_tokens[row, rank]
+            seq = out_tokens[row, rank]
             hyps.append(
                 Hypothesis(
                     seq[seq.ne(PAD_ID)].tolist(),
-                    float(fin_scores[row, rank]),
-                    float(fin_log_probs[row, rank]),
+                    float(out_scores[row, rank]),
+                    float(out_log_probs[row, rank]),
                 )
             )
         results.append(hyps)
