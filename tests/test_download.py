@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import http.server
+import socket
 import threading
 
 import pytest
@@ -26,7 +27,7 @@ def server(tmp_path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *args: None  # type: ignore[attr-defined]
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
     httpd.shutdown()
@@ -40,6 +41,10 @@ def test_download_writes_decompressed_files(server, tmp_path):
     en, de = paths["test2016"]
     assert en.name == "test2016.en" and de.name == "test2016.de"
     assert de.read_text(encoding="utf-8") == "Ein Hund läuft.\nZwei Männer.\n"
+    assert (de.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in (tmp_path / "m30k").iterdir()) == sorted(
+        f"{name}.{lang}" for name, _ in MULTI30K_SPLITS.values() for lang in ("en", "de")
+    )
     # a second call keeps the files and fetches nothing
     assert download_multi30k(tmp_path / "m30k", base_url="http://127.0.0.1:9/", progress=False)
 
@@ -60,6 +65,25 @@ def test_corrupt_gzip_is_an_error(server, tmp_path):
     with pytest.raises(DownloadError, match="not a valid gzip"):
         download_multi30k(tmp_path / "m30k", base_url=url, progress=False)
     assert not (tmp_path / "m30k" / "train.en").exists()
+
+
+def test_truncated_gzip_is_an_error(server, tmp_path):
+    root, url = server
+    data = (root / "test_2016_flickr.en.gz").read_bytes()
+    (root / "test_2016_flickr.en.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DownloadError, match=r"test_2016_flickr\.en\.gz: .*truncated"):
+        download_multi30k(tmp_path / "m30k", base_url=url, progress=False)
+    assert not (tmp_path / "m30k" / "test2016.en").exists()
+
+
+def test_unreachable_server_is_an_error(tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    with pytest.raises(DownloadError, match=rf"127\.0\.0\.1:{port}/train\.en\.gz: "):
+        download_multi30k(tmp_path / "m30k", base_url=url, progress=False)
+    assert not list((tmp_path / "m30k").iterdir())
 
 
 def test_copy_from_a_local_folder(tmp_path):

@@ -35,23 +35,25 @@ class DownloadError(RuntimeError):
     """A corpus file that could not be fetched or decompressed."""
 
 
+def _finish(tmp: Path, dest: Path) -> None:
+    """Gives a complete temporary file ordinary permissions (mkstemp's are 0600), renames it."""
+    tmp.chmod(0o644)
+    os.replace(tmp, dest)
+
+
 def _fetch(url: str, dest: Path, progress: bool, timeout: float = 60.0) -> None:
     """Downloads ``url`` (gzip), decompresses it into ``dest`` atomically."""
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with (
+            os.fdopen(fd, "wb") as raw_out,
+            urllib.request.urlopen(url, timeout=timeout) as response,
+        ):
             total = int(response.headers.get("Content-Length") or 0) or None
-            with (
-                os.fdopen(fd, "wb") as raw_out,
-                tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    desc=dest.name,
-                    disable=not progress,
-                ) as bar,
-            ):
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+            ) as bar:
                 decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
                 while chunk := response.read(1 << 16):
                     raw_out.write(decompressor.decompress(chunk))
@@ -59,7 +61,7 @@ def _fetch(url: str, dest: Path, progress: bool, timeout: float = 60.0) -> None:
                 raw_out.write(decompressor.flush())
                 if not decompressor.eof:
                     raise DownloadError(f"{url}: the gzip stream ended early (truncated download)")
-        os.replace(tmp, dest)
+        _finish(tmp, dest)
     except urllib.error.HTTPError as error:
         raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
@@ -68,6 +70,21 @@ def _fetch(url: str, dest: Path, progress: bool, timeout: float = 60.0) -> None:
         raise DownloadError(f"{url}: not a valid gzip file ({error})") from None
     except OSError as error:
         raise DownloadError(f"{url}: {error}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _copy(source: Path, dest: Path) -> None:
+    """Copies ``source`` to ``dest`` through a temporary file, like ``_fetch``."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        shutil.copyfile(source, tmp)
+        _finish(tmp, dest)
+    except OSError as error:
+        raise DownloadError(f"cannot copy {source} to {dest}: {error}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -86,7 +103,8 @@ def download_multi30k(
 ) -> dict[str, tuple[Path, Path]]:
     """Puts Multi30k En-De into ``dest``; returns ``{split: (en_path, de_path)}``.
 
-    Raises ``DownloadError`` for a failed fetch or a missing local file, and
+    Raises ``DownloadError`` for a failed fetch or copy or a missing local file
+    (files completed before it are kept, so a second call resumes), and
     ``ValueError`` when the two sides of a split differ in line count.
     """
     dest = Path(dest)
@@ -101,9 +119,7 @@ def download_multi30k(
                 source = Path(from_dir) / f"{local}.{lang}"
                 if not source.exists():
                     raise DownloadError(f"{source} is missing: expected the file {local}.{lang}")
-                tmp = target.with_name(f".{target.name}.part")
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
+                _copy(source, target)
             else:
                 _fetch(f"{base_url.rstrip('/')}/{remote}.{lang}.gz", target, progress)
         en, de = dest / f"{local}.en", dest / f"{local}.de"

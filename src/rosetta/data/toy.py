@@ -11,7 +11,7 @@ lookup:
   article (the -> ``la`` / ``laj``); the object takes the accusative ``-n`` on
   noun and adjective; the verb ending marks tense and the subject's number
   (``-as``/``-an`` present singular/plural, ``-is``/``-in`` past);
-* **irregular English**: men, women, children; saw, ate, found, ...
+* **irregular English**: men, women, children; saw, found, heard; a/an.
 
 Example::
 
@@ -93,6 +93,8 @@ def _noun_phrase(rng: random.Random, accusative: bool) -> tuple[list[str], list[
         english_det, zeta_det = "a", "unu"
     english = [english_det] + ([adjective[0]] if adjective else [])
     english.append(plural_form if plural else singular)
+    if english_det == "a" and english[1][0] in "aeiou":
+        english[0] = "an"  # "an old dog"; Zeta says "unu" either way
     zeta = [zeta_det, stem + number + case]
     if adjective:
         zeta.append(adjective[1] + number + case)  # the adjective follows and agrees
