@@ -57,20 +57,21 @@ def test_trained_model_attends_to_the_aligned_source_words(toy_model_dir):
     attention = compute_attention(translator, SENTENCE)
     assert attention.translation == "la kano maljuna unu katon malgrandan vidas."
     source = ["▁the", "▁old", "▁dog", "▁sees", "▁a", "▁small", "▁cat"]
+    # word-initial pieces of the output and the source word each one translates
     expected = {
         "▁la": "▁the",
         "▁kano": "▁dog",
-        "▁maljuna": "▁old",
+        "▁maljun": "▁old",
         "▁unu": "▁a",
         "▁katon": "▁cat",
-        "▁malgrandan": "▁small",
+        "▁malgrand": "▁small",
         "▁vidas": "▁sees",
     }
     assert attention.keys[: len(source)] == source
-    mean = attention.weights[:, :].mean(axis=(0, 1))  # over layers and heads
+    mean = attention.weights.mean(axis=(0, 1))  # over layers and heads
     hits = [
         attention.keys[mean[row].argmax()] == expected[piece]
         for row, piece in enumerate(attention.queries)
         if piece in expected
     ]
-    assert len(hits) == 7 and sum(hits) >= 5
+    assert len(hits) == 7 and sum(hits) >= 6
