@@ -130,6 +130,7 @@ def marian_to_ctranslate2(model, directory: Path) -> Path:
     spec = MarianMTLoader()(model, _Vocabulary())
     spec.validate()
     spec.optimize(quantization=None)
+    directory.mkdir(parents=True, exist_ok=True)
     spec.save(str(directory))
     return directory
 
