@@ -40,9 +40,11 @@ from rosetta.data.batching import collate, make_batches, padded_size
 from rosetta.data.prepare import TokenizedSplit, load_split, prepare
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode import beam_search, greedy_search
+from rosetta.decode.translator import pad_batch
 from rosetta.export.ctranslate2 import export_ctranslate2
 from rosetta.model import build_model
 from rosetta.modeldir import save_model_dir
+from rosetta.train.loss import label_smoothed_nll
 
 VOCAB = 8000
 MAX_TOKENS = 4096
@@ -155,8 +157,6 @@ def random_order_batches(split: TokenizedSplit, seed: int) -> list[np.ndarray]:
 def rosetta_train_step(model, optimizer) -> Callable:
     def step(batch) -> None:
         real = batch.tgt_out.ne(PAD_ID)
-        from rosetta.train.loss import label_smoothed_nll
-
         loss, _ = label_smoothed_nll(
             model(batch.src, batch.tgt_in, label_mask=real), batch.tgt_out[real], 0.1
         )
@@ -210,14 +210,8 @@ def time_training(step, split, batches, warmup: int, steps: int) -> dict[str, fl
 def decode_runners(rosetta_model, hf_model, ct2_hf, ct2_rosetta, tokenizer, new_tokens):
     """Callables decoding a list of id sequences with exactly ``new_tokens`` outputs."""
 
-    def pad(seqs, value):
-        out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            out[i, : len(s)] = torch.tensor(s)
-        return out
-
     def rosetta_run(seqs, beam):
-        src = pad(seqs, PAD_ID)
+        src = pad_batch(seqs)
         common = dict(max_len_a=0.0, max_len_b=new_tokens + 1, min_len=new_tokens)
         if beam == 1:
             return greedy_search(rosetta_model, src, **common)
@@ -225,7 +219,7 @@ def decode_runners(rosetta_model, hf_model, ct2_hf, ct2_rosetta, tokenizer, new_
 
     @torch.inference_mode()
     def hf_run(seqs, beam):
-        src = pad(seqs, VOCAB - 1)
+        src = pad_batch(seqs, value=VOCAB - 1)
         return hf_model.generate(
             input_ids=src,
             attention_mask=src.ne(VOCAB - 1),

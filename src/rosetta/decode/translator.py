@@ -70,9 +70,11 @@ class Translation:
         return self.hypotheses[0][0] if self.hypotheses else ""
 
 
-def pad_batch(sequences: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Right-pads id lists into (batch, max_len)."""
-    out = torch.full((len(sequences), max(map(len, sequences))), PAD_ID, dtype=torch.long)
+def pad_batch(
+    sequences: list[list[int]], device: torch.device | str = "cpu", value: int = PAD_ID
+) -> torch.Tensor:
+    """Right-pads id lists into (batch, max_len) with ``value`` (<pad> by default)."""
+    out = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
     for row, seq in enumerate(sequences):
         out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return out.to(device)
