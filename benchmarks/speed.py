@@ -31,13 +31,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rosetta.config import MODEL_PRESETS, ModelConfig, load_config
-from rosetta.data.batching import collate, make_batches, padded_size
-from rosetta.data.prepare import TokenizedSplit, load_split, prepare
+from rosetta.data.batching import collate, make_batches
+from rosetta.data.prepare import load_split, prepare
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode import beam_search, greedy_search
 from rosetta.decode.translator import pad_batch
@@ -138,22 +137,6 @@ def marian_to_ctranslate2(model, directory: Path) -> Path:
 
 
 # ---- training ------------------------------------------------------------------------
-def random_order_batches(split: TokenizedSplit, seed: int) -> list[np.ndarray]:
-    """A token-budget batcher without bucketing (HF's default random sampler)."""
-    order = np.random.default_rng(seed).permutation(len(split))
-    batches, start, max_src, max_tgt = [], 0, 0, 0
-    for position, index in enumerate(order):
-        s, t = int(split.src_lengths[index]), int(split.tgt_lengths[index])
-        size = position - start + 1
-        if size > 1 and padded_size(max(max_src, s), max(max_tgt, t), size) > MAX_TOKENS:
-            batches.append(order[start:position])
-            start, max_src, max_tgt = position, s, t
-        else:
-            max_src, max_tgt = max(max_src, s), max(max_tgt, t)
-    batches.append(order[start:])
-    return batches
-
-
 def rosetta_train_step(model, optimizer) -> Callable:
     def step(batch) -> None:
         real = batch.tgt_out.ne(PAD_ID)
@@ -291,7 +274,14 @@ def main() -> None:
                 make_batches(split.src_lengths, split.tgt_lengths, MAX_TOKENS, seed=repeat),
                 rosetta_train_step,
             ),
-            ("hf", hf_model, random_order_batches(split, repeat), hf_train_step),
+            (
+                "hf",
+                hf_model,
+                make_batches(
+                    split.src_lengths, split.tgt_lengths, MAX_TOKENS, seed=repeat, bucket=False
+                ),
+                hf_train_step,
+            ),
         ):
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
             runs[name].append(

@@ -66,18 +66,21 @@ def make_batches(
     seed: int | None = None,
     epoch: int = 0,
     max_sentences: int = 0,
+    bucket: bool = True,
 ) -> list[np.ndarray]:
     """Groups pair indices into batches of at most ``max_tokens`` padded tokens.
 
     With ``seed=None`` the order is deterministic and unshuffled (for
     evaluation); otherwise ties are broken and batches shuffled with a
     generator seeded by ``(seed, epoch)``. A pair longer than the budget gets a
-    batch of its own rather than being dropped.
+    batch of its own rather than being dropped. ``bucket=False`` keeps the
+    pairs in (seeded) random order instead of sorting them by length.
     """
     n = len(src_lengths)
     rng = np.random.default_rng([seed, epoch]) if seed is not None else None
     tie_break = rng.permutation(n) if rng is not None else np.arange(n)
-    order = np.lexsort((tie_break, src_lengths, tgt_lengths))
+    # without bucketing the pairs stay in (seeded) random order: the benchmark baseline
+    order = np.lexsort((tie_break, src_lengths, tgt_lengths)) if bucket else tie_break
     batches, start = [], 0
     max_src = max_tgt = 0
     for position, index in enumerate(order):
