@@ -96,6 +96,23 @@ def test_shared_search_works_unchanged():
     assert [a[0].tokens for a in alone] == greedy
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_beam_search_does_not_depend_on_the_rest_of_the_batch(variant):
+    """A source's beam attends to its own single copy of the memory."""
+    model = rnn_model(seed=1, **variant)
+    with torch.no_grad():
+        model.output.weight.mul_(4.0)
+    src, _ = batch()
+    together = beam_search(model, src, beam=3, nbest=3, max_len_b=8)
+    for i in range(3):
+        alone = beam_search(
+            model, src[i : i + 1, : int(src[i].ne(PAD_ID).sum())], beam=3, nbest=3, max_len_b=8
+        )[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in together[i]]
+        for a, t in zip(alone, together[i]):
+            assert a.score == pytest.approx(t.score, abs=1e-4)
+
+
 def test_rnn_preset():
     cfg = ModelConfig(preset="rnn_small")
     assert (cfg.arch, cfg.rnn_cell, cfg.attention, cfg.hidden_size) == (

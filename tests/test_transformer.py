@@ -78,17 +78,44 @@ def test_cached_incremental_decoding_equals_full_recomputation(overrides):
     assert state.tensors["caches"][0]["k"].shape[2] == tgt.size(1)
 
 
-def test_state_select_reorders_the_batch():
+def test_state_select_sources_reorders_the_batch():
     model = tiny_model()
     src, tgt = random_batch()
     full = model(src, tgt)
     state = model.init_state(model.encode(src))
     model.decode_step(tgt[:, 0], state)
     order = torch.tensor([2, 0, 0])
-    state.select(order)
+    state.select_sources(order)
     torch.testing.assert_close(
         model.decode_step(tgt[order, 1], state), full[order, 1], atol=1e-5, rtol=1e-4
     )
+
+
+def test_grouped_hypotheses_share_one_copy_of_their_source():
+    """Beam search's layout: ``expand(beam)`` gives each source ``beam`` rows that
+    attend to its single memory; re-ranking within groups (``select``) and dropping
+    sources (``select_sources``) match a full pass over the same prefixes."""
+    model = tiny_model()
+    src, _ = random_batch(batch=3)
+    beam, steps = 2, 5
+    generator = torch.Generator().manual_seed(5)
+    prefixes = torch.randint(4, VOCAB, (3 * beam, steps), generator=generator)
+    prefixes[:, 0] = BOS_ID
+    state = model.init_state(model.encode(src))
+    state.expand(beam)
+    assert state.num_sources == 3 and state.tensors["caches"][0] == {}
+    rows = torch.arange(3 * beam)  # which prefix each hypothesis row carries
+    for t in range(steps):
+        logits = model.decode_step(prefixes[rows, t], state)
+        expected = model(src.repeat_interleave(beam, 0)[rows], prefixes[rows, : t + 1])[:, t]
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+        # swap the two hypotheses of source 1, duplicate source 2's first one
+        reorder = torch.tensor([0, 1, 3, 2, 4, 4])
+        state.select(reorder)
+        rows = rows[reorder]
+    state.select_sources(torch.tensor([2, 0]))
+    assert state.num_sources == 2 and state.tensors["caches"][0]["k"].size(0) == 2 * beam
+    assert state.sources["memory_kv"][0][0].size(0) == 2
 
 
 def test_weight_tying():

@@ -54,7 +54,7 @@ def beam_search(
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)  # (batch,)
     steps = int(budget.max())
     state = model.init_state(model.encode(src))
-    state.select(torch.arange(batch, device=device).repeat_interleave(beam))
+    state.expand(beam)  # beam hypotheses per source, sharing its encoder side
 
     # Results of finished sentences, by original row.
     out_scores = torch.full((batch, beam), NEG_INF, device=device)
@@ -76,14 +76,19 @@ def beam_search(
     for step in range(steps):
         n = len(active)
         row_budget = budget[active].repeat_interleave(beam)  # (n * beam,)
-        log_probs = model.decode_step(tokens, state).log_softmax(-1).float()
-        log_probs = forbid_eos(forbid_specials(log_probs), step, min_len)
-        log_probs = force_eos(log_probs, row_budget <= step + 1)
-        vocab = log_probs.size(-1)
-        # (n, beam * vocab): score of every one-token continuation
-        candidates = (scores.view(-1, 1) + log_probs).view(n, beam * vocab)
-        top_scores, top_index = candidates.topk(min(2 * beam, beam * vocab), dim=1)
-        origin, token = top_index // vocab, top_index % vocab  # (n, 2 * beam)
+        logits = model.decode_step(tokens, state).float()  # (n * beam, vocab)
+        normalizer = logits.logsumexp(dim=-1, keepdim=True)
+        logits = forbid_eos(forbid_specials(logits), step, min_len)
+        logits = force_eos(logits, row_budget <= step + 1)
+        # Every hypothesis's best 2 * beam continuations hold the sentence's best
+        # 2 * beam: a continuation outranked within its own row is outranked overall.
+        vocab = logits.size(-1)
+        width = min(2 * beam, vocab)
+        row_logits, row_tokens = logits.topk(width, dim=-1)  # (n * beam, width)
+        candidates = (scores.view(-1, 1) + (row_logits - normalizer)).view(n, beam * width)
+        top_scores, top_index = candidates.topk(min(2 * beam, beam * width), dim=1)
+        origin = top_index // width  # (n, 2 * beam): the hypothesis each one extends
+        token = row_tokens.view(n, beam * width).gather(1, top_index)
         ends = token.eq(EOS_ID)
 
         # Finished: merge this step's <eos> candidates into the n-best so far.
@@ -122,7 +127,7 @@ def beam_search(
             scores, alive, tokens = scores[keep], alive[keep], tokens.view(n, beam)[keep].view(-1)
             fin_scores, fin_log_probs = fin_scores[keep], fin_log_probs[keep]
             fin_tokens = fin_tokens[keep]
-            state.select((keep[:, None] * beam + torch.arange(beam, device=device)).view(-1))
+            state.select_sources(keep)
 
     results = []
     for row in range(batch):

@@ -35,7 +35,8 @@ def source_lengths(src: torch.Tensor) -> torch.Tensor:
 
 
 def forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
-    """<pad> and <bos> are never generated."""
+    """<pad> and <bos> are never generated. These helpers edit their argument in
+    place and work on log-probabilities and logits alike."""
     log_probs[:, PAD_ID] = float("-inf")
     log_probs[:, BOS_ID] = float("-inf")
     return log_probs

@@ -40,19 +40,22 @@ def greedy_search(
     outputs = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
     for step in range(steps):
-        log_probs = forbid_specials(model.decode_step(tokens, state).log_softmax(-1).float())
-        log_probs = forbid_eos(log_probs, step, min_len)
-        log_probs = force_eos(log_probs, budget[alive] <= step + 1)
-        best, tokens = log_probs.max(dim=-1)
+        logits = model.decode_step(tokens, state).float()
+        # the arg-max of the logits is the arg-max of the log-probabilities; only
+        # the chosen token's log-probability is needed: logit - logsumexp
+        normalizer = logits.logsumexp(dim=-1)
+        logits = forbid_eos(forbid_specials(logits), step, min_len)
+        logits = force_eos(logits, budget[alive] <= step + 1)
+        best, tokens = logits.max(dim=-1)
         outputs[alive, step] = tokens
-        scores[alive] += best
+        scores[alive] += best - normalizer
         running = tokens.ne(EOS_ID)
         still_running = int(running.sum())  # the one host sync of the step
         if still_running < len(alive):
             if still_running == 0:
                 break
             keep = running.nonzero().squeeze(1)
-            state.select(keep)
+            state.select_sources(keep)
             alive, tokens = alive[keep], tokens[keep]
     results = []
     for row, score in zip(outputs.tolist(), scores.tolist()):

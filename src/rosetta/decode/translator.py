@@ -23,6 +23,7 @@ from rosetta.decode.beam import beam_search
 from rosetta.decode.common import Hypothesis
 from rosetta.decode.greedy import greedy_search
 from rosetta.decode.sampling import sample
+from rosetta.model.linear import as_plain_linear
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Translator:
                 # over); the API still works, so keep the user's terminal clean
                 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
                 model = torch.ao.quantization.quantize_dynamic(
-                    model, {torch.nn.Linear}, dtype=torch.qint8
+                    as_plain_linear(model), {torch.nn.Linear}, dtype=torch.qint8
                 )
         elif quantize not in (None, "none"):
             raise ValueError(f"unknown quantization {quantize!r}: expected int8")

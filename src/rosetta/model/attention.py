@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rosetta.model.linear import Linear
+
 
 class MultiHeadAttention(nn.Module):
     """The shared core: attend with heads already split, merge heads, apply W_O."""
@@ -29,7 +31,7 @@ class MultiHeadAttention(nn.Module):
         self.heads = heads
         self.head_dim = d_model // heads
         self.dropout = dropout
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -83,7 +85,7 @@ class SelfAttention(MultiHeadAttention):
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__(d_model, heads, dropout)
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.qkv_proj = Linear(d_model, 3 * d_model)
 
     def forward(
         self,
@@ -110,8 +112,8 @@ class CrossAttention(MultiHeadAttention):
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__(d_model, heads, dropout)
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.q_proj = Linear(d_model, d_model)
+        self.kv_proj = Linear(d_model, 2 * d_model)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the encoder output, computed once per sentence."""

@@ -41,11 +41,13 @@ class DecoderLayer(nn.Module):
         memory_mask: torch.Tensor,
         cache: dict[str, torch.Tensor] | None = None,
         need_weights: bool = False,
+        group: int = 1,
     ) -> torch.Tensor:
         """x: (batch, tgt_len, d_model); memory_kv: the cross-attention keys and
-        values, each (batch, heads, src_len, head_dim); memory_mask:
-        (batch, 1, 1, src_len); cache: this layer's self-attention keys/values
-        during incremental decoding."""
+        values, each (sources, heads, src_len, head_dim); memory_mask:
+        (sources, 1, 1, src_len); cache: this layer's self-attention keys/values
+        during incremental decoding; group: rows of ``x`` per source (batch =
+        sources * group; the beam in beam search)."""
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:
             out, self.self_weights = self.self_attn(
@@ -54,8 +56,11 @@ class DecoderLayer(nn.Module):
             return out
 
         def cross_attend(h: torch.Tensor) -> torch.Tensor:
-            out, self.cross_weights = self.cross_attn(h, memory_kv, memory_mask, need_weights)
-            return out
+            # a source's hypotheses become one longer query sequence against its
+            # single copy of the memory: (sources, group * tgt_len, d_model)
+            queries = h.reshape(-1, group * h.size(1), h.size(2)) if group > 1 else h
+            out, self.cross_weights = self.cross_attn(queries, memory_kv, memory_mask, need_weights)
+            return out.view(h.shape)
 
         x = self.self_residual(x, self_attend)
         x = self.cross_residual(x, cross_attend)
@@ -77,9 +82,10 @@ class Decoder(nn.Module):
         memory_mask: torch.Tensor,
         caches: list[dict[str, torch.Tensor]] | None = None,
         need_weights: bool = False,
+        group: int = 1,
     ) -> torch.Tensor:
         """x: (batch, tgt_len, d_model) -> (batch, tgt_len, d_model)."""
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
-            x = layer(x, memory_kv[i], memory_mask, cache, need_weights)
+            x = layer(x, memory_kv[i], memory_mask, cache, need_weights, group)
         return self.final_norm(x)

@@ -9,9 +9,14 @@ Decoding (``rosetta.decode``) never looks inside a model. It calls:
 3. ``decode_step(tokens, state)`` -> next-token logits (batch, vocab), with the
    state advanced by one position.
 
-``DecoderState.select(index)`` reorders or shrinks the batch (beam search
-re-ranking hypotheses, greedy search dropping finished sentences); it works on
-any nesting of lists, tuples and dicts of batch-first tensors.
+A ``DecoderState`` keeps two kinds of batch-first tensors (any nesting of
+lists, tuples and dicts): ``sources``, one row per source sentence (the
+encoder memory, the cross-attention K/V), and ``tensors``, one row per
+hypothesis (the self-attention cache, the RNN state). Beam search gives every
+source ``group = beam`` hypotheses in consecutive rows (``expand``); the model
+attends from the whole group to the one copy of its source, so re-ranking
+hypotheses (``select``) never copies the encoder side. ``select_sources``
+drops finished sentences with all their hypotheses.
 """
 
 from __future__ import annotations
@@ -44,18 +49,49 @@ def _select(value: Any, index: torch.Tensor) -> Any:
 
 @dataclass
 class DecoderState:
-    """What incremental decoding carries from step to step; ``step`` positions done."""
+    """What incremental decoding carries from step to step; ``step`` positions done.
+
+    ``sources``: per-source tensors (batch = number of sources); ``tensors``:
+    per-hypothesis tensors (batch = sources * ``group``, a source's hypotheses
+    in consecutive rows).
+    """
 
     tensors: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
+    group: int = 1
     step: int = 0
 
     def select(self, index: torch.Tensor) -> None:
-        """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
+        """Keeps hypothesis rows ``index`` (in that order, repeats allowed), in place.
+
+        Row ``r`` of the result must belong to the same source as row ``r`` before
+        (beam search re-ranks within each source's group); with ``group == 1`` any
+        reordering of the sources goes through ``select_sources``.
+        """
         self.tensors = _select(self.tensors, index)
 
+    def select_sources(self, index: torch.Tensor) -> None:
+        """Keeps sources ``index`` (in that order) with all their hypotheses, in place."""
+        self.sources = _select(self.sources, index)
+        if self.group > 1:
+            offsets = torch.arange(self.group, device=index.device)
+            index = (index[:, None] * self.group + offsets).view(-1)
+        self.tensors = _select(self.tensors, index)
+
+    def expand(self, group: int) -> None:
+        """Gives each source ``group`` hypotheses, copies of its single current one."""
+        if self.group != 1:
+            raise ValueError("the state is already expanded")
+        rows = torch.arange(self.num_sources, device=self._device()).repeat_interleave(group)
+        self.tensors = _select(self.tensors, rows)
+        self.group = group
+
     @property
-    def batch_size(self) -> int:
-        return int(self.tensors["memory_mask"].size(0))
+    def num_sources(self) -> int:
+        return int(self.sources["memory_mask"].size(0))
+
+    def _device(self) -> torch.device:
+        return self.sources["memory_mask"].device
 
 
 class Seq2SeqModel(Protocol):

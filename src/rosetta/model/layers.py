@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from rosetta.model.linear import Linear
+
 
 class FeedForward(nn.Module):
     """Position-wise FFN: Linear(d_model, d_ff) -> ReLU/GELU -> dropout -> Linear(d_ff, d_model).
@@ -17,8 +19,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.fc1 = Linear(d_model, d_ff)
+        self.fc2 = Linear(d_ff, d_model)
         self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
         self.dropout = nn.Dropout(dropout)
 

@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from rosetta.config import ModelConfig
 from rosetta.data.tokenizer import PAD_ID
 from rosetta.model.interface import DecoderState, EncoderOutput
+from rosetta.model.linear import Linear
 
 
 class AdditiveAttention(nn.Module):
@@ -34,17 +35,17 @@ class AdditiveAttention(nn.Module):
 
     def __init__(self, query_size: int, memory_size: int, attention_size: int) -> None:
         super().__init__()
-        self.query_proj = nn.Linear(query_size, attention_size, bias=False)  # W
-        self.memory_proj = nn.Linear(memory_size, attention_size)  # U
-        self.v = nn.Linear(attention_size, 1, bias=False)
+        self.query_proj = Linear(query_size, attention_size, bias=False)  # W
+        self.memory_proj = Linear(memory_size, attention_size)  # U
+        self.v = Linear(attention_size, 1, bias=False)
 
     def precompute(self, memory: torch.Tensor) -> torch.Tensor:
-        """U h_j for every source position, once per sentence: (batch, src_len, attn)."""
+        """U h_j for every source position, once per sentence: (sources, src_len, attn)."""
         return self.memory_proj(memory)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        # (batch, src_len, attn) + (batch, 1, attn) -> (batch, src_len)
-        return self.v(torch.tanh(keys + self.query_proj(query)[:, None])).squeeze(-1)
+        # (sources, 1, src_len, attn) + (sources, group, 1, attn) -> (sources, group, src_len)
+        return self.v(torch.tanh(keys[:, None] + self.query_proj(query)[:, :, None])).squeeze(-1)
 
 
 class MultiplicativeAttention(nn.Module):
@@ -54,14 +55,14 @@ class MultiplicativeAttention(nn.Module):
         super().__init__()
         if not general and query_size != memory_size:
             raise ValueError("dot attention needs equal decoder and encoder sizes")
-        self.memory_proj = nn.Linear(memory_size, query_size, bias=False) if general else None
+        self.memory_proj = Linear(memory_size, query_size, bias=False) if general else None
 
     def precompute(self, memory: torch.Tensor) -> torch.Tensor:
         return self.memory_proj(memory) if self.memory_proj is not None else memory
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        # (batch, src_len, size) @ (batch, size, 1) -> (batch, src_len)
-        return torch.bmm(keys, query[:, :, None]).squeeze(-1)
+        # (sources, group, size) @ (sources, size, src_len) -> (sources, group, src_len)
+        return torch.bmm(query, keys.transpose(1, 2))
 
 
 def attend(
@@ -70,15 +71,20 @@ def attend(
     memory: torch.Tensor,
     keys: torch.Tensor,
     mask: torch.Tensor,
+    group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over real source positions and the weighted sum of annotations.
 
-    query (batch, q); memory (batch, src_len, m); mask (batch, src_len), True on
-    real tokens. Returns context (batch, m) and weights α (batch, src_len).
+    query (sources * group, q), a source's ``group`` queries (its beam) in
+    consecutive rows; memory (sources, src_len, m) and keys, one copy per source;
+    mask (sources, src_len), True on real tokens. Returns context
+    (sources * group, m) and weights α (sources * group, src_len).
     """
-    weights = attention.scores(query, keys).masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    context = torch.bmm(weights[:, None], memory).squeeze(1)  # (batch, m)
-    return context, weights
+    grouped = query.reshape(-1, group, query.size(-1))  # (sources, group, q)
+    scores = attention.scores(grouped, keys).masked_fill(~mask[:, None], float("-inf"))
+    weights = scores.softmax(dim=-1)  # (sources, group, src_len)
+    context = torch.bmm(weights, memory)  # (sources, group, m)
+    return context.view(query.size(0), -1), weights.view(query.size(0), -1)
 
 
 class RNNSeq2Seq(nn.Module):
@@ -106,8 +112,8 @@ class RNNSeq2Seq(nn.Module):
             dropout=cfg.dropout if cfg.encoder_layers > 1 else 0.0,
         )
         layers = cfg.decoder_layers
-        self.bridge = nn.Linear(hidden, layers * hidden)
-        self.cell_bridge = nn.Linear(hidden, layers * hidden) if self.lstm else None
+        self.bridge = Linear(hidden, layers * hidden)
+        self.cell_bridge = Linear(hidden, layers * hidden) if self.lstm else None
         self.bahdanau = cfg.attention == "bahdanau"
         if self.bahdanau:
             self.attention: nn.Module = AdditiveAttention(hidden, hidden, hidden)
@@ -124,8 +130,8 @@ class RNNSeq2Seq(nn.Module):
         )
         # readout: tanh(W_o [s_i; c_i; y_{i-1}]) has the embedding size so the
         # output projection can share the target embedding
-        self.readout = nn.Linear(hidden + hidden + size, size)
-        self.output = nn.Linear(size, tgt_vocab_size, bias=False)
+        self.readout = Linear(hidden + hidden + size, size)
+        self.output = Linear(size, tgt_vocab_size, bias=False)
         if cfg.tie_output:
             self.output.weight = self.tgt_embed.weight
 
@@ -153,30 +159,35 @@ class RNNSeq2Seq(nn.Module):
         """The bridged initial decoder state and U h_j, computed once."""
         final = encoder_output.final_state
         memory = encoder_output.memory
-        tensors = {
+        sources = {
             "memory": memory,
             "keys": self.attention.precompute(memory),
             "memory_mask": ~encoder_output.pad_mask,
-            "hidden": self._initial_state(final[0] if self.lstm else final, self.bridge),
         }
+        tensors = {"hidden": self._initial_state(final[0] if self.lstm else final, self.bridge)}
         if self.lstm:
             tensors["cell"] = self._initial_state(final[1], self.cell_bridge)
         if not self.bahdanau and self.cfg.input_feeding:
             tensors["feed"] = memory.new_zeros(memory.size(0), self.cfg.d_model)
-        return DecoderState(tensors=tensors)
+        return DecoderState(tensors=tensors, sources=sources)
 
     def _step(
         self, embedded: torch.Tensor, state: DecoderState
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder step: embedded y_{i-1} (batch, d_model) -> readout (batch, d_model)
         and attention weights (batch, src_len); advances ``state``."""
-        t = state.tensors
+        t, s = state.tensors, state.sources
         # the RNN wants (layers, batch, hidden); the state keeps batch first
         hidden = t["hidden"].transpose(0, 1).contiguous()
         recurrent = (hidden, t["cell"].transpose(0, 1).contiguous()) if self.lstm else hidden
         if self.bahdanau:
             context, weights = attend(
-                self.attention, t["hidden"][:, -1], t["memory"], t["keys"], t["memory_mask"]
+                self.attention,
+                t["hidden"][:, -1],
+                s["memory"],
+                s["keys"],
+                s["memory_mask"],
+                state.group,
             )
             rnn_input = torch.cat([embedded, context], dim=-1)
             output, recurrent = self.decoder(rnn_input[:, None], recurrent)
@@ -187,7 +198,7 @@ class RNNSeq2Seq(nn.Module):
             output, recurrent = self.decoder(rnn_input[:, None], recurrent)
             output = output[:, 0]
             context, weights = attend(
-                self.attention, output, t["memory"], t["keys"], t["memory_mask"]
+                self.attention, output, s["memory"], s["keys"], s["memory_mask"], state.group
             )
         readout = torch.tanh(self.readout(torch.cat([output, context, embedded], dim=-1)))
         if self.lstm:

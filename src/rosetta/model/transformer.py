@@ -22,6 +22,7 @@ from rosetta.model.embeddings import (
 )
 from rosetta.model.encoder import Encoder, EncoderLayer
 from rosetta.model.interface import DecoderState, EncoderOutput
+from rosetta.model.linear import Linear
 
 
 def _positions(cfg: ModelConfig) -> nn.Module:
@@ -54,7 +55,7 @@ class Transformer(nn.Module):
             cfg.d_model,
             cfg.norm,
         )
-        self.output = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.output = Linear(cfg.d_model, tgt_vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_output:
             self.output.weight = tgt_tokens.weight
@@ -81,7 +82,7 @@ class Transformer(nn.Module):
         encoded = self.encode(src)
         state = self.init_state(encoded)
         x = self.tgt_embed(tgt_in)
-        x = self.decoder(x, state.tensors["memory_kv"], state.tensors["memory_mask"])
+        x = self.decoder(x, state.sources["memory_kv"], state.sources["memory_mask"])
         if label_mask is not None:
             x = x[label_mask]  # (tokens, d_model)
         return self.output(x)
@@ -102,13 +103,19 @@ class Transformer(nn.Module):
         ]
         mask = ~encoder_output.pad_mask[:, None, None, :]
         caches: list[dict[str, torch.Tensor]] = [{} for _ in self.decoder.layers]
-        return DecoderState(tensors={"memory_kv": memory_kv, "memory_mask": mask, "caches": caches})
+        return DecoderState(
+            tensors={"caches": caches}, sources={"memory_kv": memory_kv, "memory_mask": mask}
+        )
 
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab)."""
         x = self.tgt_embed(tokens[:, None], offset=state.step)  # (batch, 1, d_model)
         x = self.decoder(
-            x, state.tensors["memory_kv"], state.tensors["memory_mask"], state.tensors["caches"]
+            x,
+            state.sources["memory_kv"],
+            state.sources["memory_mask"],
+            state.tensors["caches"],
+            group=state.group,
         )
         state.step += 1
         return self.output(x[:, -1])
@@ -128,8 +135,8 @@ class Transformer(nn.Module):
         state = self.init_state(encoded)
         self.decoder(
             self.tgt_embed(tgt_in),
-            state.tensors["memory_kv"],
-            state.tensors["memory_mask"],
+            state.sources["memory_kv"],
+            state.sources["memory_mask"],
             need_weights=True,
         )
         return {

@@ -1,0 +1,48 @@
+"""The inference path of ``Linear`` (transposed / oneDNN-packed weights) equals
+``F.linear``, follows weight updates and leaves quantization working."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rosetta.model.linear import ONEDNN_MIN_ROWS, Linear, as_plain_linear
+
+
+@pytest.mark.parametrize("rows", [1, 3, ONEDNN_MIN_ROWS, 37])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_path_equals_f_linear(rows, bias):
+    torch.manual_seed(0)
+    layer = Linear(48, 300, bias=bias)
+    x = torch.randn(rows, 2, 48)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == (rows, 2, 300)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_weights_follow_updates_and_training_keeps_gradients():
+    torch.manual_seed(1)
+    layer = Linear(16, 8)
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        first = layer(x)
+        layer.weight.add_(1.0)  # an optimizer step, in place
+        second = layer(x)
+    torch.testing.assert_close(second, F.linear(x, layer.weight, layer.bias))
+    assert not torch.allclose(first, second)
+    layer(x).sum().backward()  # the training path records gradients
+    assert layer.weight.grad is not None
+
+
+def test_as_plain_linear_keeps_tied_parameters():
+    model = torch.nn.Sequential(Linear(4, 6), Linear(6, 4, bias=False))
+    model[1].weight = torch.nn.Parameter(model[0].weight.t().contiguous())
+    tied = model[1].weight
+    plain = as_plain_linear(model)
+    assert [type(m) for m in plain] == [torch.nn.Linear, torch.nn.Linear]
+    assert plain[1].weight is tied
+    quantized = torch.ao.quantization.quantize_dynamic(plain, {torch.nn.Linear})
+    assert quantized(torch.randn(2, 4)).shape == (2, 4)
