@@ -38,16 +38,16 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         memory_kv: tuple[torch.Tensor, torch.Tensor],
-        memory_mask: torch.Tensor,
+        memory_mask: torch.Tensor | None,
         cache: dict[str, torch.Tensor] | None = None,
         need_weights: bool = False,
         group: int = 1,
     ) -> torch.Tensor:
         """x: (batch, tgt_len, d_model); memory_kv: the cross-attention keys and
         values, each (sources, heads, src_len, head_dim); memory_mask:
-        (sources, 1, 1, src_len); cache: this layer's self-attention keys/values
-        during incremental decoding; group: rows of ``x`` per source (batch =
-        sources * group; the beam in beam search)."""
+        (sources, 1, 1, src_len), or None without padding; cache: this layer's
+        self-attention keys/values during incremental decoding; group: rows of
+        ``x`` per source (batch = sources * group; the beam in beam search)."""
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:
             out, self.self_weights = self.self_attn(
@@ -79,7 +79,7 @@ class Decoder(nn.Module):
         self,
         x: torch.Tensor,
         memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        memory_mask: torch.Tensor,
+        memory_mask: torch.Tensor | None,
         caches: list[dict[str, torch.Tensor]] | None = None,
         need_weights: bool = False,
         group: int = 1,

@@ -30,9 +30,10 @@ class EncoderLayer(nn.Module):
         self.weights: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool = False
     ) -> torch.Tensor:
-        """x: (batch, src_len, d_model); mask: (batch, 1, 1, src_len), True on real tokens."""
+        """x: (batch, src_len, d_model); mask: (batch, 1, 1, src_len), True on real tokens
+        (None: no padding)."""
 
         def attend(h: torch.Tensor) -> torch.Tensor:
             out, self.weights = self.self_attn(h, mask=mask, need_weights=need_weights)
@@ -51,7 +52,7 @@ class Encoder(nn.Module):
         self.final_norm = nn.LayerNorm(d_model) if norm == "pre" else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns H_enc (batch, src_len, d_model) and, if asked, each layer's
         self-attention weights (batch, heads, src_len, src_len)."""

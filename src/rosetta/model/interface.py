@@ -47,6 +47,19 @@ def _select(value: Any, index: torch.Tensor) -> Any:
     return value
 
 
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value
+    for item in items:
+        if isinstance(item, (torch.Tensor, dict, list, tuple)):
+            try:
+                return _first_tensor(item)
+            except LookupError:
+                continue
+    raise LookupError("the decoder state holds no per-source tensor")
+
+
 @dataclass
 class DecoderState:
     """What incremental decoding carries from step to step; ``step`` positions done.
@@ -88,10 +101,10 @@ class DecoderState:
 
     @property
     def num_sources(self) -> int:
-        return int(self.sources["memory_mask"].size(0))
+        return int(_first_tensor(self.sources).size(0))
 
     def _device(self) -> torch.device:
-        return self.sources["memory_mask"].device
+        return _first_tensor(self.sources).device
 
 
 class Seq2SeqModel(Protocol):

@@ -31,6 +31,12 @@ def _positions(cfg: ModelConfig) -> nn.Module:
     return SinusoidalPositions(cfg.d_model, cfg.max_positions)
 
 
+def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor | None:
+    """(batch, 1, 1, src_len), True where attention is allowed; None when no row has
+    padding (a batch of one sentence, or of equal lengths), which SDPA runs faster."""
+    return ~pad_mask[:, None, None, :] if bool(pad_mask.any()) else None
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer with optional tied embeddings."""
 
@@ -91,9 +97,9 @@ class Transformer(nn.Module):
     def encode(self, src: torch.Tensor, need_weights: bool = False) -> EncoderOutput:
         """src (batch, src_len) -> H_enc (batch, src_len, d_model) and its padding mask."""
         pad_mask = src.eq(PAD_ID)
-        # (batch, 1, 1, src_len): True where attention is allowed
-        mask = ~pad_mask[:, None, None, :]
-        memory, self._encoder_weights = self.encoder(self.src_embed(src), mask, need_weights)
+        memory, self._encoder_weights = self.encoder(
+            self.src_embed(src), attention_mask(pad_mask), need_weights
+        )
         return EncoderOutput(memory=memory, pad_mask=pad_mask)
 
     def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
@@ -101,7 +107,7 @@ class Transformer(nn.Module):
         memory_kv = [
             layer.cross_attn.project_memory(encoder_output.memory) for layer in self.decoder.layers
         ]
-        mask = ~encoder_output.pad_mask[:, None, None, :]
+        mask = attention_mask(encoder_output.pad_mask)
         caches: list[dict[str, torch.Tensor]] = [{} for _ in self.decoder.layers]
         return DecoderState(
             tensors={"caches": caches}, sources={"memory_kv": memory_kv, "memory_mask": mask}
