@@ -75,7 +75,7 @@ def test_cached_incremental_decoding_equals_full_recomputation(overrides):
         torch.testing.assert_close(step_logits, full[:, t], atol=1e-5, rtol=1e-4)
     assert state.step == tgt.size(1)
     # one cached key/value per generated position in every layer
-    assert state.tensors["caches"][0]["k"].shape[2] == tgt.size(1)
+    assert all(cache["length"] == tgt.size(1) for cache in state.tensors["caches"])
 
 
 def test_state_select_sources_reorders_the_batch():
@@ -148,3 +148,38 @@ def test_presets_and_sizes():
     base = ModelConfig(preset="base")
     assert (base.d_model, base.d_ff, base.heads, base.encoder_layers) == (512, 2048, 8, 6)
     assert ModelConfig(preset="small", d_model=128).d_model == 128  # explicit key wins
+
+
+def test_cache_buffers_grow_and_hold_every_position():
+    from rosetta.model.attention import append_to_cache
+
+    generator = torch.Generator().manual_seed(0)
+    cache: dict = {}
+    keys = [torch.randn(3, 2, 1, 4, generator=generator) for _ in range(40)]
+    for t, key in enumerate(keys):
+        k, v = append_to_cache(cache, key, -key)
+        assert cache["length"] == t + 1 and cache["k"].size(2) >= t + 1
+        torch.testing.assert_close(k, torch.cat(keys[: t + 1], dim=2))
+        torch.testing.assert_close(v, -torch.cat(keys[: t + 1], dim=2))
+    assert cache["k"].size(2) < 2 * 40 + 16  # grown by doubling, not per step
+
+
+def test_fast_inference_path_decodes_like_the_plain_layers():
+    """Transposed / oneDNN-packed weights and grouped beams give the tokens that
+    plain ``nn.Linear`` layers give, for greedy and beam search."""
+    import copy
+
+    from rosetta.decode import beam_search, greedy_search
+    from rosetta.model.linear import Linear, as_plain_linear
+
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        model.output.weight.mul_(4.0)  # sharper distributions: no float-noise ties
+    plain = as_plain_linear(copy.deepcopy(model))
+    assert not any(isinstance(m, Linear) for m in plain.modules())
+    src, _ = random_batch(batch=12, src_len=9, seed=4)
+    for search in (
+        lambda m: [h.tokens for h in greedy_search(m, src, max_len_b=10)],
+        lambda m: [h[0].tokens for h in beam_search(m, src, beam=4, max_len_b=10)],
+    ):
+        assert search(model) == search(plain)

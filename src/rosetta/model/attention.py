@@ -75,12 +75,37 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(context), weights
 
 
+def append_to_cache(
+    cache: dict, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Appends keys and values (batch, heads, new_len, head_dim) to a decoding cache
+    and returns every position so far, (batch, heads, length, head_dim) views.
+
+    The cache holds buffers with room to spare (``length`` positions used), grown
+    by doubling, so a decoding step writes its own position instead of copying
+    the whole history as ``torch.cat`` would.
+    """
+    length = cache.get("length", 0)
+    end = length + k.size(2)
+    if "k" not in cache or end > cache["k"].size(2):
+        capacity = max(2 * end, 16)
+        for name, new in (("k", k), ("v", v)):
+            buffer = new.new_empty(new.size(0), new.size(1), capacity, new.size(3))
+            if length:
+                buffer[:, :, :length] = cache[name][:, :, :length]
+            cache[name] = buffer
+    cache["k"][:, :, length:end] = k
+    cache["v"][:, :, length:end] = v
+    cache["length"] = end
+    return cache["k"][:, :, :end], cache["v"][:, :, :end]
+
+
 class SelfAttention(MultiHeadAttention):
     """Q, K and V from the same sequence, with one fused W_QKV projection.
 
-    With a ``cache`` (a dict holding past ``k``/``v``), the new positions' keys
+    With a ``cache`` (a dict, empty at the first step), the new positions' keys
     and values are appended to it, so incremental decoding projects each
-    position once.
+    position once (see ``append_to_cache``).
     """
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
@@ -97,11 +122,7 @@ class SelfAttention(MultiHeadAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = (self.split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
         if cache is not None:
-            if "k" in cache:
-                # (batch, heads, past_len + new_len, head_dim)
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            k, v = append_to_cache(cache, k, v)
             # One new query sees every cached key: no causal mask is needed.
             causal = causal and q.size(2) > 1
         return self.attend(q, k, v, mask, causal, need_weights)
