@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from results_io import write_results
 from rosetta.cli import evaluate_files
 from rosetta.config import load_config
 from rosetta.data.prepare import corpus_root, prepare
@@ -92,9 +93,6 @@ def main() -> None:
             )
     print(f"signature: {result['bleu_signature']}")
 
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
     rows = [
         "| split | search | BLEU | chrF | sentences/s |",
         "|---|---|---|---|---|",
@@ -111,8 +109,7 @@ def main() -> None:
         f"tokens/s in training, weights: {results['weights']}.\n\n" + "\n".join(rows) + "\n\n"
         f"BLEU signature: `{result['bleu_signature']}`\n"
     )
-    (out_dir / f"{name}.md").write_text(summary)
-    print(summary)
+    write_results(name, results, summary)
 
 
 if __name__ == "__main__":

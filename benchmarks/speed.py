@@ -22,7 +22,6 @@ Peers are benchmark-only dependencies: pip install transformers ctranslate2.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from results_io import write_results
 from rosetta.config import MODEL_PRESETS, ModelConfig, load_config
 from rosetta.data.batching import collate, make_batches
 from rosetta.data.prepare import load_split, prepare
@@ -377,12 +377,7 @@ def report(results: dict) -> None:
             f"| {setting.replace('_', ', ')} tokens/s | {ro:,.0f} | {hf:,.0f} | {ct:,.0f} | "
             f"{rc:,.0f} | {ro / hf:.2f}x | {ro / ct:.2f}x | {rc / ct:.2f}x |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"speed_{results['preset']}.json").write_text(json.dumps(results, indent=2))
-    (out / f"speed_{results['preset']}.md").write_text(table)
+    write_results(f"speed_{results['preset']}", results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
