@@ -141,3 +141,14 @@ def test_rnn_learns_the_toy_task(tmp_path):
     references = (corpus / "test.zeta").read_text(encoding="utf-8").splitlines()
     outputs = [t.text for t in Translator.from_model_dir(model_dir, beam=4).translate(sources)]
     assert bleu(outputs, references).score > 90
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_path_equals_the_training_path(variant):
+    """Under inference mode the linear layers use their packed / transposed copies
+    (``rosetta.model.linear``); the logits must not change."""
+    model = rnn_model(**variant)
+    src, tgt = batch()
+    with torch.inference_mode():
+        fast = model(src, tgt)
+    torch.testing.assert_close(fast, model(src, tgt), atol=1e-5, rtol=1e-4)
