@@ -37,6 +37,35 @@ def test_cached_weights_follow_updates_and_training_keeps_gradients():
     assert layer.weight.grad is not None
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_validation_inside_a_training_loop_sees_every_optimizer_step(fused):
+    """Fused Adam updates parameters without bumping their version counter: the
+    inference copies must still follow it (train()/eval() switches, training
+    forward passes)."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(Linear(16, 32), torch.nn.ReLU(), Linear(32, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    x = torch.randn(ONEDNN_MIN_ROWS + 2, 16)
+    for _ in range(3):
+        model.train()
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.inference_mode():
+            fast, single = model(x), model(x[:1])
+        hidden = torch.relu(F.linear(x, model[0].weight, model[0].bias))
+        plain = F.linear(hidden, model[2].weight, model[2].bias)
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(single, plain[:1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model[2].weight.mul_(2.0)  # an ordinary in-place update bumps the version counter
+    with torch.inference_mode():
+        doubled = model(x)
+    hidden = torch.relu(F.linear(x, model[0].weight, model[0].bias))
+    torch.testing.assert_close(doubled, F.linear(hidden, model[2].weight, model[2].bias))
+
+
 def test_as_plain_linear_keeps_tied_parameters():
     model = torch.nn.Sequential(Linear(4, 6), Linear(6, 4, bias=False))
     model[1].weight = torch.nn.Parameter(model[0].weight.t().contiguous())

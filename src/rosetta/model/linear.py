@@ -12,11 +12,17 @@ project's 2-core machine (``benchmarks/speed.py`` has the end-to-end effect):
 
 So when no gradient is being recorded, ``Linear`` multiplies 8 rows or more
 through oneDNN with a packed copy of W, and fewer against a contiguous copy of
-Wᵀ. Both copies are made once and rebuilt when the weight changes (an
-optimizer step, ``load_state_dict``, a move to another device). Training,
-anything that needs gradients, other devices and ``torch.compile`` take the
-plain ``F.linear`` path; the parameters and the state dict are those of
-``nn.Linear``.
+Wᵀ. Training, anything that needs gradients, other devices and
+``torch.compile`` take the plain ``F.linear`` path; the parameters and the
+state dict are those of ``nn.Linear``.
+
+The copies are made on first use and dropped whenever the weight may have
+changed: when the weight's storage or version counter moves (``load_state_dict``,
+in-place updates, a move to another device), when the module is switched to
+training mode, and at every forward pass that records gradients. The last two
+matter: PyTorch's fused Adam updates parameters without bumping their version
+counter, so validation inside a training loop would otherwise decode with the
+weights of its first validation.
 """
 
 from __future__ import annotations
@@ -67,13 +73,16 @@ class Linear(nn.Linear):
 
         return self._cached("packed", pack)
 
+    def train(self, mode: bool = True) -> Linear:
+        self._inference_weights.clear()
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or x.dtype != self.weight.dtype
-            or torch.compiler.is_compiling()
-        ):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            if self._inference_weights:  # a training step may follow: the copies go stale
+                self._inference_weights.clear()
+            return F.linear(x, self.weight, self.bias)
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.size(-1))
         packed = self.packed_weight() if rows.size(0) >= ONEDNN_MIN_ROWS else None
