@@ -140,8 +140,10 @@ class CTranslate2Translator:
     """The same ``translate`` as ``rosetta.decode.Translator``, run by CTranslate2.
 
     Differences from rosetta's own search: CTranslate2 normalises beam scores by
-    length ** length_penalty rather than the GNMT penalty, and its length limit
-    is one number per batch (the longest source's budget).
+    length ** length_penalty rather than the GNMT penalty. Its length limit is
+    one number per call, so sentences go to it in groups of equal length budget
+    (``max_len_a * source length + max_len_b``), as rosetta's search gives each
+    sentence its own: an output that runs to the limit ends where rosetta's does.
     """
 
     def __init__(self, export_dir: str | Path, options: SearchOptions, threads: int = 0):
@@ -176,20 +178,28 @@ class CTranslate2Translator:
             return results
         limit = self.config.model.max_positions - 1
         pieces = [self.tokenizer.source_pieces(ids[i][:limit]) for i in todo]
-        longest = max(len(p) for p in pieces)
-        found = self.engine.translate_batch(
-            pieces,
-            beam_size=opts.beam,
-            num_hypotheses=opts.nbest,
-            length_penalty=opts.length_penalty if opts.beam > 1 else 0.0,
-            max_decoding_length=min(int(longest * opts.max_len_a + opts.max_len_b), limit),
-            max_batch_size=opts.batch_size,
-            batch_type="examples",
-            return_scores=True,
-            sampling_topk=opts.top_k if opts.sampling else 1,
-            sampling_topp=opts.top_p if opts.sampling else 1.0,
-            sampling_temperature=opts.temperature if opts.sampling else 1.0,
-        )
+        # rosetta's budget counts the <eos>; CTranslate2's limit counts tokens before it
+        budgets = [
+            max(min(int(len(p) * opts.max_len_a + opts.max_len_b), limit) - 1, 1) for p in pieces
+        ]
+        found: list = [None] * len(pieces)
+        for budget in sorted(set(budgets)):
+            members = [k for k, b in enumerate(budgets) if b == budget]
+            outputs = self.engine.translate_batch(
+                [pieces[k] for k in members],
+                beam_size=opts.beam,
+                num_hypotheses=opts.nbest,
+                length_penalty=opts.length_penalty if opts.beam > 1 else 0.0,
+                max_decoding_length=budget,
+                max_batch_size=opts.batch_size,
+                batch_type="examples",
+                return_scores=True,
+                sampling_topk=opts.top_k if opts.sampling else 1,
+                sampling_topp=opts.top_p if opts.sampling else 1.0,
+                sampling_temperature=opts.temperature if opts.sampling else 1.0,
+            )
+            for k, output in zip(members, outputs):
+                found[k] = output
         target = self.tokenizer.target
         for index, result in zip(todo, found):
             for tokens, score in zip(result.hypotheses, result.scores):
