@@ -179,12 +179,12 @@ class CTranslate2Translator:
         limit = self.config.model.max_positions - 1
         pieces = [self.tokenizer.source_pieces(ids[i][:limit]) for i in todo]
         # rosetta's budget counts the <eos>; CTranslate2's limit counts tokens before it
-        budgets = [
-            max(min(int(len(p) * opts.max_len_a + opts.max_len_b), limit) - 1, 1) for p in pieces
-        ]
+        groups: dict[int, list[int]] = {}
+        for k, p in enumerate(pieces):
+            budget = min(int(len(p) * opts.max_len_a + opts.max_len_b), limit) - 1
+            groups.setdefault(max(budget, 1), []).append(k)
         found: list = [None] * len(pieces)
-        for budget in sorted(set(budgets)):
-            members = [k for k, b in enumerate(budgets) if b == budget]
+        for budget, members in groups.items():
             outputs = self.engine.translate_batch(
                 [pieces[k] for k in members],
                 beam_size=opts.beam,

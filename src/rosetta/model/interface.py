@@ -21,6 +21,7 @@ drops finished sentences with all their hypotheses.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,17 +48,13 @@ def _select(value: Any, index: torch.Tensor) -> Any:
     return value
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nesting of dicts, lists and tuples, in order."""
     if isinstance(value, torch.Tensor):
-        return value
-    items = value.values() if isinstance(value, dict) else value
-    for item in items:
-        if isinstance(item, (torch.Tensor, dict, list, tuple)):
-            try:
-                return _first_tensor(item)
-            except LookupError:
-                continue
-    raise LookupError("the decoder state holds no per-source tensor")
+        yield value
+    elif isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _tensors(item)
 
 
 @dataclass
@@ -95,16 +92,14 @@ class DecoderState:
         """Gives each source ``group`` hypotheses, copies of its single current one."""
         if self.group != 1:
             raise ValueError("the state is already expanded")
-        rows = torch.arange(self.num_sources, device=self._device()).repeat_interleave(group)
+        first = next(_tensors(self.sources))
+        rows = torch.arange(first.size(0), device=first.device).repeat_interleave(group)
         self.tensors = _select(self.tensors, rows)
         self.group = group
 
     @property
     def num_sources(self) -> int:
-        return int(_first_tensor(self.sources).size(0))
-
-    def _device(self) -> torch.device:
-        return _first_tensor(self.sources).device
+        return int(next(_tensors(self.sources)).size(0))
 
 
 class Seq2SeqModel(Protocol):

@@ -78,11 +78,15 @@ class Linear(nn.Linear):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            if self._inference_weights:  # a training step may follow: the copies go stale
-                self._inference_weights.clear()
-            return F.linear(x, self.weight, self.bias)
-        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
+        recording = torch.is_grad_enabled()
+        if recording:  # a training step may follow and leave the copies stale
+            self._inference_weights.clear()
+        if (
+            recording
+            or torch.compiler.is_compiling()
+            or x.device.type != "cpu"
+            or x.dtype != self.weight.dtype
+        ):
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.size(-1))
         packed = self.packed_weight() if rows.size(0) >= ONEDNN_MIN_ROWS else None
