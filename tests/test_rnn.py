@@ -14,6 +14,7 @@ from rosetta.decode import beam_search, greedy_search
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu
 from rosetta.model import build_model
+from rosetta.model.interface import DecoderState
 from rosetta.model.rnn import AdditiveAttention, attend
 from rosetta.train.trainer import train
 
@@ -53,6 +54,33 @@ def test_cached_decoding_equals_full_recomputation(variant):
         torch.testing.assert_close(
             model.decode_step(tgt[:, t], state), full[:, t], atol=1e-5, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_written_out_decoder_cell_equals_torch_rnn(variant):
+    """``_recur`` steps the decoder with the ``nn.LSTM``/``nn.GRU`` parameters; run
+    over a sequence it gives that module's outputs and final state."""
+    model = rnn_model(**variant)
+    rnn, layers = model.decoder, model.cfg.decoder_layers
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(3, 5, rnn.input_size, generator=generator)
+    hidden = torch.randn(layers, 3, rnn.hidden_size, generator=generator)
+    cell = torch.randn(layers, 3, rnn.hidden_size, generator=generator)
+    initial = (hidden, cell) if model.lstm else hidden
+    expected, final = rnn(inputs, initial)
+    state = DecoderState(tensors={"hidden": hidden.transpose(0, 1)})
+    if model.lstm:
+        state.tensors["cell"] = cell.transpose(0, 1)
+    size, weights = model.cfg.d_model, model._cell_weights()
+    for t in range(inputs.size(1)):
+        words, extra = inputs[:, t, :size], inputs[:, t, size:]
+        extra = extra if extra.numel() else None
+        output = model._recur(model._input_gates(words), extra, state, weights)
+        torch.testing.assert_close(output, expected[:, t])
+    final_hidden = final[0] if model.lstm else final
+    torch.testing.assert_close(state.tensors["hidden"], final_hidden.transpose(0, 1))
+    if model.lstm:
+        torch.testing.assert_close(state.tensors["cell"], final[1].transpose(0, 1))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -171,15 +171,93 @@ class RNNSeq2Seq(nn.Module):
             tensors["feed"] = memory.new_zeros(memory.size(0), self.cfg.d_model)
         return DecoderState(tensors=tensors, sources=sources)
 
+    def _input_gates(self, embedded: torch.Tensor) -> torch.Tensor:
+        """The previous words' share of the first decoder layer's gates, W_ih[:, :d] y
+        plus the input bias (and, for the LSTM, the recurrent bias): for one step
+        (batch, d_model) or, in training, every step at once (batch, tgt_len, d_model)
+        in one large matrix product instead of a small one per step."""
+        weight = self.decoder.weight_ih_l0[:, : self.cfg.d_model]
+        bias = self.decoder.bias_ih_l0
+        if self.lstm:  # the GRU keeps its recurrent bias inside the reset gate
+            bias = bias + self.decoder.bias_hh_l0
+        return torch.nn.functional.linear(embedded, weight, bias)
+
+    def _cell_weights(self) -> list[dict[str, torch.Tensor]]:
+        """Per decoder layer, the ``nn.LSTM``/``nn.GRU`` parameters as ``_recur``
+        multiplies by them. Taken once per unrolled sequence, not per step: each
+        slice costs a full-size gradient buffer in the backward pass."""
+        rnn, weights = self.decoder, []
+        for layer in range(self.cfg.decoder_layers):
+            w_ih = getattr(rnn, f"weight_ih_l{layer}")
+            w_hh = getattr(rnn, f"weight_hh_l{layer}")
+            b_ih, b_hh = getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}")
+            if layer == 0:  # the previous word's share is in ``_input_gates``
+                entry = {"input_t": w_ih[:, self.cfg.d_model :].t()}
+            else:
+                entry = {"input_t": w_ih.t(), "input_bias": b_ih + b_hh if self.lstm else b_ih}
+            entry["hidden_t"] = w_hh.t()
+            if not self.lstm:
+                entry["hidden_bias"] = b_hh
+            weights.append(entry)
+        return weights
+
+    def _recur(
+        self,
+        word_gates: torch.Tensor,
+        extra: torch.Tensor | None,
+        state: DecoderState,
+        weights: list[dict[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """One step of the stacked decoder LSTM/GRU, written out with the
+        ``nn.LSTM``/``nn.GRU`` parameters (``weights`` from ``_cell_weights``, so
+        checkpoints and ``self.decoder`` stay interchangeable): layer 0 reads the
+        previous word (``word_gates``) and ``extra`` (the context or the fed-back
+        attentional vector), each layer above reads the one below. Advances
+        ``state``; returns the top layer's output."""
+        t = state.tensors
+        hiddens = t["hidden"].unbind(1)
+        cells = t["cell"].unbind(1) if self.lstm else None
+        new_hiddens, new_cells = [], []
+        output = None
+        for layer, (hidden, w) in enumerate(zip(hiddens, weights)):
+            size = hidden.size(1)
+            if layer == 0:
+                gates_x = word_gates
+                if extra is not None:
+                    gates_x = torch.addmm(gates_x, extra, w["input_t"])
+            else:  # nn.LSTM's dropout between layers
+                gates_x = torch.addmm(w["input_bias"], self.dropout(output), w["input_t"])
+            if self.lstm:  # gates i, f, g, o
+                gates = torch.addmm(gates_x, hidden, w["hidden_t"])
+                in_forget, candidate, out = gates.split([2 * size, size, size], 1)
+                in_gate, forget = torch.sigmoid(in_forget).chunk(2, 1)
+                cell = forget * cells[layer] + in_gate * torch.tanh(candidate)
+                output = torch.sigmoid(out) * torch.tanh(cell)
+                new_cells.append(cell)
+            else:  # gates r, z, n; the reset gate scales W_hn h + b_hn
+                gates_h = torch.addmm(w["hidden_bias"], hidden, w["hidden_t"])
+                x_rz, x_n = gates_x.split([2 * size, size], 1)
+                h_rz, h_n = gates_h.split([2 * size, size], 1)
+                reset, update = torch.sigmoid(x_rz + h_rz).chunk(2, 1)
+                candidate = torch.tanh(x_n + reset * h_n)
+                output = candidate + update * (hidden - candidate)
+            new_hiddens.append(output)
+        t["hidden"] = torch.stack(new_hiddens, 1)
+        if self.lstm:
+            t["cell"] = torch.stack(new_cells, 1)
+        return output
+
     def _step(
-        self, embedded: torch.Tensor, state: DecoderState
+        self,
+        embedded: torch.Tensor,
+        word_gates: torch.Tensor,
+        state: DecoderState,
+        cell_weights: list[dict[str, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder step: embedded y_{i-1} (batch, d_model) -> readout (batch, d_model)
-        and attention weights (batch, src_len); advances ``state``."""
+        """One decoder step: embedded y_{i-1} (batch, d_model) and its gate share
+        (``_input_gates``) -> readout (batch, d_model) and attention weights
+        (batch, src_len); advances ``state``."""
         t, s = state.tensors, state.sources
-        # the RNN wants (layers, batch, hidden); the state keeps batch first
-        hidden = t["hidden"].transpose(0, 1).contiguous()
-        recurrent = (hidden, t["cell"].transpose(0, 1).contiguous()) if self.lstm else hidden
         if self.bahdanau:
             context, weights = attend(
                 self.attention,
@@ -189,22 +267,13 @@ class RNNSeq2Seq(nn.Module):
                 s["memory_mask"],
                 state.group,
             )
-            rnn_input = torch.cat([embedded, context], dim=-1)
-            output, recurrent = self.decoder(rnn_input[:, None], recurrent)
-            output = output[:, 0]
+            output = self._recur(word_gates, context, state, cell_weights)
         else:
-            feed = [t["feed"]] if "feed" in t else []
-            rnn_input = torch.cat([embedded, *feed], dim=-1)
-            output, recurrent = self.decoder(rnn_input[:, None], recurrent)
-            output = output[:, 0]
+            output = self._recur(word_gates, t.get("feed"), state, cell_weights)
             context, weights = attend(
                 self.attention, output, s["memory"], s["keys"], s["memory_mask"], state.group
             )
         readout = torch.tanh(self.readout(torch.cat([output, context, embedded], dim=-1)))
-        if self.lstm:
-            t["hidden"], t["cell"] = (r.transpose(0, 1) for r in recurrent)
-        else:
-            t["hidden"] = recurrent.transpose(0, 1)
         if "feed" in t:
             t["feed"] = readout
         state.step += 1
@@ -212,7 +281,9 @@ class RNNSeq2Seq(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """tokens (batch,) -> logits (batch, tgt_vocab)."""
-        readout, _ = self._step(self.dropout(self.tgt_embed(tokens)), state)
+        embedded = self.dropout(self.tgt_embed(tokens))
+        gates = self._input_gates(embedded)
+        readout, _ = self._step(embedded, gates, state, self._cell_weights())
         return self.output(readout)
 
     # ---- training path -------------------------------------------------------------
@@ -221,9 +292,12 @@ class RNNSeq2Seq(nn.Module):
         weights (batch, tgt_len, src_len)."""
         state = self.init_state(self.encode(src))
         embedded = self.dropout(self.tgt_embed(tgt_in))
+        word_gates, cell_weights = self._input_gates(embedded), self._cell_weights()
         readouts, weights = [], []
-        for i in range(tgt_in.size(1)):
-            readout, alpha = self._step(embedded[:, i], state)
+        # unbind, not [:, i]: its backward stacks the step gradients once instead of
+        # filling a zero tensor of the whole sequence's size per step
+        for word, gates in zip(embedded.unbind(1), word_gates.unbind(1)):
+            readout, alpha = self._step(word, gates, state, cell_weights)
             readouts.append(readout)
             weights.append(alpha)
         return torch.stack(readouts, dim=1), torch.stack(weights, dim=1)
