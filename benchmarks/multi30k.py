@@ -6,6 +6,10 @@ Reports, on val and test2016, sacreBLEU BLEU and chrF (cased, detokenised,
 13a) for greedy search and beam 5, decoding speed, parameter count and
 training throughput. Results go to benchmarks/results/<name>.json and .md.
 Decoding time is not part of the training budget.
+
+``--length-penalties 0.6,1.0,1.5`` tries those GNMT alphas for beam 5 on val
+and decodes the test set with the best one (the test set never takes part in
+the choice); by default beam 5 uses the config's ``decode.length_penalty``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file name (default: config stem)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing model")
+    parser.add_argument(
+        "--length-penalties",
+        default=None,
+        help="comma-separated GNMT alphas for beam 5, chosen on val (default: the config's)",
+    )
     args = parser.parse_args()
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -79,34 +88,63 @@ def main() -> None:
         "train_tgt_tokens_per_s": training_throughput(exp / "metrics.jsonl"),
         "scores": {},
     }
-    for split in (config.data.valid, config.data.test):
+    alphas = (
+        [float(a) for a in args.length_penalties.split(",")]
+        if args.length_penalties
+        else [config.decode.length_penalty]
+    )
+
+    def score(split: str, beam: int, alpha: float) -> dict:
         src = root / f"{split}.{config.data.src_lang}"
         ref = root / f"{split}.{config.data.tgt_lang}"
-        for beam in (1, 5):
-            translator = Translator.from_model_dir(model_dir, beam=beam)
-            result = evaluate_files(translator, src, ref)
-            result.pop("hypotheses")
-            results["scores"][f"{split}/beam{beam}"] = result
-            print(
-                f"{split} beam {beam}: {result['bleu_text']}  chrF {result['chrf']:.1f}  "
-                f"{result['sentences_per_s']:.1f} sent/s"
-            )
+        translator = Translator.from_model_dir(model_dir, beam=beam, length_penalty=alpha)
+        result = evaluate_files(translator, src, ref)
+        result.pop("hypotheses")
+        search = "greedy" if beam == 1 else f"beam {beam}, length penalty {alpha}"
+        print(
+            f"{split} {search}: {result['bleu_text']}  chrF {result['chrf']:.1f}  "
+            f"{result['sentences_per_s']:.1f} sent/s"
+        )
+        return result
+
+    valid, test = config.data.valid, config.data.test
+    results["scores"][f"{valid}/beam1"] = score(valid, 1, alphas[0])
+    sweep = {alpha: score(valid, 5, alpha) for alpha in alphas}
+    alpha = max(alphas, key=lambda a: sweep[a]["bleu"])
+    results["length_penalty"] = alpha
+    if len(alphas) > 1:
+        results["length_penalty_sweep_val_bleu"] = {str(a): r["bleu"] for a, r in sweep.items()}
+    results["scores"][f"{valid}/beam5"] = sweep[alpha]
+    results["scores"][f"{test}/beam1"] = score(test, 1, alpha)
+    result = results["scores"][f"{test}/beam5"] = score(test, 5, alpha)
     print(f"signature: {result['bleu_signature']}")
 
     rows = [
         "| split | search | BLEU | chrF | sentences/s |",
         "|---|---|---|---|---|",
     ]
-    for key, score in results["scores"].items():
+    for key, figures in results["scores"].items():
         split, search = key.split("/")
         rows.append(
             f"| {split} | {search.replace('beam1', 'greedy').replace('beam5', 'beam 5')} | "
-            f"{score['bleu']:.1f} | {score['chrf']:.1f} | {score['sentences_per_s']:.1f} |"
+            f"{figures['bleu']:.1f} | {figures['chrf']:.1f} | {figures['sentences_per_s']:.1f} |"
         )
     summary = (
         f"`{command}`\n\n{results['parameters']:,} parameters, {results['steps']} steps in "
         f"{results['training_minutes']} min, {results['train_tgt_tokens_per_s']:,.0f} target "
-        f"tokens/s in training, weights: {results['weights']}.\n\n" + "\n".join(rows) + "\n\n"
+        f"tokens/s in training, weights: {results['weights']}; beam length penalty {alpha}"
+        + (
+            " (best on val of "
+            + ", ".join(
+                f"{a}: {b:.1f}" for a, b in results["length_penalty_sweep_val_bleu"].items()
+            )
+            + ")"
+            if len(alphas) > 1
+            else ""
+        )
+        + ".\n\n"
+        + "\n".join(rows)
+        + "\n\n"
         f"BLEU signature: `{result['bleu_signature']}`\n"
     )
     write_results(name, results, summary)
