@@ -129,23 +129,16 @@ def main() -> None:
             f"| {split} | {search.replace('beam1', 'greedy').replace('beam5', 'beam 5')} | "
             f"{figures['bleu']:.1f} | {figures['chrf']:.1f} | {figures['sentences_per_s']:.1f} |"
         )
+    penalty = f"beam length penalty {alpha}"
+    if len(alphas) > 1:
+        tried = ", ".join(f"{a}: {r['bleu']:.1f}" for a, r in sweep.items())
+        penalty += f" (best on val of {tried})"
     summary = (
         f"`{command}`\n\n{results['parameters']:,} parameters, {results['steps']} steps in "
         f"{results['training_minutes']} min, {results['train_tgt_tokens_per_s']:,.0f} target "
-        f"tokens/s in training, weights: {results['weights']}; beam length penalty {alpha}"
-        + (
-            " (best on val of "
-            + ", ".join(
-                f"{a}: {b:.1f}" for a, b in results["length_penalty_sweep_val_bleu"].items()
-            )
-            + ")"
-            if len(alphas) > 1
-            else ""
-        )
-        + ".\n\n"
+        f"tokens/s in training, weights: {results['weights']}; {penalty}.\n\n"
         + "\n".join(rows)
-        + "\n\n"
-        f"BLEU signature: `{result['bleu_signature']}`\n"
+        + f"\n\nBLEU signature: `{result['bleu_signature']}`\n"
     )
     write_results(name, results, summary)
 
