@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -61,21 +63,31 @@ def test_source_padding_does_not_change_outputs():
     torch.testing.assert_close(model(longer, tgt), model(src, tgt), atol=1e-5, rtol=1e-4)
 
 
+def search_context(path: str):
+    """``modules``: the step through the layers (gradients on, as in training);
+    ``decoder_step``: inference mode, where ``DecoderStep`` takes over."""
+    return torch.inference_mode() if path == "decoder_step" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("path", ["modules", "decoder_step"])
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"norm": "post"}, {"positional": "learned"}, {"activation": "gelu"}],
 )
-def test_cached_incremental_decoding_equals_full_recomputation(overrides):
+def test_cached_incremental_decoding_equals_full_recomputation(overrides, path):
     model = tiny_model(**overrides)
-    src, tgt = random_batch(tgt_len=9)
+    src, tgt = random_batch(batch=9, tgt_len=9)  # 9 rows: the oneDNN path of Linear
     full = model(src, tgt)
-    state = model.init_state(model.encode(src))
-    for t in range(tgt.size(1)):
-        step_logits = model.decode_step(tgt[:, t], state)
-        torch.testing.assert_close(step_logits, full[:, t], atol=1e-5, rtol=1e-4)
+    for rows in (slice(0, 9), slice(0, 2)):  # and the transposed-weight path
+        with search_context(path):
+            state = model.init_state(model.encode(src[rows]))
+            for t in range(tgt.size(1)):
+                step_logits = model.decode_step(tgt[rows, t], state)
+                torch.testing.assert_close(step_logits, full[rows, t], atol=1e-5, rtol=1e-4)
+        assert ("decoder_step" in state.fixed) == (path == "decoder_step")
     assert state.step == tgt.size(1)
     # one cached key/value per generated position in every layer
-    assert all(cache["length"] == tgt.size(1) for cache in state.tensors["caches"])
+    assert all(cache.length == tgt.size(1) for cache in state.tensors["caches"])
 
 
 def test_state_select_sources_reorders_the_batch():
@@ -91,31 +103,39 @@ def test_state_select_sources_reorders_the_batch():
     )
 
 
-def test_grouped_hypotheses_share_one_copy_of_their_source():
+@pytest.mark.parametrize("path", ["modules", "decoder_step"])
+def test_grouped_hypotheses_share_one_copy_of_their_source(path):
     """Beam search's layout: ``expand(beam)`` gives each source ``beam`` rows that
     attend to its single memory; re-ranking within groups (``select``) and dropping
     sources (``select_sources``) match a full pass over the same prefixes."""
     model = tiny_model()
     src, _ = random_batch(batch=3)
-    beam, steps = 2, 5
+    beam, steps = 3, 5
     generator = torch.Generator().manual_seed(5)
     prefixes = torch.randint(4, VOCAB, (3 * beam, steps), generator=generator)
     prefixes[:, 0] = BOS_ID
-    state = model.init_state(model.encode(src))
-    state.expand(beam)
-    assert state.num_sources == 3 and state.tensors["caches"][0] == {}
-    rows = torch.arange(3 * beam)  # which prefix each hypothesis row carries
-    for t in range(steps):
-        logits = model.decode_step(prefixes[rows, t], state)
-        expected = model(src.repeat_interleave(beam, 0)[rows], prefixes[rows, : t + 1])[:, t]
-        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
-        # swap the two hypotheses of source 1, duplicate source 2's first one
-        reorder = torch.tensor([0, 1, 3, 2, 4, 4])
-        state.select(reorder)
-        rows = rows[reorder]
-    state.select_sources(torch.tensor([2, 0]))
-    assert state.num_sources == 2 and state.tensors["caches"][0]["k"].size(0) == 2 * beam
-    assert state.sources["memory_kv"][0][0].size(0) == 2
+    with search_context(path):
+        state = model.init_state(model.encode(src))
+        state.expand(beam)
+        assert state.num_sources == 3 and state.tensors["caches"][0].length == 0
+        rows = torch.arange(3 * beam)  # which prefix each hypothesis row carries
+        for t in range(steps):
+            logits = model.decode_step(prefixes[rows, t], state)
+            expected = model(src.repeat_interleave(beam, 0)[rows], prefixes[rows, : t + 1])
+            torch.testing.assert_close(logits, expected[:, t], atol=1e-5, rtol=1e-4)
+            # source 1: rotate its hypotheses; source 2: its first one three times
+            reorder = torch.tensor([0, 1, 2, 4, 5, 3, 6, 6, 6])
+            state.select(reorder)
+            rows = rows[reorder]
+        state.select_sources(torch.tensor([2, 0]))
+        assert state.num_sources == 2 and state.tensors["caches"][0].keys.size(1) == 2 * beam
+        assert state.sources["memory_kv"][0][0].size(0) == 2
+        rows = rows[[6, 7, 8, 0, 1, 2]]
+        logits = model.decode_step(prefixes[rows, steps - 1], state)
+    assert ("decoder_step" in state.fixed) == (path == "decoder_step")
+    kept = torch.cat([prefixes[rows, :steps], prefixes[rows, steps - 1 :]], dim=1)
+    expected = model(src[[2, 2, 2, 0, 0, 0]], kept)[:, steps]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_weight_tying():
@@ -151,17 +171,38 @@ def test_presets_and_sizes():
 
 
 def test_cache_buffers_grow_and_hold_every_position():
-    from rosetta.model.attention import append_to_cache
+    from rosetta.model.attention import KVCache
 
     generator = torch.Generator().manual_seed(0)
-    cache: dict = {}
+    cache = KVCache()
     keys = [torch.randn(3, 2, 1, 4, generator=generator) for _ in range(40)]
     for t, key in enumerate(keys):
-        k, v = append_to_cache(cache, key, -key)
-        assert cache["length"] == t + 1 and cache["k"].size(2) >= t + 1
+        k, v = cache.append(key, -key)
+        assert cache.length == t + 1 and cache.keys.size(0) >= t + 1
         torch.testing.assert_close(k, torch.cat(keys[: t + 1], dim=2))
         torch.testing.assert_close(v, -torch.cat(keys[: t + 1], dim=2))
-    assert cache["k"].size(2) < 2 * 40 + 16  # grown by doubling, not per step
+    assert cache.keys.size(0) < 2 * 40 + 16  # grown by doubling, not per step
+
+
+def test_cache_reorders_rows_in_place_and_keeps_appending():
+    """Beam search's reordering (same batch size: the spare buffers are swapped in)
+    and dropping rows (a smaller batch) keep every position of the chosen rows."""
+    from rosetta.model.attention import KVCache
+
+    generator = torch.Generator().manual_seed(1)
+    cache = KVCache()
+    history = torch.randn(4, 2, 0, 3)  # what the cache must hold, (batch, heads, len, dim)
+    for t, index in enumerate([[1, 1, 0, 3], [3, 2, 1, 0], [0, 2], [1, 1, 0]]):
+        key = torch.randn(history.size(0), 2, 1 + t % 2, 3, generator=generator)
+        history = torch.cat([history, key], dim=2)
+        k, v = cache.append(key, 2 * key)
+        torch.testing.assert_close(k, history)
+        torch.testing.assert_close(v, 2 * history)
+        cache.select_rows(torch.tensor(index))
+        history = history[index]
+    k, v = cache.append(history[:, :, :1], history[:, :, :1])
+    torch.testing.assert_close(k[:, :, :-1], history)
+    assert cache.length == history.size(2) + 1
 
 
 def test_fast_inference_path_decodes_like_the_plain_layers():

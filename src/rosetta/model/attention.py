@@ -75,37 +75,73 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(context), weights
 
 
-def append_to_cache(
-    cache: dict, k: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Appends keys and values (batch, heads, new_len, head_dim) to a decoding cache
-    and returns every position so far, (batch, heads, length, head_dim) views.
+class KVCache:
+    """One self-attention layer's keys and values of the positions decoded so far.
 
-    The cache holds buffers with room to spare (``length`` positions used), grown
-    by doubling, so a decoding step writes its own position instead of copying
-    the whole history as ``torch.cat`` would.
+    Buffers are position-first, (capacity, batch, heads, head_dim), with room to
+    spare (``length`` positions used), grown by doubling: a decoding step writes
+    its own position instead of copying the whole history as ``torch.cat`` would.
+    Position-first, the used part of a buffer is one contiguous block, so beam
+    search's reordering of hypotheses (``select_rows``) gathers it straight into
+    a second pair of buffers kept for the purpose and swaps the two: no
+    allocation per step, and no copying of the unused capacity.
     """
-    length = cache.get("length", 0)
-    end = length + k.size(2)
-    if "k" not in cache or end > cache["k"].size(2):
-        capacity = max(2 * end, 16)
-        for name, new in (("k", k), ("v", v)):
-            buffer = new.new_empty(new.size(0), new.size(1), capacity, new.size(3))
-            if length:
-                buffer[:, :, :length] = cache[name][:, :, :length]
-            cache[name] = buffer
-    cache["k"][:, :, length:end] = k
-    cache["v"][:, :, length:end] = v
-    cache["length"] = end
-    return cache["k"][:, :, :end], cache["v"][:, :, :end]
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends keys and values (batch, heads, new_len, head_dim); returns every
+        position so far as (batch, heads, length, head_dim) views."""
+        start, end = self.length, self.length + k.size(2)
+        if self.keys is None or end > self.keys.size(0):
+            self._grow(max(2 * end, 16), k)
+        self.keys[start:end] = k.permute(2, 0, 1, 3)
+        self.values[start:end] = v.permute(2, 0, 1, 3)
+        self.length = end
+        return self.keys[:end].permute(1, 2, 0, 3), self.values[:end].permute(1, 2, 0, 3)
+
+    def _grow(self, capacity: int, like: torch.Tensor) -> None:
+        batch, heads, _, head_dim = like.shape
+        keys = like.new_empty(capacity, batch, heads, head_dim)
+        values = torch.empty_like(keys)
+        if self.length:
+            keys[: self.length] = self.keys[: self.length]
+            values[: self.length] = self.values[: self.length]
+        self.keys, self.values, self._spare = keys, values, None
+
+    def select_rows(self, index: torch.Tensor) -> KVCache:
+        """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
+        if self.keys is None:
+            return self
+        used = slice(0, self.length)
+        if len(index) != self.keys.size(1) or self.keys.requires_grad:
+            # a batch of another size (or a graph to keep for autograd): new buffers
+            keys = self.keys[used].index_select(1, index)
+            values = self.values[used].index_select(1, index)
+            self.keys = self.values = None
+            self.length = 0
+            self.append(keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3))
+            return self
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
+        keys, values = self._spare
+        torch.index_select(self.keys[used], 1, index, out=keys[used])
+        torch.index_select(self.values[used], 1, index, out=values[used])
+        self._spare = (self.keys, self.values)
+        self.keys, self.values = keys, values
+        return self
 
 
 class SelfAttention(MultiHeadAttention):
     """Q, K and V from the same sequence, with one fused W_QKV projection.
 
-    With a ``cache`` (a dict, empty at the first step), the new positions' keys
-    and values are appended to it, so incremental decoding projects each
-    position once (see ``append_to_cache``).
+    With a ``cache`` (empty at the first step), the new positions' keys and
+    values are appended to it, so incremental decoding projects each position
+    once.
     """
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
@@ -117,12 +153,12 @@ class SelfAttention(MultiHeadAttention):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         causal: bool = False,
-        cache: dict[str, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = (self.split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
         if cache is not None:
-            k, v = append_to_cache(cache, k, v)
+            k, v = cache.append(k, v)
             # One new query sees every cached key: no causal mask is needed.
             causal = causal and q.size(2) > 1
         return self.attend(q, k, v, mask, causal, need_weights)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rosetta.model.attention import CrossAttention, SelfAttention
+from rosetta.model.attention import CrossAttention, KVCache, SelfAttention
 from rosetta.model.layers import FeedForward, Residual
 
 
@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         memory_kv: tuple[torch.Tensor, torch.Tensor],
         memory_mask: torch.Tensor | None,
-        cache: dict[str, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
         need_weights: bool = False,
         group: int = 1,
     ) -> torch.Tensor:
@@ -80,7 +80,7 @@ class Decoder(nn.Module):
         x: torch.Tensor,
         memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
         memory_mask: torch.Tensor | None,
-        caches: list[dict[str, torch.Tensor]] | None = None,
+        caches: list[KVCache] | None = None,
         need_weights: bool = False,
         group: int = 1,
     ) -> torch.Tensor:

@@ -10,10 +10,11 @@ Decoding (``rosetta.decode``) never looks inside a model. It calls:
    state advanced by one position.
 
 A ``DecoderState`` keeps two kinds of batch-first tensors (any nesting of
-lists, tuples and dicts): ``sources``, one row per source sentence (the
-encoder memory, the cross-attention K/V), and ``tensors``, one row per
-hypothesis (the self-attention cache, the RNN state). Beam search gives every
-source ``group = beam`` hypotheses in consecutive rows (``expand``); the model
+lists, tuples and dicts; an object with ``select_rows`` reorders itself):
+``sources``, one row per source sentence (the encoder memory, the
+cross-attention K/V), and ``tensors``, one row per hypothesis (the
+self-attention cache, the RNN state). Beam search gives every source
+``group = beam`` hypotheses in consecutive rows (``expand``); the model
 attends from the whole group to the one copy of its source, so re-ranking
 hypotheses (``select``) never copies the encoder side. ``select_sources``
 drops finished sentences with all their hypotheses.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -38,9 +39,18 @@ class EncoderOutput:
     final_state: Any = None
 
 
+@runtime_checkable
+class RowSelectable(Protocol):
+    """A state object that reorders its own batch rows (the Transformer's KV cache)."""
+
+    def select_rows(self, index: torch.Tensor) -> Any: ...
+
+
 def _select(value: Any, index: torch.Tensor) -> Any:
     if isinstance(value, torch.Tensor):
         return value.index_select(0, index)
+    if isinstance(value, RowSelectable):
+        return value.select_rows(index)
     if isinstance(value, dict):
         return {key: _select(item, index) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -70,6 +80,7 @@ class DecoderState:
     sources: dict[str, Any] = field(default_factory=dict)
     group: int = 1
     step: int = 0
+    fixed: dict[str, Any] = field(default_factory=dict)  # the same for the whole search
 
     def select(self, index: torch.Tensor) -> None:
         """Keeps hypothesis rows ``index`` (in that order, repeats allowed), in place.

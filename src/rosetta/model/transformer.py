@@ -13,6 +13,7 @@ from torch import nn
 
 from rosetta.config import ModelConfig
 from rosetta.data.tokenizer import PAD_ID
+from rosetta.model.attention import KVCache
 from rosetta.model.decoder import Decoder, DecoderLayer
 from rosetta.model.embeddings import (
     EmbeddingBlock,
@@ -21,6 +22,7 @@ from rosetta.model.embeddings import (
     TokenEmbedding,
 )
 from rosetta.model.encoder import Encoder, EncoderLayer
+from rosetta.model.incremental import DecoderStep, LinearWeights
 from rosetta.model.interface import DecoderState, EncoderOutput
 from rosetta.model.linear import Linear
 
@@ -108,23 +110,29 @@ class Transformer(nn.Module):
             layer.cross_attn.project_memory(encoder_output.memory) for layer in self.decoder.layers
         ]
         mask = attention_mask(encoder_output.pad_mask)
-        caches: list[dict[str, torch.Tensor]] = [{} for _ in self.decoder.layers]
+        caches = [KVCache() for _ in self.decoder.layers]
         return DecoderState(
             tensors={"caches": caches}, sources={"memory_kv": memory_kv, "memory_mask": mask}
         )
 
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
-        """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab)."""
+        """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab).
+
+        For search (eval mode, no gradients) the step runs through ``DecoderStep``,
+        which fetches the weights once per search; otherwise through the modules.
+        """
         x = self.tgt_embed(tokens[:, None], offset=state.step)  # (batch, 1, d_model)
-        x = self.decoder(
-            x,
-            state.sources["memory_kv"],
-            state.sources["memory_mask"],
-            state.tensors["caches"],
-            group=state.group,
-        )
         state.step += 1
-        return self.output(x[:, -1])
+        caches, memory_kv = state.tensors["caches"], state.sources["memory_kv"]
+        memory_mask = state.sources["memory_mask"]
+        if self.training or torch.is_grad_enabled():
+            x = self.decoder(x, memory_kv, memory_mask, caches, group=state.group)
+            return self.output(x[:, -1])
+        if "decoder_step" not in state.fixed:
+            state.fixed["decoder_step"] = DecoderStep(self.decoder)
+            state.fixed["output"] = LinearWeights(self.output)
+        x = state.fixed["decoder_step"](x[:, 0], caches, memory_kv, memory_mask, state.group)
+        return state.fixed["output"](x)
 
     # ---- inspection ----------------------------------------------------------------
     @torch.no_grad()
