@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rosetta.model.linear import ONEDNN_MIN_ROWS, Linear, as_plain_linear
+from rosetta.model.linear import (
+    LARGE_WEIGHT,
+    ONEDNN_MIN_ROWS,
+    Linear,
+    as_plain_linear,
+    onednn_min_rows,
+)
 
 
 @pytest.mark.parametrize("rows", [1, 3, ONEDNN_MIN_ROWS, 37])
@@ -21,6 +27,18 @@ def test_inference_path_equals_f_linear(rows, bias):
         got = layer(x)
     assert got.shape == (rows, 2, 300)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_large_weights_take_onednn_from_two_rows(rows):
+    """An output projection's size: few rows already go through oneDNN."""
+    torch.manual_seed(3)
+    layer = Linear(128, LARGE_WEIGHT // 128, bias=False)
+    assert onednn_min_rows(layer.weight) == 2 < ONEDNN_MIN_ROWS
+    x = torch.randn(rows, 128)
+    with torch.inference_mode():
+        got = layer(x)
+    torch.testing.assert_close(got, F.linear(x, layer.weight), atol=1e-4, rtol=1e-5)
 
 
 def test_cached_weights_follow_updates_and_training_keeps_gradients():

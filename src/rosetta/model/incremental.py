@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rosetta.model.attention import KVCache
 from rosetta.model.decoder import Decoder, DecoderLayer
-from rosetta.model.linear import ONEDNN_MIN_ROWS, Linear
+from rosetta.model.linear import Linear, onednn_min_rows
 
 
 class LinearWeights:
@@ -43,6 +43,7 @@ class LinearWeights:
     def __init__(self, linear: torch.nn.Module) -> None:
         self.module = linear
         self.bias = self.transposed = self.packed = None
+        self.min_onednn_rows = 0
         weight = getattr(linear, "weight", None)
         if (
             isinstance(linear, Linear)
@@ -52,11 +53,12 @@ class LinearWeights:
             self.bias = linear.bias
             self.transposed = linear.transposed_weight()
             self.packed = linear.packed_weight()
+            self.min_onednn_rows = onednn_min_rows(weight)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         if self.transposed is None:
             return self.module(rows)
-        if self.packed is not None and rows.size(0) >= ONEDNN_MIN_ROWS:
+        if self.packed is not None and rows.size(0) >= self.min_onednn_rows:
             return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         if self.bias is None:
             return rows @ self.transposed
