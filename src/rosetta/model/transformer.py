@@ -33,10 +33,20 @@ def _positions(cfg: ModelConfig) -> nn.Module:
     return SinusoidalPositions(cfg.d_model, cfg.max_positions)
 
 
-def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor | None:
+def attention_mask(pad_mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """(batch, 1, 1, src_len), True where attention is allowed; None when no row has
-    padding (a batch of one sentence, or of equal lengths), which SDPA runs faster."""
-    return ~pad_mask[:, None, None, :] if bool(pad_mask.any()) else None
+    padding (a batch of one sentence, or of equal lengths), which SDPA runs faster.
+
+    With a floating ``dtype``, the mask is additive instead (0 or -inf), the form
+    SDPA converts a boolean mask to at every call: search, which attends to the
+    same memory at every step, converts it once.
+    """
+    if not bool(pad_mask.any()):
+        return None
+    if dtype is None:
+        return ~pad_mask[:, None, None, :]
+    additive = torch.zeros(pad_mask.shape, dtype=dtype, device=pad_mask.device)
+    return additive.masked_fill_(pad_mask, float("-inf"))[:, None, None, :]
 
 
 class Transformer(nn.Module):
@@ -109,7 +119,9 @@ class Transformer(nn.Module):
         memory_kv = [
             layer.cross_attn.project_memory(encoder_output.memory) for layer in self.decoder.layers
         ]
-        mask = attention_mask(encoder_output.pad_mask)
+        searching = not (self.training or torch.is_grad_enabled())
+        dtype = encoder_output.memory.dtype if searching else None
+        mask = attention_mask(encoder_output.pad_mask, dtype)
         caches = [KVCache() for _ in self.decoder.layers]
         return DecoderState(
             tensors={"caches": caches}, sources={"memory_kv": memory_kv, "memory_mask": mask}
