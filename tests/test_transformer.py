@@ -138,6 +138,34 @@ def test_grouped_hypotheses_share_one_copy_of_their_source(path):
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_encoder_equals_the_padded_one_forward_and_backward():
+    """Position-wise work on the real tokens only (``Packing``) changes nothing at
+    real positions, in outputs or gradients; padded positions come out zero."""
+    from rosetta.model.packing import Packing
+    from rosetta.model.transformer import attention_mask
+
+    model = tiny_model(seed=2).train()  # dropout is 0: both passes are deterministic
+    src, _ = random_batch(batch=4, src_len=9)
+    src[1, 3:] = PAD_ID
+    src[2, 6:] = PAD_ID
+    real = src.ne(PAD_ID)
+    packing = Packing.worthwhile(real)
+    assert packing is not None and packing.tokens == int(real.sum())
+    results = []
+    for pack in (None, packing):
+        model.zero_grad()
+        memory, _ = model.encoder(model.src_embed(src), attention_mask(~real), packing=pack)
+        memory[real].square().sum().backward()
+        grads = [p.grad.clone() for p in model.encoder.parameters()]
+        results.append((memory.detach(), grads))
+    (padded, padded_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-4)
+    assert torch.all(packed[~real] == 0)
+    for packed_grad, padded_grad in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(packed_grad, padded_grad, atol=1e-4, rtol=1e-4)
+    assert Packing.worthwhile(torch.ones(4, 9, dtype=torch.bool)) is None
+
+
 def test_weight_tying():
     tied = tiny_model()
     assert tied.output.weight is tied.tgt_embed.tokens.weight

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rosetta.model.linear import Linear
+from rosetta.model.packing import Packing
 
 
 class MultiHeadAttention(nn.Module):
@@ -46,10 +47,12 @@ class MultiHeadAttention(nn.Module):
         mask: torch.Tensor | None = None,
         causal: bool = False,
         need_weights: bool = False,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q: (batch, heads, q_len, head_dim); k, v: (batch, heads, k_len, head_dim).
 
-        Returns the output (batch, q_len, d_model) and, if asked, the weights
+        Returns the output (batch, q_len, d_model), or (tokens, d_model) with a
+        ``packing`` (only real tokens are projected), and, if asked, the weights
         (batch, heads, q_len, k_len).
         """
         dropout = self.dropout if self.training else 0.0
@@ -72,6 +75,8 @@ class MultiHeadAttention(nn.Module):
         batch, _, q_len, _ = context.shape
         # (batch, heads, q_len, head_dim) -> (batch, q_len, d_model)
         context = context.transpose(1, 2).reshape(batch, q_len, self.heads * self.head_dim)
+        if packing is not None:
+            context = packing.pack(context)
         return self.out_proj(context), weights
 
 
@@ -155,13 +160,19 @@ class SelfAttention(MultiHeadAttention):
         causal: bool = False,
         cache: KVCache | None = None,
         need_weights: bool = False,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = (self.split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+        """x: (batch, len, d_model), or the real tokens' rows (tokens, d_model) with a
+        ``packing``; the output has the same layout."""
+        qkv = self.qkv_proj(x)
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # (batch, len, 3 * d_model) for the attention product
+        q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))
         if cache is not None:
             k, v = cache.append(k, v)
             # One new query sees every cached key: no causal mask is needed.
             causal = causal and q.size(2) > 1
-        return self.attend(q, k, v, mask, causal, need_weights)
+        return self.attend(q, k, v, mask, causal, need_weights, packing)
 
 
 class CrossAttention(MultiHeadAttention):

@@ -7,6 +7,7 @@ from torch import nn
 
 from rosetta.model.attention import SelfAttention
 from rosetta.model.layers import FeedForward, Residual
+from rosetta.model.packing import Packing
 
 
 class EncoderLayer(nn.Module):
@@ -30,13 +31,20 @@ class EncoderLayer(nn.Module):
         self.weights: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        need_weights: bool = False,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        """x: (batch, src_len, d_model); mask: (batch, 1, 1, src_len), True on real tokens
-        (None: no padding)."""
+        """x: (batch, src_len, d_model), or the real tokens (tokens, d_model) with a
+        ``packing``; mask: (batch, 1, 1, src_len), True on real tokens (None: no
+        padding)."""
 
         def attend(h: torch.Tensor) -> torch.Tensor:
-            out, self.weights = self.self_attn(h, mask=mask, need_weights=need_weights)
+            out, self.weights = self.self_attn(
+                h, mask=mask, need_weights=need_weights, packing=packing
+            )
             return out
 
         x = self.attn_residual(x, attend)
@@ -52,13 +60,24 @@ class Encoder(nn.Module):
         self.final_norm = nn.LayerNorm(d_model) if norm == "pre" else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        need_weights: bool = False,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Returns H_enc (batch, src_len, d_model) and, if asked, each layer's
-        self-attention weights (batch, heads, src_len, src_len)."""
+        """x: (batch, src_len, d_model). Returns H_enc (batch, src_len, d_model) and,
+        if asked, each layer's self-attention weights (batch, heads, src_len, src_len).
+
+        With a ``packing``, the layers' position-wise work runs on the real tokens
+        alone, and H_enc is zero at padded positions.
+        """
         weights = []
+        if packing is not None:
+            x = packing.pack(x)
         for layer in self.layers:
-            x = layer(x, mask, need_weights)
+            x = layer(x, mask, need_weights, packing)
             if need_weights:
                 weights.append(layer.weights)
-        return self.final_norm(x), weights
+        x = self.final_norm(x)
+        return (packing.unpack(x) if packing is not None else x), weights

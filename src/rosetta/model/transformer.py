@@ -25,6 +25,7 @@ from rosetta.model.encoder import Encoder, EncoderLayer
 from rosetta.model.incremental import DecoderStep, LinearWeights
 from rosetta.model.interface import DecoderState, EncoderOutput
 from rosetta.model.linear import Linear
+from rosetta.model.packing import Packing
 
 
 def _positions(cfg: ModelConfig) -> nn.Module:
@@ -109,8 +110,10 @@ class Transformer(nn.Module):
     def encode(self, src: torch.Tensor, need_weights: bool = False) -> EncoderOutput:
         """src (batch, src_len) -> H_enc (batch, src_len, d_model) and its padding mask."""
         pad_mask = src.eq(PAD_ID)
+        mask = attention_mask(pad_mask)
+        packing = Packing.worthwhile(~pad_mask) if mask is not None else None
         memory, self._encoder_weights = self.encoder(
-            self.src_embed(src), attention_mask(pad_mask), need_weights
+            self.src_embed(src), mask, need_weights, packing
         )
         return EncoderOutput(memory=memory, pad_mask=pad_mask)
 
