@@ -62,6 +62,15 @@ def test_overrides(tmp_path):
         load_config(path, ["train.lr"])
 
 
+def test_amp_off_survives_yaml(tmp_path):
+    """YAML 1.1 reads an unquoted ``off`` as False; it still means ``off``."""
+    path = write_config(tmp_path, MINIMAL + "train:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    assert load_config(write_config(tmp_path, MINIMAL), ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match=r"train\.amp"):
+        load_config(write_config(tmp_path, MINIMAL), ["train.amp=on"])
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "nope.yaml")

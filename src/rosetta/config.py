@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -160,6 +167,12 @@ class TrainConfig(Section):
     seed: int = 1
     threads: int = Field(0, ge=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` (in a file or a --set override) as False
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check_time(self) -> TrainConfig:

@@ -10,6 +10,7 @@ Copy the folder anywhere and ``rosetta translate MODEL_DIR`` works.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -49,6 +50,10 @@ def save_model_dir(
             shutil.copyfile(Path(tokenizer_dir) / name, directory / f".{name}.tmp")
             os.replace(directory / f".{name}.tmp", directory / name)
     tmp = directory / f".{WEIGHTS}.tmp"
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        # on a GPU, cuDNN keeps each nn.LSTM/GRU's weights as views of one flat
+        # buffer, which safetensors refuses to save; a CPU copy gives each its own
+        model = copy.deepcopy(model).cpu()
     save_model(model, str(tmp))
     os.replace(tmp, directory / WEIGHTS)
     parameters = sum(p.numel() for p in model.parameters())
