@@ -93,3 +93,24 @@ def test_as_plain_linear_keeps_tied_parameters():
     assert plain[1].weight is tied
     quantized = torch.ao.quantization.quantize_dynamic(plain, {torch.nn.Linear})
     assert quantized(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_a_layer_that_ran_inference_can_be_copied_and_pickled():
+    import copy
+
+    layer = Linear(16, 24)
+    x = torch.randn(ONEDNN_MIN_ROWS, 16)
+    with torch.inference_mode():
+        expected = layer(x)  # packs the weight for oneDNN
+    for clone in (copy.deepcopy(layer), torch.load(_pickled(layer), weights_only=False)):
+        with torch.inference_mode():
+            torch.testing.assert_close(clone(x), expected)
+
+
+def _pickled(layer: torch.nn.Module):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    return buffer

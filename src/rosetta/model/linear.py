@@ -86,6 +86,11 @@ class Linear(nn.Linear):
 
         return self._cached("packed", pack)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the inference copies behind: a oneDNN-packed
+        # tensor has no storage to copy, and they are remade on first use anyway
+        return {**super().__getstate__(), "_inference_weights": {}}
+
     def train(self, mode: bool = True) -> Linear:
         self._inference_weights.clear()
         return super().train(mode)
