@@ -86,16 +86,19 @@ class KVCache:
     Buffers are position-first, (capacity, batch, heads, head_dim), with room to
     spare (``length`` positions used), grown by doubling: a decoding step writes
     its own position instead of copying the whole history as ``torch.cat`` would.
-    Position-first, the used part of a buffer is one contiguous block, so beam
-    search's reordering of hypotheses (``select_rows``) gathers it straight into
-    a second pair of buffers kept for the purpose and swaps the two: no
-    allocation per step, and no copying of the unused capacity.
+    Position-first, the used part of a buffer is one contiguous block, so
+    ``select_rows`` (beam search re-ranking hypotheses, finished sentences
+    leaving the batch) gathers it straight into a second pair of buffers kept
+    for the purpose and swaps the two. A smaller batch is laid out in the front
+    of the same memory: no allocation per step, and no copying of the unused
+    capacity.
     """
 
     def __init__(self) -> None:
         self.length = 0
-        self.keys: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None  # views of the front of _memory
         self.values: torch.Tensor | None = None
+        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # flat buffers
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,20 +114,23 @@ class KVCache:
 
     def _grow(self, capacity: int, like: torch.Tensor) -> None:
         batch, heads, _, head_dim = like.shape
-        keys = like.new_empty(capacity, batch, heads, head_dim)
-        values = torch.empty_like(keys)
+        shape = (capacity, batch, heads, head_dim)
+        memory = (like.new_empty(math.prod(shape)), like.new_empty(math.prod(shape)))
+        keys, values = (flat.view(shape) for flat in memory)
         if self.length:
             keys[: self.length] = self.keys[: self.length]
             values[: self.length] = self.values[: self.length]
-        self.keys, self.values, self._spare = keys, values, None
+        self.keys, self.values, self._memory, self._spare = keys, values, memory, None
 
     def select_rows(self, index: torch.Tensor) -> KVCache:
         """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
         if self.keys is None:
             return self
         used = slice(0, self.length)
-        if len(index) != self.keys.size(1) or self.keys.requires_grad:
-            # a batch of another size (or a graph to keep for autograd): new buffers
+        capacity, _, heads, head_dim = self.keys.shape
+        shape = (capacity, len(index), heads, head_dim)
+        if self.keys.requires_grad or math.prod(shape) > self._memory[0].numel():
+            # a graph to keep for autograd, or more rows than the memory holds
             keys = self.keys[used].index_select(1, index)
             values = self.values[used].index_select(1, index)
             self.keys = self.values = None
@@ -132,11 +138,11 @@ class KVCache:
             self.append(keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3))
             return self
         if self._spare is None:
-            self._spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
-        keys, values = self._spare
+            self._spare = (torch.empty_like(self._memory[0]), torch.empty_like(self._memory[1]))
+        keys, values = (flat[: math.prod(shape)].view(shape) for flat in self._spare)
         torch.index_select(self.keys[used], 1, index, out=keys[used])
         torch.index_select(self.values[used], 1, index, out=values[used])
-        self._spare = (self.keys, self.values)
+        self._memory, self._spare = self._spare, self._memory
         self.keys, self.values = keys, values
         return self
 
