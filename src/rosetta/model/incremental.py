@@ -11,9 +11,9 @@ overhead, took 2.9 ms per step through the modules and takes 0.9 ms here; the
 11.5 to 8.8 ms.
 
 ``DecoderStep`` does the same arithmetic as ``DecoderLayer`` in its incremental
-form, with everything that stays fixed during one search fetched once, when the
-search begins (at its first step): the layers' weights in their inference layouts (``Linear``'s
-transposed or oneDNN-packed copies), LayerNorm parameters, sizes. Rows are
+form, with everything that stays fixed during one search fetched once, at the
+search's first step: the layers' weights in their inference layouts
+(``Linear``'s transposed or oneDNN-packed copies), LayerNorm parameters, sizes. Rows are
 (batch, d_model) throughout; each sub-layer is a handful of direct calls.
 
 It is used when nothing needs gradients or attention weights, with the model in
