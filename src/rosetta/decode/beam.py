@@ -52,7 +52,7 @@ def beam_search(
     device = src.device
     batch = src.size(0)
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)  # (batch,)
-    steps = int(budget.max())
+    steps, first_budget = int(budget.max()), int(budget.min())
     state = model.init_state(model.encode(src))
     state.expand(beam)  # beam hypotheses per source, sharing its encoder side
 
@@ -75,11 +75,12 @@ def beam_search(
 
     for step in range(steps):
         n = len(active)
-        row_budget = budget[active].repeat_interleave(beam)  # (n * beam,)
         logits = model.decode_step(tokens, state).float()  # (n * beam, vocab)
         normalizer = logits.logsumexp(dim=-1, keepdim=True)
         logits = forbid_eos(forbid_specials(logits), step, min_len)
-        logits = force_eos(logits, row_budget <= step + 1)
+        if step + 1 >= first_budget:  # some sentence may have reached its length budget
+            row_budget = budget[active].repeat_interleave(beam)  # (n * beam,)
+            logits = force_eos(logits, row_budget <= step + 1)
         # Every hypothesis's best 2 * beam continuations hold the sentence's best
         # 2 * beam: a continuation outranked within its own row is outranked overall.
         vocab = logits.size(-1)

@@ -34,7 +34,7 @@ def greedy_search(
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
     state = model.init_state(model.encode(src))
     device = src.device
-    steps = int(budget.max())
+    steps, first_budget = int(budget.max()), int(budget.min())
     alive = torch.arange(batch, device=device)  # original row of each live sentence
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
     outputs = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
@@ -45,7 +45,8 @@ def greedy_search(
         # the chosen token's log-probability is needed: logit - logsumexp
         normalizer = logits.logsumexp(dim=-1)
         logits = forbid_eos(forbid_specials(logits), step, min_len)
-        logits = force_eos(logits, budget[alive] <= step + 1)
+        if step + 1 >= first_budget:  # some sentence may have reached its length budget
+            logits = force_eos(logits, budget[alive] <= step + 1)
         best, tokens = logits.max(dim=-1)
         outputs[alive, step] = tokens
         scores[alive] += best - normalizer
