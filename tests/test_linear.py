@@ -41,6 +41,26 @@ def test_large_weights_take_onednn_from_two_rows(rows):
     torch.testing.assert_close(got, F.linear(x, layer.weight), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("out_features", "bias"), [(300, True), (300, False), (301, True)])
+def test_one_row_in_halves_equals_f_linear(threads, out_features, bias):
+    """One row goes through two half-width GEMVs when there are threads to share
+    them (even widths), else against Wᵀ; the result is the same."""
+    torch.manual_seed(4)
+    layer = Linear(48, out_features, bias=bias)
+    x = torch.randn(1, 48)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    halves_used = "halves" in layer.inference_weights()._copies
+    assert halves_used == (threads > 1 and out_features % 2 == 0)
+
+
 def test_cached_weights_follow_updates_and_training_keeps_gradients():
     torch.manual_seed(1)
     layer = Linear(16, 8)

@@ -31,40 +31,18 @@ import torch.nn.functional as F
 
 from rosetta.model.attention import KVCache
 from rosetta.model.decoder import Decoder, DecoderLayer
-from rosetta.model.linear import Linear, onednn_min_rows
+from rosetta.model.linear import Linear
 
 
-class LinearWeights:
-    """One linear layer fetched for inference: ``(rows, in) -> (rows, out)``.
-
-    A rosetta ``Linear`` on the CPU gives its transposed and packed weight copies;
-    any other layer (``nn.Linear``, PyTorch's dynamically quantized linear) is
-    called as it is.
+def inference_linear(linear: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One linear layer for inference, ``(rows, in) -> (rows, out)``: a rosetta
+    ``Linear`` on the CPU in fp32 through its ``InferenceWeights``; any other layer
+    (``nn.Linear``, PyTorch's dynamically quantized linear, another device) as it is.
     """
-
-    def __init__(self, linear: torch.nn.Module) -> None:
-        self.module = linear
-        self.bias = self.transposed = self.packed = None
-        self.min_onednn_rows = 0
-        weight = getattr(linear, "weight", None)
-        if (
-            isinstance(linear, Linear)
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-        ):
-            self.bias = linear.bias
-            self.transposed = linear.transposed_weight()
-            self.packed = linear.packed_weight()
-            self.min_onednn_rows = onednn_min_rows(weight)
-
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.transposed is None:
-            return self.module(rows)
-        if self.packed is not None and rows.size(0) >= self.min_onednn_rows:
-            return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
-        if self.bias is None:
-            return rows @ self.transposed
-        return torch.addmm(self.bias, rows, self.transposed)
+    weight = getattr(linear, "weight", None)
+    if isinstance(linear, Linear) and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        return linear.inference_weights()
+    return linear
 
 
 @dataclass
@@ -72,14 +50,14 @@ class LayerWeights:
     """What one decoder layer's step reads."""
 
     self_norm: tuple[torch.Tensor, torch.Tensor]
-    qkv: LinearWeights
-    self_out: LinearWeights
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    self_out: Callable[[torch.Tensor], torch.Tensor]
     cross_norm: tuple[torch.Tensor, torch.Tensor]
-    cross_q: LinearWeights
-    cross_out: LinearWeights
+    cross_q: Callable[[torch.Tensor], torch.Tensor]
+    cross_out: Callable[[torch.Tensor], torch.Tensor]
     ff_norm: tuple[torch.Tensor, torch.Tensor]
-    fc1: LinearWeights
-    fc2: LinearWeights
+    fc1: Callable[[torch.Tensor], torch.Tensor]
+    fc2: Callable[[torch.Tensor], torch.Tensor]
     activation: Callable[[torch.Tensor], torch.Tensor]
 
     @classmethod
@@ -90,14 +68,14 @@ class LayerWeights:
         gelu = isinstance(layer.feed_forward.activation, torch.nn.GELU)
         return cls(
             self_norm=norm(layer.self_residual),
-            qkv=LinearWeights(layer.self_attn.qkv_proj),
-            self_out=LinearWeights(layer.self_attn.out_proj),
+            qkv=inference_linear(layer.self_attn.qkv_proj),
+            self_out=inference_linear(layer.self_attn.out_proj),
             cross_norm=norm(layer.cross_residual),
-            cross_q=LinearWeights(layer.cross_attn.q_proj),
-            cross_out=LinearWeights(layer.cross_attn.out_proj),
+            cross_q=inference_linear(layer.cross_attn.q_proj),
+            cross_out=inference_linear(layer.cross_attn.out_proj),
             ff_norm=norm(layer.ff_residual),
-            fc1=LinearWeights(layer.feed_forward.fc1),
-            fc2=LinearWeights(layer.feed_forward.fc2),
+            fc1=inference_linear(layer.feed_forward.fc1),
+            fc2=inference_linear(layer.feed_forward.fc2),
             activation=F.gelu if gelu else F.relu,
         )
 

@@ -8,19 +8,24 @@ project's 2-core machine (``benchmarks/speed.py`` has the end-to-end effect):
 * one row (batch-1 greedy search) by the 256 x 8000 output projection: 4
   GFLOP/s with ``F.linear``, 11 against a contiguous copy of Wᵀ;
 * 32 rows: 28 GFLOP/s with ``F.linear``, 34 against Wᵀ, 60 through oneDNN
-  with W reordered once into its blocked layout (160 rows: 46 / 54 / 68).
-
+  with W reordered once into its blocked layout (160 rows: 46 / 54 / 68);
 * the 256 x 8000 output projection by 2 to 7 rows (beam search at batch 1,
   the last sentences of a greedy batch): 2.2-2.6x faster through oneDNN than
   against Wᵀ (5 rows: 0.86 against 2.2 ms); for the layers of 256 x 1024 and
-  smaller, the two are within noise of each other up to 32 rows.
+  smaller, the two are within noise of each other up to 32 rows;
+* one row is a GEMV that reads every weight once, from memory: MKL reads at
+  10-15 GB/s with 1 thread or 2, while a 2-thread ``sum`` reads 21 GB/s. Split
+  into two half-width GEMVs in one ``bmm``, both cores read: batch-1 greedy
+  search went from 237-246 to 263-271 tokens/s (``small``) and from 71-74 to
+  81-82 (``base``).
 
-So when no gradient is being recorded, ``Linear`` multiplies through oneDNN
-with a packed copy of W from 8 rows on (from 2 rows for a weight of 2^20
-elements or more), and otherwise against a contiguous copy of Wᵀ
-(``onednn_min_rows``). Training, anything that needs gradients, other devices and
-``torch.compile`` take the plain ``F.linear`` path; the parameters and the
-state dict are those of ``nn.Linear``.
+So when no gradient is being recorded, ``Linear`` multiplies (``InferenceWeights``)
+one row as two halves of Wᵀ when there are threads to share them, fewer rows than
+``onednn_min_rows`` (8, or 2 for a weight of 2^20 elements or more) against a
+contiguous copy of Wᵀ, and more through oneDNN with a packed copy of W.
+Training, anything that needs gradients, other devices and ``torch.compile``
+take the plain ``F.linear`` path; the parameters and the state dict are those
+of ``nn.Linear``.
 
 The copies are made on first use and dropped whenever the weight may have
 changed: when the weight's storage or version counter moves (``load_state_dict``,
@@ -52,53 +57,88 @@ def _weight_key(weight: torch.Tensor) -> tuple:
     return (weight.data_ptr(), weight._version, weight.device, weight.dtype, weight.shape)
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """W in oneDNN's blocked layout, or None where oneDNN cannot take it."""
+    if not _onednn["available"] or weight.dtype != torch.float32:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+    except (AttributeError, RuntimeError):  # an op this PyTorch build lacks
+        _onednn["available"] = False
+        return None
+
+
+class InferenceWeights:
+    """A weight's copies laid out for CPU inference, each made on first use, and the
+    product ``(rows, in) -> (rows, out)`` through the fastest kernel for the rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.min_onednn_rows = onednn_min_rows(weight)
+        self._copies: dict[str, torch.Tensor | None] = {}
+
+    def _copy(self, kind: str, make) -> torch.Tensor | None:
+        if kind not in self._copies:
+            with torch.no_grad():
+                self._copies[kind] = make(self.weight.detach())
+        return self._copies[kind]
+
+    def transposed(self) -> torch.Tensor:
+        """Contiguous Wᵀ (in, out)."""
+        return self._copy("transposed", lambda w: w.t().contiguous())
+
+    def halves(self) -> torch.Tensor:
+        """Wᵀ's two halves of the output features, (2, in, out / 2)."""
+        out, inputs = self.weight.shape
+        return self._copy(
+            "halves", lambda w: w.t().reshape(inputs, 2, out // 2).transpose(0, 1).contiguous()
+        )
+
+    def packed(self) -> torch.Tensor | None:
+        return self._copy("packed", _pack)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        count = rows.size(0)
+        if count == 1 and self.weight.size(0) % 2 == 0 and torch.get_num_threads() > 1:
+            both = rows.expand(2, 1, rows.size(1))  # (2, 1, in): one GEMV per half
+            if self.bias is None:
+                return torch.bmm(both, self.halves()).view(1, -1)
+            return torch.baddbmm(self.bias.view(2, 1, -1), both, self.halves()).view(1, -1)
+        packed = self.packed() if count >= self.min_onednn_rows else None
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
+        if self.bias is None:
+            return rows @ self.transposed()
+        return torch.addmm(self.bias, rows, self.transposed())
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with inference copies of its weight laid out for CPU kernels."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._inference_weights: dict[str, tuple[tuple, torch.Tensor | None]] = {}
+        self._inference: tuple[tuple, InferenceWeights] | None = None
 
-    def _cached(self, kind: str, make) -> torch.Tensor | None:
-        key = _weight_key(self.weight)
-        cached = self._inference_weights.get(kind)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, make(self.weight.detach()))
-            self._inference_weights[kind] = cached
-        return cached[1]
-
-    def transposed_weight(self) -> torch.Tensor:
-        """Contiguous Wᵀ (in, out)."""
-        return self._cached("transposed", lambda w: w.t().contiguous())
-
-    def packed_weight(self) -> torch.Tensor | None:
-        """W in oneDNN's blocked layout, or None where oneDNN cannot take it."""
-
-        def pack(weight: torch.Tensor) -> torch.Tensor | None:
-            if not _onednn["available"] or weight.dtype != torch.float32:
-                return None
-            try:
-                return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-            except (AttributeError, RuntimeError):  # an op this PyTorch build lacks
-                _onednn["available"] = False
-                return None
-
-        return self._cached("packed", pack)
+    def inference_weights(self) -> InferenceWeights:
+        """The current weight's inference copies (new ones if the weight changed)."""
+        key = (_weight_key(self.weight), _weight_key(self.bias) if self.bias is not None else None)
+        if self._inference is None or self._inference[0] != key:
+            self._inference = (key, InferenceWeights(self.weight, self.bias))
+        return self._inference[1]
 
     def __getstate__(self) -> dict:
         # copies and pickles leave the inference copies behind: a oneDNN-packed
         # tensor has no storage to copy, and they are remade on first use anyway
-        return {**super().__getstate__(), "_inference_weights": {}}
+        return {**super().__getstate__(), "_inference": None}
 
     def train(self, mode: bool = True) -> Linear:
-        self._inference_weights.clear()
+        self._inference = None
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recording = torch.is_grad_enabled()
         if recording:  # a training step may follow and leave the copies stale
-            self._inference_weights.clear()
+            self._inference = None
         if (
             recording
             or torch.compiler.is_compiling()
@@ -106,14 +146,7 @@ class Linear(nn.Linear):
             or x.dtype != self.weight.dtype
         ):
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, x.size(-1))
-        packed = self.packed_weight() if rows.size(0) >= onednn_min_rows(self.weight) else None
-        if packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
-        elif self.bias is None:
-            out = rows @ self.transposed_weight()
-        else:
-            out = torch.addmm(self.bias, rows, self.transposed_weight())
+        out = self.inference_weights()(x.reshape(-1, x.size(-1)))
         return out.view(*x.shape[:-1], out.size(-1))
 
 

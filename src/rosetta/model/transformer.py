@@ -22,7 +22,7 @@ from rosetta.model.embeddings import (
     TokenEmbedding,
 )
 from rosetta.model.encoder import Encoder, EncoderLayer
-from rosetta.model.incremental import DecoderStep, LinearWeights
+from rosetta.model.incremental import DecoderStep, inference_linear
 from rosetta.model.interface import DecoderState, EncoderOutput
 from rosetta.model.linear import Linear
 from rosetta.model.packing import Packing
@@ -145,7 +145,7 @@ class Transformer(nn.Module):
             return self.output(x[:, -1])
         if "decoder_step" not in state.fixed:
             state.fixed["decoder_step"] = DecoderStep(self.decoder)
-            state.fixed["output"] = LinearWeights(self.output)
+            state.fixed["output"] = inference_linear(self.output)
         x = state.fixed["decoder_step"](x[:, 0], caches, memory_kv, memory_mask, state.group)
         return state.fixed["output"](x)
 
