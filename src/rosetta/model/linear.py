@@ -75,6 +75,7 @@ class InferenceWeights:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight, self.bias = weight, bias
         self.min_onednn_rows = onednn_min_rows(weight)
+        self.splittable = weight.size(0) % 2 == 0  # into two halves of the outputs
         self._copies: dict[str, torch.Tensor | None] = {}
 
     def _copy(self, kind: str, make) -> torch.Tensor | None:
@@ -99,7 +100,7 @@ class InferenceWeights:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.size(0)
-        if count == 1 and self.weight.size(0) % 2 == 0 and torch.get_num_threads() > 1:
+        if count == 1 and self.splittable and torch.get_num_threads() > 1:
             both = rows.expand(2, 1, rows.size(1))  # (2, 1, in): one GEMV per half
             if self.bias is None:
                 return torch.bmm(both, self.halves()).view(1, -1)

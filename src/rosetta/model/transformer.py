@@ -122,13 +122,17 @@ class Transformer(nn.Module):
         memory_kv = [
             layer.cross_attn.project_memory(encoder_output.memory) for layer in self.decoder.layers
         ]
-        searching = not (self.training or torch.is_grad_enabled())
-        dtype = encoder_output.memory.dtype if searching else None
+        dtype = encoder_output.memory.dtype if self._searching() else None
         mask = attention_mask(encoder_output.pad_mask, dtype)
         caches = [KVCache() for _ in self.decoder.layers]
         return DecoderState(
             tensors={"caches": caches}, sources={"memory_kv": memory_kv, "memory_mask": mask}
         )
+
+    def _searching(self) -> bool:
+        """Eval mode without gradients: the search paths (``DecoderStep``, the
+        additive source mask) apply."""
+        return not (self.training or torch.is_grad_enabled())
 
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab).
@@ -140,7 +144,7 @@ class Transformer(nn.Module):
         state.step += 1
         caches, memory_kv = state.tensors["caches"], state.sources["memory_kv"]
         memory_mask = state.sources["memory_mask"]
-        if self.training or torch.is_grad_enabled():
+        if not self._searching():
             x = self.decoder(x, memory_kv, memory_mask, caches, group=state.group)
             return self.output(x[:, -1])
         if "decoder_step" not in state.fixed:
