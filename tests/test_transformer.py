@@ -63,28 +63,37 @@ def test_source_padding_does_not_change_outputs():
     torch.testing.assert_close(model(longer, tgt), model(src, tgt), atol=1e-5, rtol=1e-4)
 
 
-def search_context(path: str):
+PATHS = ["modules", "decoder_step", "decoder_step_matmul"]
+
+
+def search_context(path: str, monkeypatch):
     """``modules``: the step through the layers (gradients on, as in training);
-    ``decoder_step``: inference mode, where ``DecoderStep`` takes over."""
-    return torch.inference_mode() if path == "decoder_step" else contextlib.nullcontext()
+    ``decoder_step``: inference mode, where ``DecoderStep`` takes over, attending
+    through SDPA, or (``_matmul``) through batched matrix products, as it does for
+    many hypotheses."""
+    if path == "modules":
+        return contextlib.nullcontext()
+    minimum = 1 if path.endswith("_matmul") else 10**9
+    monkeypatch.setattr("rosetta.model.incremental.MATMUL_MIN_ROWS", minimum)
+    return torch.inference_mode()
 
 
-@pytest.mark.parametrize("path", ["modules", "decoder_step"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"norm": "post"}, {"positional": "learned"}, {"activation": "gelu"}],
 )
-def test_cached_incremental_decoding_equals_full_recomputation(overrides, path):
+def test_cached_incremental_decoding_equals_full_recomputation(overrides, path, monkeypatch):
     model = tiny_model(**overrides)
     src, tgt = random_batch(batch=9, tgt_len=9)  # 9 rows: the oneDNN path of Linear
     full = model(src, tgt)
     for rows in (slice(0, 9), slice(0, 2)):  # and the transposed-weight path
-        with search_context(path):
+        with search_context(path, monkeypatch):
             state = model.init_state(model.encode(src[rows]))
             for t in range(tgt.size(1)):
                 step_logits = model.decode_step(tgt[rows, t], state)
                 torch.testing.assert_close(step_logits, full[rows, t], atol=1e-5, rtol=1e-4)
-        assert ("decoder_step" in state.fixed) == (path == "decoder_step")
+        assert ("decoder_step" in state.fixed) == (path != "modules")
     assert state.step == tgt.size(1)
     # one cached key/value per generated position in every layer
     assert all(cache.length == tgt.size(1) for cache in state.tensors["caches"])
@@ -103,8 +112,8 @@ def test_state_select_sources_reorders_the_batch():
     )
 
 
-@pytest.mark.parametrize("path", ["modules", "decoder_step"])
-def test_grouped_hypotheses_share_one_copy_of_their_source(path):
+@pytest.mark.parametrize("path", PATHS)
+def test_grouped_hypotheses_share_one_copy_of_their_source(path, monkeypatch):
     """Beam search's layout: ``expand(beam)`` gives each source ``beam`` rows that
     attend to its single memory; re-ranking within groups (``select``) and dropping
     sources (``select_sources``) match a full pass over the same prefixes."""
@@ -114,7 +123,7 @@ def test_grouped_hypotheses_share_one_copy_of_their_source(path):
     generator = torch.Generator().manual_seed(5)
     prefixes = torch.randint(4, VOCAB, (3 * beam, steps), generator=generator)
     prefixes[:, 0] = BOS_ID
-    with search_context(path):
+    with search_context(path, monkeypatch):
         state = model.init_state(model.encode(src))
         state.expand(beam)
         assert state.num_sources == 3 and state.tensors["caches"][0].length == 0
@@ -132,7 +141,7 @@ def test_grouped_hypotheses_share_one_copy_of_their_source(path):
         assert state.sources["memory_kv"][0][0].size(0) == 2
         rows = rows[[6, 7, 8, 0, 1, 2]]
         logits = model.decode_step(prefixes[rows, steps - 1], state)
-    assert ("decoder_step" in state.fixed) == (path == "decoder_step")
+    assert ("decoder_step" in state.fixed) == (path != "modules")
     kept = torch.cat([prefixes[rows, :steps], prefixes[rows, steps - 1 :]], dim=1)
     expected = model(src[[2, 2, 2, 0, 0, 0]], kept)[:, steps]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)

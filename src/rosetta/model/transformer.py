@@ -122,7 +122,10 @@ class Transformer(nn.Module):
         memory_kv = [
             layer.cross_attn.project_memory(encoder_output.memory) for layer in self.decoder.layers
         ]
-        dtype = encoder_output.memory.dtype if self._searching() else None
+        dtype = None
+        if self._searching():  # read at every step: one contiguous block per head
+            memory_kv = [(k.contiguous(), v.contiguous()) for k, v in memory_kv]
+            dtype = encoder_output.memory.dtype
         mask = attention_mask(encoder_output.pad_mask, dtype)
         caches = [KVCache() for _ in self.decoder.layers]
         return DecoderState(
