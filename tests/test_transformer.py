@@ -85,9 +85,12 @@ def search_context(path: str, monkeypatch):
 )
 def test_cached_incremental_decoding_equals_full_recomputation(overrides, path, monkeypatch):
     model = tiny_model(**overrides)
-    src, tgt = random_batch(batch=9, tgt_len=9)  # 9 rows: the oneDNN path of Linear
+    # tiny weights through oneDNN from 4 rows, as larger ones go: 9 rows take it,
+    # 2 rows the transposed weight, 1 row the half-width GEMVs
+    monkeypatch.setattr("rosetta.model.linear.ONEDNN_TIERS", ((0, 4),))
+    src, tgt = random_batch(batch=9, tgt_len=9)
     full = model(src, tgt)
-    for rows in (slice(0, 9), slice(0, 2)):  # and the transposed-weight path
+    for rows in (slice(0, 9), slice(0, 2), slice(0, 1)):
         with search_context(path, monkeypatch):
             state = model.init_state(model.encode(src[rows]))
             for t in range(tgt.size(1)):
@@ -245,10 +248,17 @@ def test_cache_reorders_rows_in_place_and_keeps_appending():
     assert cache.length == history.size(2) + 1
 
 
-def test_fast_inference_path_decodes_like_the_plain_layers():
-    """Transposed / oneDNN-packed weights and grouped beams give the tokens that
-    plain ``nn.Linear`` layers give, for greedy and beam search."""
+@pytest.mark.parametrize("large", [False, True])
+def test_fast_inference_path_decodes_like_the_plain_layers(large, monkeypatch):
+    """Transposed / oneDNN-packed weights, attention by SDPA or by matrix products,
+    and grouped beams give the tokens that plain ``nn.Linear`` layers give, for
+    greedy and beam search. ``large``: the tiny model takes the kernels that large
+    weights and many hypotheses take."""
     import copy
+
+    if large:
+        monkeypatch.setattr("rosetta.model.linear.ONEDNN_TIERS", ((0, 2),))
+        monkeypatch.setattr("rosetta.model.incremental.MATMUL_MIN_ROWS", 2)
 
     from rosetta.decode import beam_search, greedy_search
     from rosetta.model.linear import Linear, as_plain_linear

@@ -21,8 +21,7 @@ import torch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     Hypothesis,
-    forbid_eos,
-    forbid_specials,
+    forbid_tokens,
     force_eos,
     length_penalty,
     max_lengths,
@@ -77,7 +76,7 @@ def beam_search(
         n = len(active)
         logits = model.decode_step(tokens, state).float()  # (n * beam, vocab)
         normalizer = logits.logsumexp(dim=-1, keepdim=True)
-        logits = forbid_eos(forbid_specials(logits), step, min_len)
+        logits = forbid_tokens(logits, step, min_len)
         if step + 1 >= first_budget:  # some sentence may have reached its length budget
             row_budget = budget[active].repeat_interleave(beam)  # (n * beam,)
             logits = force_eos(logits, row_budget <= step + 1)

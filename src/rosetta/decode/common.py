@@ -34,20 +34,19 @@ def source_lengths(src: torch.Tensor) -> torch.Tensor:
     return src.ne(PAD_ID).sum(dim=1)
 
 
-def forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
-    """<pad> and <bos> are never generated. These helpers edit their argument in
-    place and work on log-probabilities and logits alike."""
-    log_probs[:, PAD_ID] = float("-inf")
-    log_probs[:, BOS_ID] = float("-inf")
-    return log_probs
+_FORBIDDEN: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
 
-def forbid_eos(log_probs: torch.Tensor, step: int, min_len: int) -> torch.Tensor:
-    """No <eos> before ``min_len`` tokens (used to force equal output lengths when
-    timing systems against each other)."""
-    if step < min_len:
-        log_probs[:, EOS_ID] = float("-inf")
-    return log_probs
+def forbid_tokens(log_probs: torch.Tensor, step: int, min_len: int) -> torch.Tensor:
+    """Tokens that cannot come next: <pad> and <bos> never, <eos> not before
+    ``min_len`` tokens (used to force equal output lengths when timing systems
+    against each other). Edits its argument in place, in one ``index_fill_``,
+    and works on log-probabilities and logits alike."""
+    key = (log_probs.device, step < min_len)
+    if key not in _FORBIDDEN:
+        ids = [PAD_ID, BOS_ID, EOS_ID] if key[1] else [PAD_ID, BOS_ID]
+        _FORBIDDEN[key] = torch.tensor(ids, device=log_probs.device)
+    return log_probs.index_fill_(1, _FORBIDDEN[key], float("-inf"))
 
 
 def force_eos(log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,7 @@ import torch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     Hypothesis,
-    forbid_eos,
-    forbid_specials,
+    forbid_tokens,
     force_eos,
     max_lengths,
     source_lengths,
@@ -37,27 +36,35 @@ def greedy_search(
     steps, first_budget = int(budget.max()), int(budget.min())
     alive = torch.arange(batch, device=device)  # original row of each live sentence
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
-    outputs = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, device=device)
+    # live sentences' outputs and scores, in the order of `alive`; a sentence's are
+    # moved to `outputs` and `scores` (by original row) when it leaves the batch
+    live_outputs = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
+    live_scores = torch.zeros(batch, device=device)
+    outputs, scores = live_outputs.clone(), live_scores.clone()
     for step in range(steps):
         logits = model.decode_step(tokens, state).float()
         # the arg-max of the logits is the arg-max of the log-probabilities; only
         # the chosen token's log-probability is needed: logit - logsumexp
         normalizer = logits.logsumexp(dim=-1)
-        logits = forbid_eos(forbid_specials(logits), step, min_len)
+        logits = forbid_tokens(logits, step, min_len)
         if step + 1 >= first_budget:  # some sentence may have reached its length budget
             logits = force_eos(logits, budget[alive] <= step + 1)
         best, tokens = logits.max(dim=-1)
-        outputs[alive, step] = tokens
-        scores[alive] += best - normalizer
+        live_outputs[:, step] = tokens
+        live_scores += best.sub_(normalizer)
         running = tokens.ne(EOS_ID)
         still_running = int(running.sum())  # the one host sync of the step
         if still_running < len(alive):
+            done = (~running).nonzero().squeeze(1)
+            outputs[alive[done]], scores[alive[done]] = live_outputs[done], live_scores[done]
             if still_running == 0:
                 break
             keep = running.nonzero().squeeze(1)
             state.select_sources(keep)
             alive, tokens = alive[keep], tokens[keep]
+            live_outputs, live_scores = live_outputs[keep], live_scores[keep]
+    else:  # the length budget ends the search for every sentence still running
+        outputs[alive], scores[alive] = live_outputs, live_scores
     results = []
     for row, score in zip(outputs.tolist(), scores.tolist()):
         sequence = row[: row.index(EOS_ID)] if EOS_ID in row else row

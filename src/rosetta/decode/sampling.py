@@ -7,8 +7,7 @@ import torch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     Hypothesis,
-    forbid_eos,
-    forbid_specials,
+    forbid_tokens,
     force_eos,
     max_lengths,
     source_lengths,
@@ -56,8 +55,8 @@ def sample(
     out = torch.full((batch, int(budget.max())), PAD_ID, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(batch, device=src.device)
     for step in range(int(budget.max())):
-        logits = forbid_specials(model.decode_step(tokens, state).float() / temperature)
-        logits = forbid_eos(logits, step, min_len)
+        logits = model.decode_step(tokens, state).float() / temperature
+        logits = forbid_tokens(logits, step, min_len)
         logits = filter_logits(force_eos(logits, budget <= step + 1), top_k, top_p)
         log_probs = logits.log_softmax(-1)
         tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)

@@ -11,18 +11,27 @@ project's 2-core machine (``benchmarks/speed.py`` has the end-to-end effect):
   with W reordered once into its blocked layout (160 rows: 46 / 54 / 68);
 * the 256 x 8000 output projection by 2 to 7 rows (beam search at batch 1,
   the last sentences of a greedy batch): 2.2-2.6x faster through oneDNN than
-  against Wᵀ (5 rows: 0.86 against 2.2 ms); for the layers of 256 x 1024 and
-  smaller, the two are within noise of each other up to 32 rows;
+  against Wᵀ (5 rows: 0.86 against 2.2 ms);
+* oneDNN costs ~35 us per call before any arithmetic, so small weights never
+  catch up: on a slower day of the same machine (Zen 1 cores), 256 x 256 by 8,
+  32 and 160 rows took 73 / 121 / 361 us through oneDNN against 38 / 85 / 339
+  against Wᵀ; 256 x 768 and 512 x 512 are faster through oneDNN from about 4
+  rows, and 512 x 1536, 512 x 2048 and larger from 2 (5 rows of 512 x 2048:
+  284 against 764 us);
 * one row is a GEMV that reads every weight once, from memory: MKL reads at
   10-15 GB/s with 1 thread or 2, while a 2-thread ``sum`` reads 21 GB/s. Split
   into two half-width GEMVs in one ``bmm``, both cores read: batch-1 greedy
   search went from 237-246 to 263-271 tokens/s (``small``) and from 71-74 to
-  81-82 (``base``).
+  81-82 (``base``);
+* at one row the Python around the product matters: the ``small`` decoder's
+  19 GEMVs of a step took 1.65 ms as bare ``baddbmm`` calls and 1.94 ms behind
+  a general dispatch, so the one-row product is a closure made once.
 
 So when no gradient is being recorded, ``Linear`` multiplies (``InferenceWeights``)
-one row as two halves of Wᵀ when there are threads to share them, fewer rows than
-``onednn_min_rows`` (8, or 2 for a weight of 2^20 elements or more) against a
-contiguous copy of Wᵀ, and more through oneDNN with a packed copy of W.
+one row as two halves of Wᵀ when there are threads to share them; from
+``onednn_min_rows`` rows (2 for weights of 2^19 elements or more, 4 from 2^17,
+never below) through oneDNN with a packed copy of W; otherwise against a
+contiguous copy of Wᵀ.
 Training, anything that needs gradients, other devices and ``torch.compile``
 take the plain ``F.linear`` path; the parameters and the state dict are those
 of ``nn.Linear``.
@@ -38,19 +47,25 @@ weights of its first validation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ONEDNN_MIN_ROWS = 8  # below this, the transposed weight and MKL win ...
-ONEDNN_MIN_ROWS_LARGE = 2  # ... except for large weights (the output projection)
-LARGE_WEIGHT = 1 << 20  # elements
+# (weight elements, rows from which oneDNN beats MKL against Wᵀ), largest first;
+# smaller weights never go through oneDNN
+ONEDNN_TIERS = ((1 << 19, 2), (1 << 17, 4))
 _onednn = {"available": torch.backends.mkldnn.is_available()}
 
 
-def onednn_min_rows(weight: torch.Tensor) -> int:
-    """From how many rows on a product with ``weight`` is faster through oneDNN."""
-    return ONEDNN_MIN_ROWS_LARGE if weight.numel() >= LARGE_WEIGHT else ONEDNN_MIN_ROWS
+def onednn_min_rows(weight: torch.Tensor) -> int | None:
+    """From how many rows a product with ``weight`` is faster through oneDNN (None:
+    never)."""
+    for elements, rows in ONEDNN_TIERS:
+        if weight.numel() >= elements:
+            return rows
+    return None
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:
@@ -77,6 +92,7 @@ class InferenceWeights:
         self.min_onednn_rows = onednn_min_rows(weight)
         self.splittable = weight.size(0) % 2 == 0  # into two halves of the outputs
         self._copies: dict[str, torch.Tensor | None] = {}
+        self._one_row: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _copy(self, kind: str, make) -> torch.Tensor | None:
         if kind not in self._copies:
@@ -98,16 +114,31 @@ class InferenceWeights:
     def packed(self) -> torch.Tensor | None:
         return self._copy("packed", _pack)
 
+    def one_row(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The product of one row (1, in) as two half-width GEMVs in one ``bmm``."""
+        if self._one_row is None:
+            halves, inputs = self.halves(), self.weight.size(1)
+            if self.bias is None:
+
+                def product(row: torch.Tensor) -> torch.Tensor:
+                    return torch.bmm(row.expand(2, 1, inputs), halves).view(1, -1)
+            else:
+                bias = self.bias.detach().view(2, 1, -1)
+
+                def product(row: torch.Tensor) -> torch.Tensor:
+                    return torch.baddbmm(bias, row.expand(2, 1, inputs), halves).view(1, -1)
+
+            self._one_row = product
+        return self._one_row
+
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.size(0)
         if count == 1 and self.splittable and torch.get_num_threads() > 1:
-            both = rows.expand(2, 1, rows.size(1))  # (2, 1, in): one GEMV per half
-            if self.bias is None:
-                return torch.bmm(both, self.halves()).view(1, -1)
-            return torch.baddbmm(self.bias.view(2, 1, -1), both, self.halves()).view(1, -1)
-        packed = self.packed() if count >= self.min_onednn_rows else None
-        if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
+            return (self._one_row or self.one_row())(rows)
+        if self.min_onednn_rows is not None and count >= self.min_onednn_rows:
+            packed = self.packed()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
         if self.bias is None:
             return rows @ self.transposed()
         return torch.addmm(self.bias, rows, self.transposed())
