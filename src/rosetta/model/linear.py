@@ -13,7 +13,8 @@ project's 2-core machine (``benchmarks/speed.py`` has the end-to-end effect):
   the last sentences of a greedy batch): 2.2-2.6x faster through oneDNN than
   against Wᵀ (5 rows: 0.86 against 2.2 ms);
 * oneDNN costs ~35 us per call before any arithmetic, so small weights never
-  catch up: on a slower day of the same machine (Zen 1 cores), 256 x 256 by 8,
+  catch up: on a later session's machine (AMD EPYC, Zen 1 cores, a 2048^2
+  GEMM at ~66 GFLOP/s), 256 x 256 by 8,
   32 and 160 rows took 73 / 121 / 361 us through oneDNN against 38 / 85 / 339
   against Wᵀ; 256 x 768 and 512 x 512 are faster through oneDNN from about 4
   rows, and 512 x 1536, 512 x 2048 and larger from 2 (5 rows of 512 x 2048:
@@ -23,9 +24,10 @@ project's 2-core machine (``benchmarks/speed.py`` has the end-to-end effect):
   into two half-width GEMVs in one ``bmm``, both cores read: batch-1 greedy
   search went from 237-246 to 263-271 tokens/s (``small``) and from 71-74 to
   81-82 (``base``);
-* at one row the Python around the product matters: the ``small`` decoder's
-  19 GEMVs of a step took 1.65 ms as bare ``baddbmm`` calls and 1.94 ms behind
-  a general dispatch, so the one-row product is a closure made once.
+* at one row the Python around the product shows: the ``small`` decoder's 19
+  GEMVs of a step took 1.65 ms as bare ``baddbmm`` calls, 1.94 ms behind the
+  general dispatch and 1.87 ms with the one-row product as a closure made once
+  (medians of 40).
 
 So when no gradient is being recorded, ``Linear`` multiplies (``InferenceWeights``)
 one row as two halves of Wᵀ when there are threads to share them; from
