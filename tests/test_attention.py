@@ -85,3 +85,23 @@ def test_padded_keys_get_zero_weight_and_do_not_change_outputs(need_weights):
     assert torch.all(weights[..., 4:] == 0)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 3))
     torch.testing.assert_close(out_padded, out_plain, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_projected_on_real_tokens_only_equals_the_padded_projection():
+    """With a ``Packing``, cross-attention K/V are computed for real source tokens
+    only: equal at real positions, zero at padded ones, same attention output."""
+    from rosetta.model.packing import Packing
+
+    torch.manual_seed(3)
+    attention = CrossAttention(8, 2).eval()
+    memory = torch.randn(3, 5, 8)
+    real = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    packed = attention.project_memory(memory, Packing(real))
+    plain = attention.project_memory(memory)
+    where = real[:, None, :, None].expand_as(plain[0])  # (batch, heads, src_len, head_dim)
+    for got, expected in zip(packed, plain):
+        torch.testing.assert_close(got[where], expected[where])
+        assert torch.all(got[~where] == 0)
+    x = torch.randn(3, 4, 8)
+    mask = real[:, None, None, :]
+    torch.testing.assert_close(attention(x, packed, mask)[0], attention(x, plain, mask)[0])

@@ -53,7 +53,13 @@ def beam_search(
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)  # (batch,)
     steps, first_budget = int(budget.max()), int(budget.min())
     state = model.init_state(model.encode(src))
-    state.expand(beam)  # beam hypotheses per source, sharing its encoder side
+    # The first step reads only <bos>, the same for a sentence's whole beam: it runs
+    # once per sentence, and the sentence gets its beam hypotheses (sharing its
+    # encoder side) afterwards.
+    bos = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    first_logits = model.decode_step(bos, state)
+    state.expand(beam)
+    tokens = bos.repeat_interleave(beam)  # (batch * beam,): what each hypothesis read last
 
     # Results of finished sentences, by original row.
     out_scores = torch.full((batch, beam), NEG_INF, device=device)
@@ -66,7 +72,6 @@ def beam_search(
     scores = torch.full((batch, beam), NEG_INF, device=device)
     scores[:, 0] = 0.0
     alive = torch.empty((batch, beam, 0), dtype=torch.long, device=device)
-    tokens = torch.full((batch * beam,), BOS_ID, dtype=torch.long, device=device)
     # Finished hypotheses of the active sentences (tokens without <eos>), best first.
     fin_scores = torch.full((batch, beam), NEG_INF, device=device)
     fin_log_probs = torch.full((batch, beam), NEG_INF, device=device)
@@ -74,7 +79,10 @@ def beam_search(
 
     for step in range(steps):
         n = len(active)
-        logits = model.decode_step(tokens, state).float()  # (n * beam, vocab)
+        if step == 0:  # rows of beam 0, the only one alive, are what count
+            logits = first_logits.float().repeat_interleave(beam, dim=0)
+        else:
+            logits = model.decode_step(tokens, state).float()  # (n * beam, vocab)
         normalizer = logits.logsumexp(dim=-1, keepdim=True)
         logits = forbid_tokens(logits, step, min_len)
         if step + 1 >= first_budget:  # some sentence may have reached its length budget

@@ -203,9 +203,17 @@ class CrossAttention(MultiHeadAttention):
         self.q_proj = Linear(d_model, d_model)
         self.kv_proj = Linear(d_model, 2 * d_model)
 
-    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the encoder output, computed once per sentence."""
-        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+    def project_memory(
+        self, memory: torch.Tensor, packing: Packing | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoder output (batch, src_len, d_model), computed
+        once per sentence; with a ``packing``, for the real tokens only (zero at
+        padded positions, which the source mask hides)."""
+        if packing is None:
+            kv = self.kv_proj(memory)
+        else:
+            kv = packing.unpack(self.kv_proj(packing.pack(memory)))
+        k, v = kv.chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
     def forward(

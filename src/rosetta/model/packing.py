@@ -23,7 +23,9 @@ class Packing:
     def __init__(self, real: torch.Tensor) -> None:
         """real: (batch, length), True on real tokens."""
         self.batch, self.length = real.shape
-        self.index = real.reshape(-1).nonzero().squeeze(1)  # flat positions of real tokens
+        flat = real.reshape(-1)
+        self.index = flat.nonzero().squeeze(1)  # flat positions of real tokens
+        self.padding = flat.logical_not().nonzero().squeeze(1)  # and of padding
 
     @classmethod
     def worthwhile(cls, real: torch.Tensor) -> Packing | None:
@@ -40,6 +42,8 @@ class Packing:
         return x.reshape(self.batch * self.length, x.size(-1)).index_select(0, self.index)
 
     def unpack(self, rows: torch.Tensor) -> torch.Tensor:
-        """(tokens, dim) -> (batch, length, dim), zeros at padded positions."""
-        padded = rows.new_zeros(self.batch * self.length, rows.size(-1))
-        return padded.index_copy(0, self.index, rows).view(self.batch, self.length, -1)
+        """(tokens, dim) -> (batch, length, dim), zeros at padded positions. Each
+        position is written once (not zeroed first, then copied)."""
+        padded = rows.new_empty(self.batch * self.length, rows.size(-1))
+        padded.index_fill_(0, self.padding, 0.0).index_copy_(0, self.index, rows)
+        return padded.view(self.batch, self.length, -1)

@@ -119,14 +119,17 @@ class Transformer(nn.Module):
 
     def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
         """Projects H_enc to every decoder layer's cross-attention K/V, once."""
+        pad_mask = encoder_output.pad_mask
+        packing = Packing.worthwhile(~pad_mask) if bool(pad_mask.any()) else None
         memory_kv = [
-            layer.cross_attn.project_memory(encoder_output.memory) for layer in self.decoder.layers
+            layer.cross_attn.project_memory(encoder_output.memory, packing)
+            for layer in self.decoder.layers
         ]
         dtype = None
         if self._searching():  # read at every step: one contiguous block per head
             memory_kv = [(k.contiguous(), v.contiguous()) for k, v in memory_kv]
             dtype = encoder_output.memory.dtype
-        mask = attention_mask(encoder_output.pad_mask, dtype)
+        mask = attention_mask(pad_mask, dtype)
         caches = [KVCache() for _ in self.decoder.layers]
         return DecoderState(
             tensors={"caches": caches}, sources={"memory_kv": memory_kv, "memory_mask": mask}
