@@ -32,11 +32,14 @@ import torch
 @dataclass
 class EncoderOutput:
     """memory: (batch, src_len, dim); pad_mask: (batch, src_len), True on padding;
-    final_state: what else the decoder starts from (the RNN's final encoder states)."""
+    final_state: what else the decoder starts from (the RNN's final encoder states);
+    packing: where the real tokens are, when the encoder worked on them alone (the
+    Transformer's ``Packing``), for the decoder side to do the same."""
 
     memory: torch.Tensor
     pad_mask: torch.Tensor
     final_state: Any = None
+    packing: Any = None
 
 
 @runtime_checkable

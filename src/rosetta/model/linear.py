@@ -136,7 +136,7 @@ class InferenceWeights:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.size(0)
         if count == 1 and self.splittable and torch.get_num_threads() > 1:
-            return (self._one_row or self.one_row())(rows)
+            return self.one_row()(rows)
         if self.min_onednn_rows is not None and count >= self.min_onednn_rows:
             packed = self.packed()
             if packed is not None:

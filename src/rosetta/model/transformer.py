@@ -110,26 +110,23 @@ class Transformer(nn.Module):
     def encode(self, src: torch.Tensor, need_weights: bool = False) -> EncoderOutput:
         """src (batch, src_len) -> H_enc (batch, src_len, d_model) and its padding mask."""
         pad_mask = src.eq(PAD_ID)
-        mask = attention_mask(pad_mask)
-        packing = Packing.worthwhile(~pad_mask) if mask is not None else None
+        packing = Packing.worthwhile(~pad_mask)  # None without enough padding
         memory, self._encoder_weights = self.encoder(
-            self.src_embed(src), mask, need_weights, packing
+            self.src_embed(src), attention_mask(pad_mask), need_weights, packing
         )
-        return EncoderOutput(memory=memory, pad_mask=pad_mask)
+        return EncoderOutput(memory=memory, pad_mask=pad_mask, packing=packing)
 
     def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
         """Projects H_enc to every decoder layer's cross-attention K/V, once."""
-        pad_mask = encoder_output.pad_mask
-        packing = Packing.worthwhile(~pad_mask) if bool(pad_mask.any()) else None
         memory_kv = [
-            layer.cross_attn.project_memory(encoder_output.memory, packing)
+            layer.cross_attn.project_memory(encoder_output.memory, encoder_output.packing)
             for layer in self.decoder.layers
         ]
         dtype = None
         if self._searching():  # read at every step: one contiguous block per head
             memory_kv = [(k.contiguous(), v.contiguous()) for k, v in memory_kv]
             dtype = encoder_output.memory.dtype
-        mask = attention_mask(pad_mask, dtype)
+        mask = attention_mask(encoder_output.pad_mask, dtype)
         caches = [KVCache() for _ in self.decoder.layers]
         return DecoderState(
             tensors={"caches": caches}, sources={"memory_kv": memory_kv, "memory_mask": mask}
