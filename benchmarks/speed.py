@@ -7,6 +7,7 @@ rosetta Transformer of the preset, a ``MarianMTModel`` built from a
 ``MarianConfig`` of the same shape, the HF model converted to CTranslate2 with
 CTranslate2's own Marian loader, and rosetta's own CTranslate2 export. Systems
 alternate inside every repeat, after a warm-up, and medians are reported.
+CTranslate2 runs in a process of its own (``CTranslate2Process`` says why).
 
 * training: target tokens/s (real and padded) with Adam steps on real Multi30k
   batches, each system with its own batching under the same token budget
@@ -22,6 +23,7 @@ Peers are benchmark-only dependencies: pip install transformers ctranslate2.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shlex
 import statistics
 import sys
@@ -189,21 +191,38 @@ def time_training(step, split, batches, warmup: int, steps: int) -> dict[str, fl
     return {"real": real / elapsed, "padded": padded / elapsed}
 
 
-# ---- decoding ------------------------------------------------------------------------
-def decode_runners(rosetta_model, hf_model, ct2_hf, ct2_rosetta, tokenizer, new_tokens):
-    """Callables decoding a list of id sequences with exactly ``new_tokens`` outputs."""
+# ---- decoding ----------------------------------------------------------------------
+# A timer decodes a list of calls (each a list of id sequences) with exactly
+# ``new_tokens`` outputs per sentence and returns the seconds it took.
+Timer = Callable[[list[list[list[int]]], int], float]
 
-    def rosetta_run(seqs, beam):
+
+def in_process(run: Callable) -> Timer:
+    def timed(calls, beam) -> float:
+        start = time.perf_counter()
+        for seqs in calls:
+            run(seqs, beam)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def rosetta_runner(model, new_tokens: int) -> Callable:
+    def run(seqs, beam):
         src = pad_batch(seqs)
         common = dict(max_len_a=0.0, max_len_b=new_tokens + 1, min_len=new_tokens)
         if beam == 1:
-            return greedy_search(rosetta_model, src, **common)
-        return beam_search(rosetta_model, src, beam=beam, **common)
+            return greedy_search(model, src, **common)
+        return beam_search(model, src, beam=beam, **common)
 
+    return run
+
+
+def hf_runner(model, new_tokens: int) -> Callable:
     @torch.inference_mode()
-    def hf_run(seqs, beam):
+    def run(seqs, beam):
         src = pad_batch(seqs, value=VOCAB - 1)
-        return hf_model.generate(
+        return model.generate(
             input_ids=src,
             attention_mask=src.ne(VOCAB - 1),
             num_beams=beam,
@@ -213,26 +232,71 @@ def decode_runners(rosetta_model, hf_model, ct2_hf, ct2_rosetta, tokenizer, new_
             early_stopping=False,
         )
 
-    def ct2_runner(engine, pieces_of):
-        def run(seqs, beam):
-            return engine.translate_batch(
-                [pieces_of(s) for s in seqs],
+    return run
+
+
+def hf_pieces() -> list[str]:
+    """Id -> piece for CTranslate2 converted from HF."""
+    names = _Vocabulary().get_vocab()
+    return sorted(names, key=names.get)
+
+
+def _serve_ctranslate2(connection, engines: dict, threads: int, new_tokens: int) -> None:
+    """The CTranslate2 process: loads the engines, then times each request."""
+    import ctranslate2
+
+    loaded = {
+        name: (
+            ctranslate2.Translator(path, device="cpu", inter_threads=1, intra_threads=threads),
+            pieces,
+        )
+        for name, (path, pieces) in engines.items()
+    }
+    while (request := connection.recv()) is not None:
+        name, calls, beam = request
+        engine, pieces = loaded[name]
+        start = time.perf_counter()
+        for seqs in calls:
+            engine.translate_batch(
+                [[pieces[i] for i in seq] for seq in seqs],
                 beam_size=beam,
                 min_decoding_length=new_tokens,
                 max_decoding_length=new_tokens,
                 max_batch_size=len(seqs),
             )
+        connection.send(time.perf_counter() - start)
 
-        return run
 
-    names = _Vocabulary().get_vocab()
-    hf_pieces = {i: name for name, i in names.items()}
-    return {
-        "rosetta": rosetta_run,
-        "hf": hf_run,
-        "ct2_from_hf": ct2_runner(ct2_hf, lambda s: [hf_pieces[i] for i in s]),
-        "rosetta_ct2": ct2_runner(ct2_rosetta, tokenizer.source_pieces),
-    }
+class CTranslate2Process:
+    """CTranslate2 engines in a process of their own, each request timed there.
+
+    CTranslate2 ships its own OpenMP runtime (a second libgomp). Once it has run
+    in a process, PyTorch's parallel regions in that process run slower: on the
+    2-core machine a pair of half-width GEMVs in one ``bmm`` took 220 instead of
+    149 us, and rosetta's batch-1 greedy search 3.62 instead of 3.29 ms per token
+    (HF's 7.92 instead of 7.76). In one process, the peer would slow the others.
+    """
+
+    def __init__(self, engines: dict[str, tuple[Path, list[str]]], threads: int, new_tokens: int):
+        """engines: name -> (model directory, id -> source piece)."""
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        engines = {name: (str(path), pieces) for name, (path, pieces) in engines.items()}
+        self._process = context.Process(
+            target=_serve_ctranslate2, args=(child, engines, threads, new_tokens), daemon=True
+        )
+        self._process.start()
+
+    def timer(self, name: str) -> Timer:
+        def timed(calls, beam) -> float:
+            self._connection.send((name, calls, beam))
+            return self._connection.recv()
+
+        return timed
+
+    def close(self) -> None:
+        self._connection.send(None)
+        self._process.join()
 
 
 def main() -> None:
@@ -246,8 +310,6 @@ def main() -> None:
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
-    import ctranslate2
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = load_config(args.config, ["experiment_dir=experiments/speed_data"])
@@ -259,7 +321,6 @@ def main() -> None:
 
     rosetta_model = build_model(cfg, VOCAB, VOCAB)
     hf_model = marian(cfg)
-    ct2_options = dict(device="cpu", inter_threads=1, intra_threads=args.threads)
     results: dict = {"command": command, "preset": args.preset, "threads": args.threads}
 
     # training
@@ -312,31 +373,35 @@ def main() -> None:
         rosetta_model,
         {},
     )
-    ct2_rosetta = ctranslate2.Translator(
-        str(export_ctranslate2(model_dir, work / "rosetta_ct2")), **ct2_options
+    ct2 = CTranslate2Process(
+        {
+            "ct2_from_hf": (marian_to_ctranslate2(hf_model, work / "hf_ct2"), hf_pieces()),
+            "rosetta_ct2": (
+                export_ctranslate2(model_dir, work / "rosetta_ct2"),
+                tokenizer.source_pieces(range(tokenizer.src_vocab_size)),
+            ),
+        },
+        args.threads,
+        args.new_tokens,
     )
-    ct2_hf = ctranslate2.Translator(
-        str(marian_to_ctranslate2(hf_model, work / "hf_ct2")), **ct2_options
-    )
-    runners = decode_runners(
-        rosetta_model, hf_model, ct2_hf, ct2_rosetta, tokenizer, args.new_tokens
-    )
+    timers = {
+        "rosetta": in_process(rosetta_runner(rosetta_model, args.new_tokens)),
+        "hf": in_process(hf_runner(hf_model, args.new_tokens)),
+        "ct2_from_hf": ct2.timer("ct2_from_hf"),
+        "rosetta_ct2": ct2.timer("rosetta_ct2"),
+    }
     test = load_split(config, "test")
     sources = [test.source(i).tolist() for i in range(64)]
     settings = {"greedy_b32": (1, 32), "greedy_b1": (1, 1), "beam5_b32": (5, 32)}
-    decoding: dict[str, dict[str, list[float]]] = {s: {n: [] for n in runners} for s in settings}
+    decoding: dict[str, dict[str, list[float]]] = {s: {n: [] for n in timers} for s in settings}
     for _ in range(args.repeats + 1):  # the first round is the warm-up
         for setting, (beam, batch) in settings.items():
-            for name, run in runners.items():
-                chunk = sources[:batch] if batch > 1 else sources[:8]
-                start = time.perf_counter()
-                if batch == 1:
-                    for seq in chunk:
-                        run([seq], beam)
-                else:
-                    run(chunk, beam)
-                seconds = time.perf_counter() - start
-                decoding[setting][name].append(len(chunk) * args.new_tokens / seconds)
+            # batch 1: the first 8 sentences one at a time
+            calls = [sources[:batch]] if batch > 1 else [[seq] for seq in sources[:8]]
+            tokens = sum(len(seqs) for seqs in calls) * args.new_tokens
+            for name, timed in timers.items():
+                decoding[setting][name].append(tokens / timed(calls, beam))
+    ct2.close()
     decode_flops = decode_flops_per_token(cfg)
     results["decoding"] = {
         setting: {
