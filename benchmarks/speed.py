@@ -211,8 +211,8 @@ def rosetta_runner(model, new_tokens: int) -> Callable:
     def run(seqs, beam):
         src = pad_batch(seqs)
         common = dict(max_len_a=0.0, max_len_b=new_tokens + 1, min_len=new_tokens)
-        if beam == 1:
-            return greedy_search(model, src, **common)
+        if beam == 1:  # tokens only, like HF's generate and CTranslate2 by default
+            return greedy_search(model, src, **common, with_scores=False)
         return beam_search(model, src, beam=beam, **common)
 
     return run

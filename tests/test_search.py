@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def test_beam_one_equals_greedy():
     assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in beam]
     for g, b in zip(greedy, beam):
         assert g.log_prob == pytest.approx(b[0].log_prob, abs=1e-4)
+
+
+def test_greedy_without_scores_gives_the_same_tokens_and_nan_scores():
+    model = make_model(30)
+    src = torch.randint(4, 30, (6, 9), generator=torch.Generator().manual_seed(1))
+    src[3, 4:] = PAD_ID
+    scored = greedy_search(model, src, max_len_b=12)
+    unscored = greedy_search(model, src, max_len_b=12, with_scores=False)
+    assert [h.tokens for h in unscored] == [h.tokens for h in scored]
+    assert all(math.isfinite(h.score) for h in scored)
+    assert all(math.isnan(h.score) and math.isnan(h.log_prob) for h in unscored)
 
 
 @pytest.mark.parametrize("search", ["greedy", "beam"])

@@ -27,8 +27,15 @@ def greedy_search(
     max_len_b: int = 10,
     max_len: int = 1024,
     min_len: int = 0,
+    with_scores: bool = True,
 ) -> list[Hypothesis]:
-    """Decodes a padded source batch (batch, src_len); returns one hypothesis per row."""
+    """Decodes a padded source batch (batch, src_len); returns one hypothesis per row.
+
+    A hypothesis's score is its log-probability, which takes a vocabulary-wide
+    log-sum-exp per step (~2.5% of a step of ``small`` at batch 32). Callers that
+    only want the tokens, like ``Translator`` and HF's and CTranslate2's default
+    searches, pass ``with_scores=False``; ``score`` and ``log_prob`` are NaN then.
+    """
     batch = src.size(0)
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
     state = model.init_state(model.encode(src))
@@ -45,13 +52,14 @@ def greedy_search(
         logits = model.decode_step(tokens, state).float()
         # the arg-max of the logits is the arg-max of the log-probabilities; only
         # the chosen token's log-probability is needed: logit - logsumexp
-        normalizer = logits.logsumexp(dim=-1)
+        normalizer = logits.logsumexp(dim=-1) if with_scores else None
         logits = forbid_tokens(logits, step, min_len)
         if step + 1 >= first_budget:  # some sentence may have reached its length budget
             logits = force_eos(logits, budget[alive] <= step + 1)
         best, tokens = logits.max(dim=-1)
         live_outputs[:, step] = tokens
-        live_scores += best.sub_(normalizer)
+        if with_scores:
+            live_scores += best.sub_(normalizer)
         running = tokens.ne(EOS_ID)
         still_running = int(running.sum())  # the one host sync of the step
         if still_running < len(alive):
@@ -65,6 +73,8 @@ def greedy_search(
             live_outputs, live_scores = live_outputs[keep], live_scores[keep]
     else:  # the length budget ends the search for every sentence still running
         outputs[alive], scores[alive] = live_outputs, live_scores
+    if not with_scores:
+        scores.fill_(float("nan"))
     results = []
     for row, score in zip(outputs.tolist(), scores.tolist()):
         sequence = row[: row.index(EOS_ID)] if EOS_ID in row else row

@@ -146,7 +146,7 @@ class Translator:
                     )
                 ]
             elif opts.beam == 1 and opts.nbest == 1:
-                found = [[h] for h in greedy_search(self.model, src, **common)]
+                found = [[h] for h in greedy_search(self.model, src, **common, with_scores=False)]
             else:
                 found = beam_search(
                     self.model, src, opts.beam, opts.length_penalty, opts.nbest, **common
