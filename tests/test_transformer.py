@@ -140,7 +140,7 @@ def test_grouped_hypotheses_share_one_copy_of_their_source(path, monkeypatch):
             state.select(reorder)
             rows = rows[reorder]
         state.select_sources(torch.tensor([2, 0]))
-        assert state.num_sources == 2 and state.tensors["caches"][0].keys.size(1) == 2 * beam
+        assert state.num_sources == 2 and state.tensors["caches"][0].batch == 2 * beam
         assert state.sources["memory_kv"][0][0].size(0) == 2
         rows = rows[[6, 7, 8, 0, 1, 2]]
         logits = model.decode_step(prefixes[rows, steps - 1], state)
@@ -210,6 +210,12 @@ def test_presets_and_sizes():
     assert ModelConfig(preset="small", d_model=128).d_model == 128  # explicit key wins
 
 
+def fused(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Keys and values (batch, heads, len, head_dim) in the layout of a fused QKV
+    projection's K/V part: (batch, len, 2, heads, head_dim)."""
+    return torch.stack([k.transpose(1, 2), v.transpose(1, 2)], dim=2)
+
+
 def test_cache_buffers_grow_and_hold_every_position():
     from rosetta.model.attention import KVCache
 
@@ -217,15 +223,18 @@ def test_cache_buffers_grow_and_hold_every_position():
     cache = KVCache()
     keys = [torch.randn(3, 2, 1, 4, generator=generator) for _ in range(40)]
     for t, key in enumerate(keys):
-        k, v = cache.append(key, -key)
-        assert cache.length == t + 1 and cache.keys.size(0) >= t + 1
+        k, v = cache.append(fused(key, -key))
+        assert cache.length == t + 1 and cache.buffer.size(0) >= t + 1
         torch.testing.assert_close(k, torch.cat(keys[: t + 1], dim=2))
         torch.testing.assert_close(v, -torch.cat(keys[: t + 1], dim=2))
-    assert cache.keys.size(0) < 2 * 40 + 16  # grown by doubling, not per step
+        rows_k, rows_v = cache.rows()  # the same positions as (batch * heads) rows
+        torch.testing.assert_close(rows_k, k.reshape(6, t + 1, 4))
+        torch.testing.assert_close(rows_v, v.reshape(6, t + 1, 4))
+    assert cache.buffer.size(0) < 2 * 40 + 16  # grown by doubling, not per step
 
 
 def test_cache_reorders_rows_in_place_and_keeps_appending():
-    """Beam search's reordering (same batch size: the spare buffers are swapped in)
+    """Beam search's reordering (same batch size: the spare buffer is swapped in)
     and dropping rows (a smaller batch) keep every position of the chosen rows."""
     from rosetta.model.attention import KVCache
 
@@ -235,16 +244,17 @@ def test_cache_reorders_rows_in_place_and_keeps_appending():
     for t, index in enumerate([[1, 1, 0, 3], [3, 2, 1, 0], [0, 2], [1, 1, 0]]):
         key = torch.randn(history.size(0), 2, 1 + t % 2, 3, generator=generator)
         history = torch.cat([history, key], dim=2)
-        k, v = cache.append(key, 2 * key)
+        k, v = cache.append(fused(key, 2 * key))
         torch.testing.assert_close(k, history)
         torch.testing.assert_close(v, 2 * history)
-        buffers = {cache.keys.data_ptr(), *(b.data_ptr() for b in cache._spare or ())}
+        buffers = {b.data_ptr() for b in (cache._memory, cache._spare) if b is not None}
         cache.select_rows(torch.tensor(index))
         history = history[index]
         if t > 0:  # the two buffers take turns, whatever the batch size
-            assert cache.keys.data_ptr() in buffers
-    k, v = cache.append(history[:, :, :1], history[:, :, :1])
+            assert cache.buffer.data_ptr() in buffers
+    k, v = cache.append(fused(history[:, :, :1], history[:, :, :1]))
     torch.testing.assert_close(k[:, :, :-1], history)
+    torch.testing.assert_close(v[:, :, :-1], 2 * history)
     assert cache.length == history.size(2) + 1
 
 

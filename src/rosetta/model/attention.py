@@ -83,81 +83,85 @@ class MultiHeadAttention(nn.Module):
 class KVCache:
     """One self-attention layer's keys and values of the positions decoded so far.
 
-    Buffers are position-first, (capacity, batch, heads, head_dim), with room to
-    spare (``length`` positions used), grown by doubling: a decoding step writes
-    its own position instead of copying the whole history as ``torch.cat`` would.
-    Position-first, the used part of a buffer is one contiguous block, so
-    ``select_rows`` (beam search re-ranking hypotheses, finished sentences
-    leaving the batch) gathers it straight into a second pair of buffers kept
-    for the purpose and swaps the two. A smaller batch is laid out in the front
-    of the same memory: no allocation per step, and no copying of the unused
-    capacity.
+    One buffer, position-first: (capacity, 2, batch, heads, head_dim), a
+    position's keys, then its values. It has room to spare (``length`` positions
+    used) and grows by doubling, so a decoding step writes its own position, in
+    one copy from the fused QKV projection's output, instead of copying the
+    whole history as ``torch.cat`` would. Position-first, the used part is one
+    contiguous block, so ``select_rows`` (beam search re-ranking hypotheses,
+    finished sentences leaving the batch) gathers it in one ``index_select``
+    straight into a spare buffer kept for the purpose, and swaps the two. A
+    smaller batch is laid out in the front of the same memory: no allocation per
+    step, and no copying of the unused capacity.
     """
 
     def __init__(self) -> None:
         self.length = 0
-        self.keys: torch.Tensor | None = None  # views of the front of _memory
-        self.values: torch.Tensor | None = None
-        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # flat buffers
-        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.buffer: torch.Tensor | None = None  # a view of the front of _memory
+        self._memory: torch.Tensor | None = None  # flat
+        self._spare: torch.Tensor | None = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends keys and values (batch, heads, new_len, head_dim); returns every
-        position so far as (batch, heads, length, head_dim) views."""
-        start, end = self.length, self.length + k.size(2)
-        if self.keys is None or end > self.keys.size(0):
-            self._grow(max(2 * end, 16), k)
-        self.keys[start:end] = k.permute(2, 0, 1, 3)
-        self.values[start:end] = v.permute(2, 0, 1, 3)
+    @property
+    def batch(self) -> int:
+        return self.buffer.size(2)
+
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends new positions' keys and values, ``kv`` (batch, new_len, 2, heads,
+        head_dim): the K/V part of the fused QKV projection's output as it lies.
+        Returns keys and values of every position so far, (batch, heads, length,
+        head_dim) views."""
+        start, end = self.length, self.length + kv.size(1)
+        if self.buffer is None or end > self.buffer.size(0):
+            self._grow(max(2 * end, 16), kv)
+        self.buffer[start:end] = kv.permute(1, 2, 0, 3, 4)
         self.length = end
-        return self.keys[:end].permute(1, 2, 0, 3), self.values[:end].permute(1, 2, 0, 3)
+        used = self.buffer[:end]
+        return used[:, 0].permute(1, 2, 0, 3), used[:, 1].permute(1, 2, 0, 3)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every position so far as (batch * heads, length, head_dim) views (strided:
-        one row per batch row and head), for batched matrix products."""
-        _, batch, heads, head_dim = self.keys.shape
+        """Keys and values of every position so far as (batch * heads, length,
+        head_dim) views (strided: one row per batch row and head), for batched
+        matrix products."""
+        _, _, batch, heads, head_dim = self.buffer.shape
+        used = self.buffer[: self.length]
         return tuple(
-            buffer[: self.length].view(self.length, batch * heads, head_dim).transpose(0, 1)
-            for buffer in (self.keys, self.values)
+            used[:, i].view(self.length, batch * heads, head_dim).transpose(0, 1) for i in (0, 1)
         )
 
     def _grow(self, capacity: int, like: torch.Tensor) -> None:
-        batch, heads, _, head_dim = like.shape
-        shape = (capacity, batch, heads, head_dim)
-        memory = (like.new_empty(math.prod(shape)), like.new_empty(math.prod(shape)))
-        keys, values = (flat.view(shape) for flat in memory)
+        batch, _, _, heads, head_dim = like.shape
+        shape = (capacity, 2, batch, heads, head_dim)
+        memory = like.new_empty(math.prod(shape))
+        buffer = memory.view(shape)
         if self.length:
-            keys[: self.length] = self.keys[: self.length]
-            values[: self.length] = self.values[: self.length]
-        self.keys, self.values, self._memory, self._spare = keys, values, memory, None
+            buffer[: self.length] = self.buffer[: self.length]
+        self.buffer, self._memory, self._spare = buffer, memory, None
 
     def select_rows(self, index: torch.Tensor) -> KVCache:
         """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
-        if self.keys is None:
+        if self.buffer is None:
             return self
-        used = slice(0, self.length)
-        capacity, _, heads, head_dim = self.keys.shape
-        shape = (capacity, len(index), heads, head_dim)
-        if self.keys.requires_grad or math.prod(shape) > self._memory[0].numel():
+        capacity, _, batch, heads, head_dim = self.buffer.shape
+        shape = (capacity, 2, len(index), heads, head_dim)
+        if self.buffer.requires_grad or math.prod(shape) > self._memory.numel():
             # a graph to keep for autograd, or more rows than the memory holds
-            keys = self.keys[used].index_select(1, index)
-            values = self.values[used].index_select(1, index)
-            self.keys = self.values = None
-            self.length = 0
-            self.append(keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3))
+            kv = self.buffer[: self.length].index_select(2, index)
+            self.buffer, self.length = None, 0
+            self.append(kv.permute(2, 0, 1, 3, 4))
             return self
         if self._spare is None:
-            self._spare = (torch.empty_like(self._memory[0]), torch.empty_like(self._memory[1]))
-        keys, values = (flat[: math.prod(shape)].view(shape) for flat in self._spare)
+            self._spare = torch.empty_like(self._memory)
+        buffer = self._spare[: math.prod(shape)].view(shape)
         # one gather of whole (heads * head_dim) rows along dim 0 of the flattened used
-        # block: 1.4-1.8x faster than index_select along dim 1 of (length, batch, ...)
-        batch = self.keys.size(1)
-        rows = (torch.arange(self.length, device=index.device)[:, None] * batch + index).view(-1)
-        for before, after in ((self.keys, keys), (self.values, values)):
-            source = before[used].view(-1, heads * head_dim)
-            torch.index_select(source, 0, rows, out=after[used].view(-1, heads * head_dim))
+        # block, keys and values at once: 1.4-1.8x faster than index_select along the
+        # batch dimension, and half the calls of separate key and value buffers
+        rows = (torch.arange(2 * self.length, device=index.device)[:, None] * batch + index).view(
+            -1
+        )
+        source = self.buffer[: self.length].view(-1, heads * head_dim)
+        torch.index_select(source, 0, rows, out=buffer[: self.length].view(-1, heads * head_dim))
         self._memory, self._spare = self._spare, self._memory
-        self.keys, self.values = keys, values
+        self.buffer = buffer
         return self
 
 
@@ -189,7 +193,8 @@ class SelfAttention(MultiHeadAttention):
             qkv = packing.unpack(qkv)  # (batch, len, 3 * d_model) for the attention product
         q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))
         if cache is not None:
-            k, v = cache.append(k, v)
+            batch, length, _ = qkv.shape
+            k, v = cache.append(qkv.view(batch, length, 3, self.heads, self.head_dim)[:, :, 1:])
             # One new query sees every cached key: no causal mask is needed.
             causal = causal and q.size(2) > 1
         return self.attend(q, k, v, mask, causal, need_weights, packing)

@@ -133,9 +133,10 @@ class DecoderStep:
         self, h: torch.Tensor, weights: LayerWeights, cache: KVCache, by_matmul: bool
     ):
         batch = h.size(0)
-        # (batch, 3 * d_model) -> q, k, v: (batch, heads, 1, head_dim)
-        q, k, v = weights.qkv(h).view(batch, 3, self.heads, 1, self.head_dim).unbind(1)
-        k, v = cache.append(k, v)
+        # (batch, 3 * d_model) -> (batch, 1 position, q/k/v, heads, head_dim)
+        qkv = weights.qkv(h).view(batch, 1, 3, self.heads, self.head_dim)
+        k, v = cache.append(qkv[:, :, 1:])
+        q = qkv[:, :, 0].transpose(1, 2)  # (batch, heads, 1, head_dim)
         if by_matmul:
             context = attend_by_matmul(q.reshape(-1, 1, self.head_dim), *cache.rows(), None)
         else:
