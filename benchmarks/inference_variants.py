@@ -7,17 +7,19 @@ Paths: rosetta's own PyTorch search in fp32 and with dynamic int8 linear layers
 exported by ``rosetta export`` in fp32 and int8. For each: sacreBLEU BLEU and
 chrF with greedy search and beam 5, sentences/s, and the share of sentences
 whose greedy output is the same as rosetta fp32's greedy output (the export's
-fidelity, and what quantization changes). Results go to
-benchmarks/results/<name>.json and .md.
+fidelity, and what quantization changes). Each path runs in a process of its
+own. Results go to benchmarks/results/<name>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shlex
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,7 +31,8 @@ from rosetta.decode.translator import SearchOptions, Translator
 
 
 def variants(model_dir: Path, work: Path) -> dict[str, Callable[[int], object]]:
-    """Name -> a function making that path's translator for a beam size."""
+    """Name -> a function making that path's translator for a beam size (the
+    CTranslate2 paths export the model into ``work`` first)."""
     found: dict[str, Callable[[int], object]] = {
         "rosetta fp32": lambda beam: Translator.from_model_dir(model_dir, beam=beam),
         "rosetta int8": lambda beam: Translator.from_model_dir(
@@ -41,16 +44,27 @@ def variants(model_dir: Path, work: Path) -> dict[str, Callable[[int], object]]:
         from rosetta.export.ctranslate2 import CTranslate2Translator, export_ctranslate2
 
         for quantization in ("fp32", "int8"):
-            out = export_ctranslate2(
-                model_dir, work / quantization, None if quantization == "fp32" else quantization
-            )
 
-            def make(beam: int, out: Path = out) -> CTranslate2Translator:
+            def make(beam: int, quantization: str = quantization) -> CTranslate2Translator:
+                out = work / quantization
+                if not out.exists():
+                    export_ctranslate2(
+                        model_dir, out, None if quantization == "fp32" else quantization
+                    )
                 options = SearchOptions.from_config(config.decode, beam=beam)
                 return CTranslate2Translator(out, options)
 
             found[f"CTranslate2 {quantization}"] = make
     return found
+
+
+def evaluate_path(path: str, args: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """One path, greedy and beam 5: run in a process of its own, since PyTorch and
+    CTranslate2 each bring an OpenMP runtime, and in one process whichever ran
+    first slows the other (``speed.CTranslate2Process`` has the figures)."""
+    torch.set_num_threads(args.threads)
+    make = variants(args.model_dir, work)[path]
+    return {f"beam{beam}": evaluate_files(make(beam), args.src, args.ref) for beam in (1, 5)}
 
 
 def main() -> None:
@@ -61,7 +75,6 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file name")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     name = args.name or f"inference_{args.model_dir.parent.name}"
     results: dict = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -69,17 +82,19 @@ def main() -> None:
         "paths": {},
     }
     reference: list[str] = []
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="rosetta-variants-") as work:
-        for path, make in variants(args.model_dir, Path(work)).items():
-            scores = results["paths"][path] = {}
+        for path in variants(args.model_dir, Path(work)):
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as process:
+                scores = process.submit(evaluate_path, path, args, Path(work)).result()
+            results["paths"][path] = scores
             for beam in (1, 5):
-                result = evaluate_files(make(beam), args.src, args.ref)
+                result = scores[f"beam{beam}"]
                 hypotheses = result.pop("hypotheses")
                 if beam == 1:
                     reference = reference or hypotheses  # rosetta fp32 comes first
                     same = sum(h == r for h, r in zip(hypotheses, reference))
                     result["same_greedy_as_rosetta_fp32"] = same / len(reference)
-                scores[f"beam{beam}"] = result
                 print(
                     f"{path}, beam {beam}: BLEU {result['bleu']:.2f}, chrF "
                     f"{result['chrf']:.1f}, {result['sentences_per_s']:.1f} sentences/s",
