@@ -3,9 +3,9 @@
     python benchmarks/decode_floor.py --preset small [--threads 2] [--repeats 5]
 
 The same systems and settings as ``speed.py`` (random weights, the first test
-sentences of Multi30k, exactly --new-tokens outputs), greedy at batch 32 and
-batch 1 and beam 5 at batch 32. For rosetta's own search it splits the time
-per generated token into:
+sentences of Multi30k, exactly --new-tokens outputs, systems alternating within
+each repeat, medians), greedy at batch 32 and batch 1 and beam 5 at batch 32.
+For rosetta's own search it splits the time per generated token into:
 
 * **products**: every linear layer's product (the GEMMs; GEMVs at batch 1),
   encoder included;
@@ -126,21 +126,15 @@ def tokens_of(found: list) -> list:
     return [tokens_of(item) for item in found]
 
 
-def median(timed: Callable[[], float], repeats: int) -> float:
-    """Median of ``repeats`` timings (seconds) after one warm-up."""
-    timed()
-    return statistics.median(timed() for _ in range(repeats))
-
-
 def seconds(work: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``repeats`` runs of ``work`` after one warm-up run."""
-
-    def timed() -> float:
+    work()
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
         work()
-        return time.perf_counter() - start
-
-    return median(timed, repeats)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -193,10 +187,6 @@ def main() -> None:
         def decode(calls=calls, beam=beam) -> list:
             return [rosetta(seqs, beam) for seqs in calls]
 
-        per_token = {
-            name: median(lambda t=timed, c=calls, b=beam: t(c, b), args.repeats) / tokens
-            for name, timed in timers.items()
-        }
         with tape.recording():
             recorded = decode()
         with tape.playing():
@@ -204,13 +194,18 @@ def main() -> None:
         if tokens_of(recorded) != tokens_of(played):
             raise RuntimeError(f"{setting}: the played-back search gave other tokens")
 
-        def replay() -> float:
+        def replayed(calls, beam) -> float:
             start = time.perf_counter()
             with tape.playing():
                 decode()
             return time.perf_counter() - start
 
-        rest = (median(replay, args.repeats) - tape.copy_seconds(args.repeats)) / tokens
+        runs: dict[str, list[float]] = {name: [] for name in [*timers, "replayed"]}
+        for _ in range(args.repeats + 1):  # systems alternate; the first round warms up
+            for name, timed in {**timers, "replayed": replayed}.items():
+                runs[name].append(timed(calls, beam))
+        per_token = {name: statistics.median(times[1:]) / tokens for name, times in runs.items()}
+        rest = per_token["replayed"] - tape.copy_seconds(args.repeats) / tokens
         results["settings"][setting] = {
             "rosetta_ms_per_token": per_token["rosetta"] * 1e3,
             "products_ms_per_token": (per_token["rosetta"] - rest) * 1e3,
