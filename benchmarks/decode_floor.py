@@ -25,10 +25,7 @@ Peers are benchmark-only dependencies: pip install transformers ctranslate2.
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,19 +35,21 @@ from unittest import mock
 import torch
 
 from results_io import write_results
-from rosetta.config import MODEL_PRESETS, ModelConfig, load_config
-from rosetta.data.prepare import load_split, prepare
+from rosetta.data.prepare import load_split
 from rosetta.decode.common import Hypothesis
 from rosetta.model import build_model
 from rosetta.model.linear import InferenceWeights
 from speed import (
     VOCAB,
     CTranslate2Process,
+    arguments,
+    command_line,
     hf_pieces,
     hf_runner,
     in_process,
     marian,
     marian_to_ctranslate2,
+    prepared,
     rosetta_runner,
 )
 
@@ -138,20 +137,9 @@ def seconds(work: Callable[[], object], repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=["toy", "small", "base"], default="small")
-    parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = load_config(args.config, ["experiment_dir=experiments/speed_data"])
-    prepare(config, log=lambda _: None)
-    cfg = ModelConfig(**MODEL_PRESETS[args.preset], max_positions=512)
+    args = arguments(__doc__.split("\n")[0], repeats=5).parse_args()
+    command = command_line()
+    config, cfg = prepared(args)
     model = build_model(cfg, VOCAB, VOCAB).eval()
     hf_model = marian(cfg).eval()
     work = Path(tempfile.mkdtemp(prefix="rosetta-floor-"))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from results_io import write_results
-from rosetta.config import MODEL_PRESETS, ModelConfig, load_config
+from rosetta.config import MODEL_PRESETS, ExperimentConfig, ModelConfig, load_config
 from rosetta.data.batching import collate, make_batches
 from rosetta.data.prepare import load_split, prepare
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
@@ -299,24 +299,39 @@ class CTranslate2Process:
         self._process.join()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# ---- shared by the speed scripts -----------------------------------------------------
+def arguments(description: str, repeats: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=["toy", "small", "base"], default="small")
     parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    return parser
 
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def prepared(args: argparse.Namespace) -> tuple[ExperimentConfig, ModelConfig]:
+    """Sets threads and seed, prepares the Multi30k data (tokenizer and splits, once)
+    and returns its configuration and the preset's model configuration."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = load_config(args.config, ["experiment_dir=experiments/speed_data"])
     prepare(config, log=lambda _: None)
+    return config, ModelConfig(**MODEL_PRESETS[args.preset], max_positions=512)
+
+
+def main() -> None:
+    parser = arguments(__doc__.split("\n")[0], repeats=3)
+    parser.add_argument("--train-steps", type=int, default=6)
+    args = parser.parse_args()
+    command = command_line()
+    config, cfg = prepared(args)
     split = load_split(config, "train")
     tokenizer = Tokenizer.load(config.experiment_dir / "tokenizer")
-    cfg = ModelConfig(**MODEL_PRESETS[args.preset], max_positions=512)
     work = Path(tempfile.mkdtemp(prefix="rosetta-speed-"))
 
     rosetta_model = build_model(cfg, VOCAB, VOCAB)
