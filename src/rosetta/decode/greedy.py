@@ -32,9 +32,10 @@ def greedy_search(
     """Decodes a padded source batch (batch, src_len); returns one hypothesis per row.
 
     A hypothesis's score is its log-probability, which takes a vocabulary-wide
-    log-sum-exp per step (~2.5% of a step of ``small`` at batch 32). Callers that
-    only want the tokens, like ``Translator`` and HF's and CTranslate2's default
-    searches, pass ``with_scores=False``; ``score`` and ``log_prob`` are NaN then.
+    log-sum-exp per step (~3% of a step of ``small`` at batch 32). Callers that
+    only want the tokens pass ``with_scores=False`` (``Translator`` does; HF's
+    ``generate`` and CTranslate2 skip scores by default too); ``score`` and
+    ``log_prob`` are NaN then.
     """
     batch = src.size(0)
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
