@@ -59,9 +59,9 @@ def variants(model_dir: Path, work: Path) -> dict[str, Callable[[int], object]]:
 
 
 def evaluate_path(path: str, args: argparse.Namespace, work: Path) -> dict[str, dict]:
-    """One path, greedy and beam 5: run in a process of its own, since PyTorch and
-    CTranslate2 each bring an OpenMP runtime, and in one process whichever ran
-    first slows the other (``speed.CTranslate2Process`` has the figures)."""
+    """One path, greedy and beam 5, in a process of its own: once CTranslate2 (which
+    brings its own OpenMP runtime) has run in a process, PyTorch's parallel
+    regions there run slower (``speed.CTranslate2Process`` has the figures)."""
     torch.set_num_threads(args.threads)
     make = variants(args.model_dir, work)[path]
     return {f"beam{beam}": evaluate_files(make(beam), args.src, args.ref) for beam in (1, 5)}
