@@ -66,7 +66,7 @@ def test_outputs_checkpoints_metrics_and_model_directory(prepared, tmp_path):
     config = toy_config(exp, train={"keep_last": 2, "average_last": 2})
     model_dir = train(config, log=quiet)
     names = sorted(p.name for p in (exp / "checkpoints").iterdir())
-    assert names == ["best.pt", "last.pt", "step_12.pt", "step_8.pt"]
+    assert names == ["best.pt", "last.pt", "previous.pt", "step_12.pt", "step_8.pt"]
     records = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
     assert {r["type"] for r in records} == {"train", "valid"}
     assert [r["step"] for r in records if r["type"] == "valid"] == [4, 8, 12]
@@ -85,17 +85,17 @@ def test_outputs_checkpoints_metrics_and_model_directory(prepared, tmp_path):
 def test_average_of_checkpoints_is_the_elementwise_mean(tmp_path):
     first = {"model": {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}}
     second = {"model": {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([1.0])}}
-    checkpoint.atomic_save(first, tmp_path / "step_1.pt")
-    checkpoint.atomic_save(second, tmp_path / "step_2.pt")
+    checkpoint.save(first, tmp_path / "step_1.pt")
+    checkpoint.save(second, tmp_path / "step_2.pt")
     averaged = average_checkpoints(checkpoint.step_checkpoints(tmp_path))
     assert averaged["w"].tolist() == [2.0, 4.0] and averaged["b"].tolist() == [0.5]
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.atomic_save({"model": {}}, path)
-    path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+    checkpoint.save({"model": {}}, path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(checkpoint.CheckpointError, match="damaged.*cut short"):
         checkpoint.load(path)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
@@ -103,14 +103,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.atomic_save({"v": 1}, path)
+    checkpoint.save({"v": 1}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint.atomic_save({"v": Unpicklable()}, path)
+        checkpoint.save({"v": Unpicklable()}, path)
     assert checkpoint.load(path) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 

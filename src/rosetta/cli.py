@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = _config(args)
     prepare(config)
-    train(config, resume=args.resume)
+    train(config, resume=args.resume or False)
 
 
 def _search_overrides(args: argparse.Namespace) -> dict:
@@ -144,23 +144,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_average(args: argparse.Namespace) -> None:
-    from rosetta.data.tokenizer import Tokenizer
-    from rosetta.model import build_model
-    from rosetta.modeldir import read_metadata, save_model_dir
-    from rosetta.train.average import average_checkpoints
-    from rosetta.train.checkpoint import step_checkpoints
+    from rosetta.train.average import average_into_model_dir
 
-    config = _config(args)
-    exp = config.experiment_dir
-    paths = step_checkpoints(exp / "checkpoints")[-args.last :]
-    tokenizer = Tokenizer.load(exp / "tokenizer")
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    model.load_state_dict(average_checkpoints(paths))
-    output = Path(args.output) if args.output else exp / "model"
-    metadata = {**read_metadata(output), "weights": f"average of {[p.name for p in paths]}"}
-    metadata.pop("parameters", None)
-    save_model_dir(output, config, exp / "tokenizer", model.eval(), metadata)
-    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) -> {output}")
+    output = average_into_model_dir(_config(args), args.last, args.output)
+    print(f"wrote {output}")
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
@@ -257,7 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(func=cmd_prepare)
 
     sub = with_config("train", "train a model (prepares the data first if needed)")
-    sub.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
+    sub.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue from checkpoints/last.pt, or from the training state given "
+        "(e.g. checkpoints/previous.pt)",
+    )
     sub.add_argument("--max-time", help="wall-clock budget, e.g. 60m")
     sub.set_defaults(func=cmd_train)
 
@@ -321,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from rosetta.data.download import DownloadError
     from rosetta.train.checkpoint import CheckpointError
+    from rosetta.train.trainer import TrainingError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -332,9 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ValueError,
         DownloadError,
         CheckpointError,
+        TrainingError,
     ) as error:
         print(f"rosetta {args.verb}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"rosetta {args.verb}: {stop}; continue with --resume", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

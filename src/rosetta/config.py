@@ -161,6 +161,7 @@ class TrainConfig(Section):
     valid_bleu_size: int = Field(0, ge=0)
     log_every: int = Field(50, ge=1)
     keep_last: int = Field(5, ge=1)
+    max_nonfinite: int = Field(10, ge=1)  # consecutive NaN/inf losses before training stops
     patience: int = Field(0, ge=0)
     average_last: int = Field(0, ge=0)
     attention_samples: int = Field(0, ge=0)

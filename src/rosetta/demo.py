@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rosetta.config import ExperimentConfig
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.decode.translator import Translator
@@ -10,18 +12,24 @@ from rosetta.train.trainer import train
 EXAMPLES = 5
 
 
+def fresh_directory(wanted: Path) -> Path:
+    """``wanted``, or ``wanted-2``, ``wanted-3``, ... : the first that holds no earlier run
+    (the demo never deletes or continues someone's work)."""
+    candidate, number = Path(wanted), 1
+    while (candidate / "checkpoints").exists() or (candidate / "model").exists():
+        number += 1
+        candidate = Path(f"{wanted}-{number}")
+    if candidate != Path(wanted):
+        print(f"{wanted} holds an earlier run (left untouched); this demo runs in {candidate}")
+    return candidate
+
+
 def run_demo(config: ExperimentConfig) -> float:
     """Prepares, trains, evaluates on the test split with beam search, translates
     a few examples; returns the test BLEU."""
     from rosetta.cli import evaluate_files
 
-    exp = config.experiment_dir
-    if (exp / "checkpoints" / "last.pt").exists():
-        print(f"{exp} holds an earlier run; starting afresh in it")
-        import shutil
-
-        shutil.rmtree(exp / "checkpoints")
-        (exp / "metrics.jsonl").unlink(missing_ok=True)
+    config = config.model_copy(update={"experiment_dir": fresh_directory(config.experiment_dir)})
     prepare(config)
     model_dir = train(config)
     translator = Translator.from_model_dir(model_dir)

@@ -3,35 +3,58 @@
     MODEL_DIR/config.yaml       resolved experiment configuration
     MODEL_DIR/spm.model, .vocab the SentencePiece model(s) = the vocabulary
     MODEL_DIR/model.safetensors weights (no pickle is loaded to translate)
-    MODEL_DIR/metadata.json     sizes, training steps, scores with signatures
+    MODEL_DIR/metadata.json     sizes, training steps, scores, SHA-256 of every file
 
 Copy the folder anywhere and ``rosetta translate MODEL_DIR`` works.
+
+A directory is written in a staging folder and swapped in whole, so a crash
+leaves the previous one. Loading checks that its parts belong together, and
+names the part that does not: each file against the checksum recorded in
+``metadata.json``; ``config.yaml``'s model section against the one stored
+inside ``model.safetensors``; the SentencePiece model against the fingerprint
+of the one the weights were trained with; every tensor's shape against the
+model the configuration builds.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from rosetta.config import ExperimentConfig, config_from_dict
+from rosetta.config import ConfigError, ExperimentConfig, load_config
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.model import build_model
+from rosetta.safeio import atomic_write_text, replace_directory, sha256_file
 
 CONFIG, WEIGHTS, METADATA = "config.yaml", "model.safetensors", "metadata.json"
+# keys of the safetensors header's metadata (strings only, by the format's rules)
+MODEL_KEY, TOKENIZER_KEY = "rosetta.model", "rosetta.tokenizer"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+class ModelDirError(ValueError):
+    """A model directory that is incomplete, damaged, or whose parts do not match."""
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raises if any floating-point tensor holds NaN or infinity."""
+    bad = [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise ModelDirError(
+            f"refusing to write {what}: {len(bad)} tensors hold NaN or infinity "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        )
 
 
 def save_model_dir(
@@ -41,45 +64,138 @@ def save_model_dir(
     model: torch.nn.Module,
     metadata: dict[str, Any],
 ) -> Path:
-    """Writes (or refreshes) a model directory; each file is replaced atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(directory / CONFIG, config.to_yaml())
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    for name in tokenizer.files():
-        if Path(tokenizer_dir).resolve() != directory.resolve():
-            shutil.copyfile(Path(tokenizer_dir) / name, directory / f".{name}.tmp")
-            os.replace(directory / f".{name}.tmp", directory / name)
-    tmp = directory / f".{WEIGHTS}.tmp"
+    """Writes (or replaces) a model directory in one swap, after checking the weights."""
+    directory = Path(directory)
+    check_finite(model.state_dict(), str(directory))
     if any(p.device.type != "cpu" for p in model.parameters()):
         # on a GPU, cuDNN keeps each nn.LSTM/GRU's weights as views of one flat
         # buffer, which safetensors refuses to save; a CPU copy gives each its own
         model = copy.deepcopy(model).cpu()
-    save_model(model, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
-    parameters = sum(p.numel() for p in model.parameters())
-    info = {"parameters": parameters, **metadata}
-    _atomic_write_text(directory / METADATA, json.dumps(info, indent=2, ensure_ascii=False))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    embedded = {
+        MODEL_KEY: json.dumps(config.model.model_dump(mode="json"), sort_keys=True),
+        TOKENIZER_KEY: tokenizer.fingerprint(),
+    }
+    with replace_directory(directory) as staging:
+        atomic_write_text(staging / CONFIG, config.to_yaml())
+        for name in tokenizer.files():
+            shutil.copyfile(Path(tokenizer_dir) / name, staging / name)
+        save_model(model, str(staging / WEIGHTS), metadata=embedded)
+        checksums = {
+            path.name: sha256_file(path) for path in sorted(staging.iterdir()) if path.is_file()
+        }
+        info = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            **metadata,
+            "sha256": checksums,
+        }
+        atomic_write_text(staging / METADATA, json.dumps(info, indent=2, ensure_ascii=False))
     return directory
 
 
 def load_model_dir(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[ExperimentConfig, Tokenizer, torch.nn.Module]:
-    """Loads configuration, tokenizer and weights; the model is in eval mode."""
+    """Loads configuration, tokenizer and weights after checking they belong together;
+    the model is in eval mode. Any problem is a ``ModelDirError`` naming the file."""
     directory = Path(directory)
-    if not (directory / WEIGHTS).exists():
-        raise FileNotFoundError(f"{directory} is not a rosetta model directory (no {WEIGHTS})")
-    data = yaml.safe_load((directory / CONFIG).read_text(encoding="utf-8"))
-    config = config_from_dict(data, str(directory / CONFIG))
-    tokenizer = Tokenizer.load(directory)
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    if not directory.is_dir() or not (directory / WEIGHTS).exists():
+        raise ModelDirError(f"{directory} is not a rosetta model directory (no {WEIGHTS})")
+    _verify_checksums(directory)
     try:
-        load_model(model, str(directory / WEIGHTS), device=str(device))
-    except Exception as error:
-        raise RuntimeError(f"cannot load weights from {directory / WEIGHTS}: {error}") from None
+        config = load_config(directory / CONFIG)
+    except ConfigError as error:
+        raise ModelDirError(str(error)) from None
+    try:
+        tokenizer = Tokenizer.load(directory)
+    except (FileNotFoundError, ValueError) as error:
+        raise ModelDirError(f"{directory}: {error}") from None
+    try:
+        with safe_open(str(directory / WEIGHTS), framework="pt") as weights:
+            embedded = weights.metadata() or {}
+            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelDirError(f"{directory / WEIGHTS} is not readable ({error})") from None
+    _check_config(directory, config, embedded)
+    if embedded.get(TOKENIZER_KEY, tokenizer.fingerprint()) != tokenizer.fingerprint():
+        raise ModelDirError(
+            f"the SentencePiece model in {directory} ({', '.join(tokenizer.files()[:2])}) is "
+            f"not the one {WEIGHTS} was trained with: its ids would mean other pieces"
+        )
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    _check_shapes(directory, model, shapes)
+    try:
+        load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError) as error:
+        raise ModelDirError(f"cannot load {directory / WEIGHTS}: {error}") from None
     return config, tokenizer, model.to(device).eval()
+
+
+def _verify_checksums(directory: Path) -> None:
+    metadata = read_metadata(directory)
+    recorded = metadata.get("sha256")
+    if not recorded:
+        warnings.warn(
+            f"{directory / METADATA} records no checksums (written by an older rosetta): "
+            "damage to the files cannot be detected",
+            stacklevel=3,
+        )
+        return
+    for name, digest in recorded.items():
+        path = directory / name
+        if not path.exists():
+            raise ModelDirError(f"{path} is missing")
+        if name == CONFIG:
+            continue  # a user may edit the decode section; its model section is checked below
+        if sha256_file(path) != digest:
+            raise ModelDirError(
+                f"{path} is damaged or was replaced: its SHA-256 differs from the one in {METADATA}"
+            )
+
+
+def _check_config(directory: Path, config: ExperimentConfig, embedded: dict[str, str]) -> None:
+    """Compares config.yaml's model section with the one the weights were saved with."""
+    if MODEL_KEY not in embedded:
+        return
+    trained = json.loads(embedded[MODEL_KEY])
+    stated = config.model.model_dump(mode="json")
+    differences = [
+        f"model.{key}: {stated.get(key)!r} in {CONFIG}, {trained.get(key)!r} in {WEIGHTS}"
+        for key in sorted(trained.keys() | stated.keys())
+        if trained.get(key) != stated.get(key)
+    ]
+    if differences:
+        raise ModelDirError(
+            f"{directory / CONFIG} does not describe the weights beside it: "
+            + "; ".join(differences)
+        )
+
+
+def _check_shapes(
+    directory: Path, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Every stored tensor must exist in the configured model with the same shape (tied
+    weights are stored once, so the model may have names the file lacks)."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = [f"{name} unexpected" for name in shapes if name not in expected]
+    problems += [
+        f"{name} is {shapes[name]}, the configuration builds {expected[name]}"
+        for name in shapes
+        if name in expected and shapes[name] != expected[name]
+    ]
+    if problems:
+        raise ModelDirError(
+            f"{directory / WEIGHTS} does not fit {directory / CONFIG} and its vocabulary: "
+            + "; ".join(problems[:4])
+            + ("; ..." if len(problems) > 4 else "")
+        )
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / METADATA
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelDirError(f"{path} is not valid JSON") from None

@@ -16,9 +16,8 @@ training never re-tokenises.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 from rosetta.config import ExperimentConfig
 from rosetta.data.corpus import ReadStats, read_split, split_paths
 from rosetta.data.tokenizer import Tokenizer
+from rosetta.safeio import atomic_write_bytes, atomic_write_text, replace_directory, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -68,9 +68,9 @@ class TokenizedSplit:
         return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **self.__dict__)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.__dict__)
+        atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> TokenizedSplit:
@@ -94,18 +94,111 @@ def split_names(config: ExperimentConfig) -> dict[str, str]:
     return names
 
 
-def _fingerprint(config: ExperimentConfig, root: Path) -> str:
-    digest = hashlib.sha256()
-    settings = {
+class PrepareError(ValueError):
+    """Preparation that would break an experiment's trained work, or data that can't be used."""
+
+
+def _settings(config: ExperimentConfig) -> dict:
+    """Every setting that changes the tokenizer or the id arrays (not where the files are)."""
+    return {
         "data": config.data.model_dump(mode="json", exclude={"root"}),
         "tokenizer": config.tokenizer.model_dump(mode="json"),
     }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
+
+
+def _input_digests(config: ExperimentConfig, root: Path) -> dict[str, str]:
+    """SHA-256 of each corpus file, by file name."""
+    digests = {}
     for name in split_names(config).values():
         for path in split_paths(root, name, config.data.src_lang, config.data.tgt_lang):
             if path.exists():
-                digest.update(path.read_bytes())
-    return digest.hexdigest()
+                digests[path.name] = sha256_file(path)
+    return digests
+
+
+def _fingerprint(settings: dict, inputs: dict[str, str]) -> str:
+    text = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def describe_changes(old: dict, settings: dict, inputs: dict[str, str] | None) -> str:
+    """Says what differs between a manifest and the current settings and corpus files."""
+    if "settings" not in old:
+        return "the prepared data was made by an older rosetta"
+    changes = []
+    before, after = _flatten(old["settings"]), _flatten(settings)
+    for key in sorted(before.keys() | after.keys()):
+        if before.get(key) != after.get(key):
+            changes.append(f"{key} {before.get(key)!r} -> {after.get(key)!r}")
+    for name in sorted((old.get("inputs") or {}).keys() | (inputs or {}).keys()):
+        if inputs is None:
+            break
+        was, now = old["inputs"].get(name), inputs.get(name)
+        if was != now:
+            what = "added" if was is None else "removed" if now is None else "changed"
+            changes.append(f"{name} {what}")
+    return ", ".join(changes) or "nothing"
+
+
+def _holds_trained_work(exp: Path) -> bool:
+    from rosetta.train.checkpoint import holds_training
+
+    return holds_training(exp / "checkpoints") or (exp / "model").exists()
+
+
+def _refuse(exp: Path, reason: str) -> PrepareError:
+    return PrepareError(
+        f"{exp} holds a trained model, bound to the tokenizer and data it was prepared with, "
+        f"and {reason}. Nothing was changed; to train on the new data or settings, start a "
+        "new experiment (e.g. --set experiment_dir=NEW_DIR)"
+    )
+
+
+def read_manifest(config: ExperimentConfig) -> dict | None:
+    path = config.experiment_dir / "data" / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PrepareError(f"{path} is damaged: run `rosetta prepare --force`") from None
+
+
+def _tokenizer_fingerprint(directory: Path) -> str | None:
+    try:
+        return Tokenizer.load(directory).fingerprint()
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def binding(config: ExperimentConfig) -> dict[str, str]:
+    """The fingerprints (data, tokenizer) a checkpoint of this experiment is bound to.
+
+    Fails when the experiment is not prepared, or when its tokenizer is not the
+    one its id arrays were made with.
+    """
+    manifest = read_manifest(config)
+    exp = config.experiment_dir
+    if manifest is None:
+        raise FileNotFoundError(f"{exp / 'data'} is missing: run `rosetta prepare CONFIG` first")
+    if "tokenizer" not in manifest:
+        raise PrepareError(f"{exp / 'data'} was prepared by an older rosetta: run prepare again")
+    if _tokenizer_fingerprint(exp / "tokenizer") != manifest["tokenizer"]:
+        raise PrepareError(
+            f"{exp / 'tokenizer'} is not the tokenizer {exp / 'data'} was made with "
+            "(replaced or damaged): run `rosetta prepare --force` in a new experiment"
+        )
+    return {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer"]}
 
 
 def _filter_by_length(
@@ -129,19 +222,42 @@ def prepare(config: ExperimentConfig, force: bool = False, log=print) -> dict:
 
     Length filters apply to the training split only: validation and test pairs
     are all kept so that scores are comparable with other systems.
+
+    The tokenizer and id arrays are built in staging folders and swapped in
+    only when everything succeeded, so a failure (say, an impossible
+    ``vocab_size``) leaves the previous ones in place. An experiment that holds
+    checkpoints or a model is never re-prepared with other data or settings:
+    that is an error saying what changed.
     """
     exp = config.experiment_dir
     data_dir = exp / "data"
-    if config.data.toy is not None:
-        _write_toy_corpus(config)
+    old = read_manifest(config)
+    trained = _holds_trained_work(exp)
+    settings = _settings(config)
+    if trained and old is not None and old.get("settings") != settings:
+        raise _refuse(exp, f"these settings differ: {describe_changes(old, settings, None)}")
     root = corpus_root(config)
-    fingerprint = _fingerprint(config, root)
-    manifest_path = data_dir / MANIFEST
-    if not force and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fingerprint:
-            log(f"{data_dir} is up to date (inputs unchanged); nothing to do")
-            return manifest
+    if config.data.toy is not None and (
+        old is None or old.get("settings") != settings or not _input_digests(config, root)
+    ):
+        _write_toy_corpus(config)  # deterministic: rewritten only when its settings change
+    inputs = _input_digests(config, root)
+    fingerprint = _fingerprint(settings, inputs)
+    current = (
+        old is not None
+        and old.get("fingerprint") == fingerprint
+        and old.get("tokenizer") == _tokenizer_fingerprint(exp / "tokenizer")
+    )
+    if current and not force:
+        log(f"{data_dir} is up to date (inputs unchanged); nothing to do")
+        return old
+    if trained:
+        if old is None:
+            raise _refuse(exp, "its prepared data is missing")
+        if current:
+            raise _refuse(exp, "--force would retrain the tokenizer")
+        changes = describe_changes(old, settings, inputs)
+        raise _refuse(exp, f"the corpus or tokenizer differs ({changes})")
 
     pairs, stats = {}, {}
     for split, name in split_names(config).items():
@@ -150,49 +266,54 @@ def prepare(config: ExperimentConfig, force: bool = False, log=print) -> dict:
             root, name, config.data.src_lang, config.data.tgt_lang, stats[split]
         )
         if not pairs[split]:
-            raise ValueError(f"the {split} split ({root}/{name}) holds no usable pair")
+            raise PrepareError(f"the {split} split ({root}/{name}) holds no usable pair")
 
     tok_cfg = config.tokenizer
     log(f"training {tok_cfg.type} SentencePiece ({tok_cfg.vocab_size} pieces) on the train split")
-    tokenizer_dir = exp / "tokenizer"
-    if tokenizer_dir.exists():
-        shutil.rmtree(tokenizer_dir)
-    tokenizer = Tokenizer.train(
-        pairs["train"],
-        tokenizer_dir,
-        vocab_size=tok_cfg.vocab_size,
-        joint=tok_cfg.joint,
-        model_type=tok_cfg.type,
-        character_coverage=tok_cfg.character_coverage,
-        byte_fallback=tok_cfg.byte_fallback,
-        input_sentence_size=tok_cfg.input_sentence_size,
-    )
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"fingerprint": fingerprint, "root": str(root), "splits": {}}
-    for split, split_pairs in pairs.items():
-        src = tokenizer.encode_source([s for s, _ in split_pairs])
-        tgt = tokenizer.encode_target([t for _, t in split_pairs])
-        if split == "train":
-            src, tgt = _filter_by_length(
-                src, tgt, config.data.max_len, config.data.max_ratio, stats[split]
-            )
-        arrays = TokenizedSplit.from_lists(src, tgt)
-        arrays.save(data_dir / f"{split}.npz")
-        manifest["splits"][split] = {
-            "read": stats[split].read,
-            "kept": stats[split].kept,
-            "skipped": stats[split].skipped,
-            "src_tokens": int(arrays.src_lengths.sum()),
-            "tgt_tokens": int(arrays.tgt_lengths.sum()),
+    # the manifest is swapped in last (data after tokenizer): it is the commit point
+    with (
+        replace_directory(data_dir) as data_stage,
+        replace_directory(exp / "tokenizer") as tok_stage,
+    ):
+        tokenizer = Tokenizer.train(
+            pairs["train"],
+            tok_stage,
+            vocab_size=tok_cfg.vocab_size,
+            joint=tok_cfg.joint,
+            model_type=tok_cfg.type,
+            character_coverage=tok_cfg.character_coverage,
+            byte_fallback=tok_cfg.byte_fallback,
+            input_sentence_size=tok_cfg.input_sentence_size,
+        )
+        manifest = {
+            "fingerprint": fingerprint,
+            "tokenizer": tokenizer.fingerprint(),
+            "root": str(root),
+            "settings": settings,
+            "inputs": inputs,
+            "splits": {},
         }
-        log(f"{split:>5}: {stats[split].summary()}")
-    manifest["src_vocab_size"] = tokenizer.src_vocab_size
-    manifest["tgt_vocab_size"] = tokenizer.tgt_vocab_size
-    manifest["joint_vocab"] = tokenizer.joint
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+        for split, split_pairs in pairs.items():
+            src = tokenizer.encode_source([s for s, _ in split_pairs])
+            tgt = tokenizer.encode_target([t for _, t in split_pairs])
+            if split == "train":
+                src, tgt = _filter_by_length(
+                    src, tgt, config.data.max_len, config.data.max_ratio, stats[split]
+                )
+            arrays = TokenizedSplit.from_lists(src, tgt)
+            arrays.save(data_stage / f"{split}.npz")
+            manifest["splits"][split] = {
+                "read": stats[split].read,
+                "kept": stats[split].kept,
+                "skipped": stats[split].skipped,
+                "src_tokens": int(arrays.src_lengths.sum()),
+                "tgt_tokens": int(arrays.tgt_lengths.sum()),
+            }
+            log(f"{split:>5}: {stats[split].summary()}")
+        manifest["src_vocab_size"] = tokenizer.src_vocab_size
+        manifest["tgt_vocab_size"] = tokenizer.tgt_vocab_size
+        manifest["joint_vocab"] = tokenizer.joint
+        atomic_write_text(data_stage / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -21,6 +21,7 @@ quotes and umlauts included).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -88,16 +89,21 @@ def train_sentencepiece(
     return model_path
 
 
+def _load_processor(path: str | Path) -> spm.SentencePieceProcessor:
+    """Opens one SentencePiece model; a damaged or foreign file is a ``ValueError``."""
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        reason = str(error).split("] ")[-1].strip() or "empty or unreadable"
+        raise ValueError(f"{path} is not a SentencePiece model ({reason})") from None
+
+
 class Tokenizer:
     """Source and target subword models (one shared model when ``joint``)."""
 
     def __init__(self, source_model: str | Path, target_model: str | Path | None = None) -> None:
-        self.source = spm.SentencePieceProcessor(model_file=str(source_model))
-        self.target = (
-            self.source
-            if target_model is None
-            else spm.SentencePieceProcessor(model_file=str(target_model))
-        )
+        self.source = _load_processor(source_model)
+        self.target = self.source if target_model is None else _load_processor(target_model)
         self.joint = target_model is None
         for processor in {id(self.source): self.source, id(self.target): self.target}.values():
             for token_id, piece in SPECIAL_PIECES.items():
@@ -149,6 +155,15 @@ class Tokenizer:
         raise FileNotFoundError(
             f"no SentencePiece model ({JOINT_MODEL} or {SOURCE_MODEL}) in {directory}"
         )
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the subword model(s): what checkpoints and model directories are
+        bound to, since the embedding rows mean nothing under another vocabulary."""
+        digest = hashlib.sha256(b"joint" if self.joint else b"separate")
+        digest.update(self.source.serialized_model_proto())
+        if not self.joint:
+            digest.update(self.target.serialized_model_proto())
+        return digest.hexdigest()
 
     def files(self) -> list[str]:
         """Names of the files that make up this tokenizer (for copying it)."""

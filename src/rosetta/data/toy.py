@@ -28,6 +28,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from rosetta.safeio import atomic_write_text
+
 # English singular, English plural, Zeta stem
 NOUNS = [
     ("dog", "dogs", "kano"),
@@ -157,7 +159,7 @@ def write_corpus(
     paths = {}
     for split, pairs in generate_corpus(seed, sizes).items():
         src_path, tgt_path = dest / f"{split}.{src_lang}", dest / f"{split}.{tgt_lang}"
-        src_path.write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
-        tgt_path.write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+        atomic_write_text(src_path, "".join(s + "\n" for s, _ in pairs))
+        atomic_write_text(tgt_path, "".join(t + "\n" for _, t in pairs))
         paths[split] = (src_path, tgt_path)
     return paths

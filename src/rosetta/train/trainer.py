@@ -9,6 +9,13 @@ Exact resume: ``last.pt`` stores the model, optimizer, scaler, step, the data
 position (epoch and batch index: the batch order is a pure function of the
 seed and epoch) and every RNG state, so an interrupted run resumed with
 ``--resume`` ends with the same weights as an uninterrupted one.
+
+What protects a run: checkpoints are bound to the fingerprints of the data and
+tokenizer they were trained on (a resume on other data is refused); SIGINT and
+SIGTERM save ``last.pt`` at the end of the current step before exiting; a
+batch whose loss (or, with clipping, gradient norm) is NaN or infinite is
+skipped and counted, and ``train.max_nonfinite`` of them in a row stop the run;
+no checkpoint or model directory is ever written from non-finite weights.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +36,13 @@ from tqdm import tqdm
 
 from rosetta.config import ExperimentConfig, parse_duration
 from rosetta.data.batching import BatchIterator, collate, make_batches
-from rosetta.data.prepare import TokenizedSplit, load_split
+from rosetta.data.prepare import TokenizedSplit, binding, load_split
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode.translator import SearchOptions, Translator
 from rosetta.evaluate.metrics import Score, bleu
 from rosetta.model import build_model
-from rosetta.modeldir import save_model_dir
+from rosetta.modeldir import check_finite, save_model_dir
+from rosetta.safeio import remove_stale_temporaries
 from rosetta.train import checkpoint
 from rosetta.train.average import average_checkpoints
 from rosetta.train.loss import label_smoothed_nll
@@ -50,7 +61,47 @@ class Progress:
     best_step: int = 0
     bad_validations: int = 0
     lr_scale: float = 1.0  # the plateau schedule's accumulated decay
+    nonfinite_skipped: int = 0  # batches skipped for a NaN/inf loss or gradient, in all
+    nonfinite_in_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainingError(RuntimeError):
+    """Training that cannot go on; the message says why."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; ``last.pt`` holds the state at the end of ``step``."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {path}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Turns SIGINT and SIGTERM into a request the loop honours after the current step.
+
+    Yields the list the signals are appended to. A second Ctrl-C interrupts at
+    once (the last checkpoint stays valid: writes are atomic). Outside the main
+    thread, where Python cannot install handlers, signals keep their behaviour.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def request(signum: int, _frame) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def pick_device() -> torch.device:
@@ -75,6 +126,10 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _eta(seconds: float) -> str:
+    return f"{seconds / 3600:.1f}h" if seconds >= 5940 else f"{seconds / 60:.1f}m"
 
 
 @torch.no_grad()
@@ -145,17 +200,51 @@ def build_optimizer(
         return torch.optim.Adam(model.parameters(), **options)
 
 
-def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
-    """Trains the configured model; returns the model directory."""
+def _model_differences(trained: dict[str, Any], stated: dict[str, Any]) -> list[str]:
+    return [
+        f"model.{key} was {trained.get(key)!r}, the configuration says {stated.get(key)!r}"
+        for key in sorted(trained.keys() | stated.keys())
+        if trained.get(key) != stated.get(key)
+    ]
+
+
+def load_training_state(path: Path, config: ExperimentConfig, bound_to: dict[str, str]) -> dict:
+    """Reads a ``last.pt``-style state for ``--resume`` and checks it belongs to this run."""
+    try:
+        state = checkpoint.load(path, bound_to)
+    except checkpoint.CheckpointError as error:
+        raise checkpoint.CheckpointError(f"{error}; {checkpoint.describe_fallback(path)}") from None
+    if "optimizer" not in state or "progress" not in state:
+        raise checkpoint.CheckpointError(
+            f"{path} holds weights only, not a training state to resume (use last.pt)"
+        )
+    differences = _model_differences(state["config"]["model"], config.model.model_dump(mode="json"))
+    if differences:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {path} with a changed model: {'; '.join(differences)}"
+        )
+    return state
+
+
+def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print) -> Path:
+    """Trains the configured model; returns the model directory.
+
+    ``resume`` is False (a new run), True (continue from ``checkpoints/last.pt``)
+    or the path of a training state to continue from (e.g. ``previous.pt``).
+    Raises ``TrainingInterrupted`` after saving ``last.pt`` when SIGINT or
+    SIGTERM arrives.
+    """
     tc = config.train
     exp = config.experiment_dir
     ckpt_dir = exp / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ckpt_dir)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     device = pick_device()
 
+    bound_to = binding(config)
     tokenizer = Tokenizer.load(exp / "tokenizer")
     train_split, valid_split = load_split(config, "train"), load_split(config, "valid")
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
@@ -166,16 +255,17 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
     progress = Progress()
 
     if resume:
-        state = checkpoint.load(ckpt_dir / "last.pt")
+        path = ckpt_dir / checkpoint.LAST if resume is True else Path(resume)
+        state = load_training_state(path, config, bound_to)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
         checkpoint.restore_rng_states(state["rng"])
-        log(f"resumed from step {progress.step} (epoch {progress.epoch + 1})")
-    elif (ckpt_dir / "last.pt").exists():
+        log(f"resumed from step {progress.step} (epoch {progress.epoch + 1}) of {path}")
+    elif checkpoint.holds_training(ckpt_dir):
         raise FileExistsError(
-            f"{ckpt_dir / 'last.pt'} exists: pass --resume to continue it, or use a new "
+            f"{ckpt_dir} holds checkpoints: pass --resume to continue them, or use a new "
             "experiment_dir (nothing is overwritten)"
         )
 
@@ -190,21 +280,26 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
         f"padding {batches.padding_fraction(0):.1%} of each batch on average; device {device}"
     )
 
-    def save_last() -> None:
-        checkpoint.atomic_save(
+    def weights_state() -> dict[str, Any]:
+        state = model.state_dict()
+        check_finite(state, f"a checkpoint at step {progress.step}")
+        return {"model": state, "step": progress.step, "binding": bound_to}
+
+    def save_last() -> Path:
+        return checkpoint.save_training_state(
             {
-                "model": model.state_dict(),
+                **weights_state(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "progress": asdict(progress),
                 "rng": checkpoint.rng_states(),
                 "config": config.model_dump(mode="json"),
             },
-            ckpt_dir / "last.pt",
+            ckpt_dir,
         )
 
-    def validate() -> bool:
-        """Scores the model, saves checkpoints; returns True when patience ran out."""
+    def validate() -> None:
+        """Scores the model, saves checkpoints and counts validations without progress."""
         nll, ppl = validation_loss(model, valid_split, tc.max_tokens, device)
         record: dict[str, Any] = {"step": progress.step, "valid_nll": nll, "valid_ppl": ppl}
         score = -nll
@@ -213,23 +308,18 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
             score = record["valid_bleu"] = result.score
             record["valid_bleu_signature"] = result.signature
         model.train()
+        state = weights_state()
         improved = score > progress.best_score
         if improved:
             progress.best_score, progress.best_step = score, progress.step
             progress.bad_validations = 0
-            checkpoint.atomic_save(
-                {"model": model.state_dict(), "step": progress.step, "score": score},
-                ckpt_dir / "best.pt",
-            )
+            checkpoint.save({**state, "score": score}, ckpt_dir / checkpoint.BEST)
         else:
             progress.bad_validations += 1
             if tc.schedule == "plateau" and progress.bad_validations % tc.plateau_patience == 0:
                 progress.lr_scale *= tc.plateau_factor
                 log(f"validation plateaued: learning rate scaled by {progress.lr_scale:g}")
-        checkpoint.atomic_save(
-            {"model": model.state_dict(), "step": progress.step},
-            ckpt_dir / f"step_{progress.step}.pt",
-        )
+        checkpoint.save(state, ckpt_dir / f"step_{progress.step}.pt")
         checkpoint.prune(ckpt_dir, tc.keep_last)
         if tc.attention_samples:
             save_attention_snapshots(
@@ -240,8 +330,22 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
         log(f"step {progress.step}: {shown}{' (best)' if improved else ''}")
         save_last()
-        return bool(tc.patience) and progress.bad_validations >= tc.patience
 
+    def finished() -> str:
+        """Why the run is over, or '' while it goes on (checked before every step)."""
+        if tc.max_steps and progress.step >= tc.max_steps:
+            return f"max_steps {tc.max_steps} reached"
+        if progress.elapsed >= max_time:
+            return f"time budget {tc.max_time} reached"
+        if tc.max_epochs and progress.epoch >= tc.max_epochs:
+            return f"max_epochs {tc.max_epochs} reached"
+        if tc.patience and progress.bad_validations >= tc.patience:
+            return f"no improvement in {tc.patience} validations"
+        return ""
+
+    stop_reason = finished()
+    if stop_reason and resume:
+        log(f"this run had already finished ({stop_reason}); nothing to train")
     model.train()
     start_time = time.monotonic() - progress.elapsed
     bar = tqdm(
@@ -250,95 +354,125 @@ def train(config: ExperimentConfig, resume: bool = False, log=print) -> Path:
         unit="step",
         dynamic_ncols=True,
         disable=None,
+        bar_format="{n_fmt}/{total_fmt} steps [{elapsed}{postfix}]",  # ETA in the postfix
     )
-    window_tokens, window_loss, window_start = 0, 0.0, time.monotonic()
-    stop_reason = ""
+    window_tokens, window_steps, window_loss, window_start = 0, 0, 0.0, time.monotonic()
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     )
 
-    while not stop_reason:
-        pending = []  # batches accumulated into the next optimizer step
-        for index, batch in batches.iterate(progress.epoch, progress.batch_in_epoch):
-            pending.append(batch)
-            if len(pending) < tc.accumulate:
-                continue
-            tokens = sum(b.num_tgt_tokens for b in pending)
-            loss_sum = 0.0
-            for b in pending:
-                b = b.to(device)
-                real = b.tgt_out.ne(PAD_ID)
-                with autocast:
-                    logits = model(b.src, b.tgt_in, label_mask=real)
-                loss, _ = label_smoothed_nll(logits, b.tgt_out[real], tc.label_smoothing)
-                scaler.scale(loss / tokens).backward()
-                loss_sum += loss.detach()
-            pending = []
-            progress.step += 1
-            lr = progress.lr_scale * learning_rate(
-                progress.step, tc.schedule, config.model.d_model, tc.warmup, tc.lr
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if tc.clip_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            progress.batch_in_epoch = index + 1
-            progress.elapsed = time.monotonic() - start_time
-            window_tokens += tokens
-            window_loss += loss_sum  # stays a tensor: no host sync until logging
-
-            if progress.step % tc.log_every == 0:
-                now = time.monotonic()
-                rate = window_tokens / max(now - window_start, 1e-9)
-                loss_value = float(window_loss) / max(window_tokens, 1)
-                left = max_time - progress.elapsed
-                shown = dict(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-                if left < math.inf:
-                    shown["left"] = f"{left / 60:.1f}m"
-                bar.set_postfix(shown)
-                if bar.disable:  # no terminal (a log file): one plain line instead
-                    log(f"step {progress.step} " + " ".join(f"{k} {v}" for k, v in shown.items()))
-                metrics.write(
-                    {
-                        "type": "train",
-                        "step": progress.step,
-                        "epoch": progress.epoch + 1,
-                        "loss": loss_value,
-                        "lr": lr,
-                        "tgt_tokens_per_s": rate,
-                        "elapsed": progress.elapsed,
-                    }
+    with stop_requests() as signals:
+        while not stop_reason:
+            pending = []  # batches accumulated into the next optimizer step
+            for index, batch in batches.iterate(progress.epoch, progress.batch_in_epoch):
+                pending.append(batch)
+                if len(pending) < tc.accumulate:
+                    continue
+                tokens = sum(b.num_tgt_tokens for b in pending)
+                loss_sum = 0.0
+                for b in pending:
+                    b = b.to(device)
+                    real = b.tgt_out.ne(PAD_ID)
+                    with autocast:
+                        logits = model(b.src, b.tgt_in, label_mask=real)
+                    loss, _ = label_smoothed_nll(logits, b.tgt_out[real], tc.label_smoothing)
+                    scaler.scale(loss / tokens).backward()
+                    loss_sum += loss.detach()
+                pending = []
+                progress.batch_in_epoch = index + 1
+                finite = bool(torch.isfinite(loss_sum))
+                if finite and tc.clip_norm > 0:
+                    scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+                    # with fp16 the scaler itself skips steps whose gradients overflowed
+                    finite = scaler.is_enabled() or bool(torch.isfinite(norm))
+                if not finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    progress.nonfinite_skipped += 1
+                    progress.nonfinite_in_row += 1
+                    log(
+                        f"skipped a batch with a non-finite loss or gradient after step "
+                        f"{progress.step} ({progress.nonfinite_skipped} so far)"
+                    )
+                    if progress.nonfinite_in_row >= tc.max_nonfinite:
+                        raise TrainingError(
+                            f"{progress.nonfinite_in_row} batches in a row gave a NaN or "
+                            f"infinite loss at step {progress.step}: training stopped (lower "
+                            "train.lr, raise train.warmup or check the data); the last "
+                            "checkpoint is untouched"
+                        )
+                    continue
+                progress.nonfinite_in_row = 0
+                progress.step += 1
+                lr = progress.lr_scale * learning_rate(
+                    progress.step, tc.schedule, config.model.d_model, tc.warmup, tc.lr
                 )
-                window_tokens, window_loss, window_start = 0, 0.0, now
-            bar.update(1)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                progress.elapsed = time.monotonic() - start_time
+                window_tokens += tokens
+                window_steps += 1
+                window_loss += loss_sum  # stays a tensor: no host sync until logging
 
-            out_of_budget = progress.elapsed >= max_time
-            at_max_steps = bool(tc.max_steps) and progress.step >= tc.max_steps
-            due = progress.step % tc.valid_every == 0 or out_of_budget or at_max_steps
-            if due and validate():
-                stop_reason = f"no improvement in {tc.patience} validations"
-                break
-            if out_of_budget:
-                stop_reason = f"time budget {tc.max_time} reached"
-            elif at_max_steps:
-                stop_reason = f"max_steps {tc.max_steps} reached"
-            if stop_reason:
-                break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-            if tc.max_epochs and progress.epoch >= tc.max_epochs:
-                validate()
-                stop_reason = f"max_epochs {tc.max_epochs} reached"
+                if progress.step % tc.log_every == 0:
+                    now = time.monotonic()
+                    seconds = max(now - window_start, 1e-9)
+                    loss_value = float(window_loss) / max(window_tokens, 1)
+                    shown = dict(
+                        loss=f"{loss_value:.3f}",
+                        lr=f"{lr:.2e}",
+                        tok_s=f"{window_tokens / seconds:,.0f}",
+                    )
+                    left = [max_time - progress.elapsed]
+                    if tc.max_steps:
+                        left.append((tc.max_steps - progress.step) * seconds / window_steps)
+                    if min(left) < math.inf:  # whichever limit ends the run first
+                        shown["eta"] = _eta(max(min(left), 0.0))
+                    bar.set_postfix(shown)
+                    if bar.disable:  # no terminal (a log file): one plain line instead
+                        log(
+                            f"step {progress.step} "
+                            + " ".join(f"{k} {v}" for k, v in shown.items())
+                        )
+                    metrics.write(
+                        {
+                            "type": "train",
+                            "step": progress.step,
+                            "epoch": progress.epoch + 1,
+                            "loss": loss_value,
+                            "lr": lr,
+                            "tgt_tokens_per_s": window_tokens / seconds,
+                            "elapsed": progress.elapsed,
+                        }
+                    )
+                    window_tokens, window_steps, window_loss, window_start = 0, 0, 0.0, now
+                bar.update(1)
+
+                if signals:
+                    bar.close()
+                    raise TrainingInterrupted(signals[0], progress.step, save_last())
+                stop_reason = finished()
+                if stop_reason or progress.step % tc.valid_every == 0:
+                    validate()
+                    stop_reason = finished()
+                if stop_reason:
+                    break
+            else:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+                if tc.max_epochs and progress.epoch >= tc.max_epochs:
+                    validate()
+                    stop_reason = finished()
     bar.close()
     log(
         f"stopped after {progress.step} steps ({progress.elapsed / 60:.1f} min): {stop_reason}; "
         f"best step {progress.best_step}"
     )
+    if progress.nonfinite_skipped:
+        log(f"{progress.nonfinite_skipped} batches were skipped for a non-finite loss or gradient")
     return export_model_dir(config, model, progress, log)
 
 
@@ -349,8 +483,10 @@ def export_model_dir(
     ``train.average_last`` checkpoints when that scores better on validation BLEU."""
     exp = config.experiment_dir
     ckpt_dir = exp / "checkpoints"
-    model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt")["model"])
+    bound_to = binding(config)
+    model.load_state_dict(checkpoint.load(ckpt_dir / checkpoint.BEST, bound_to)["model"])
     chosen = f"best checkpoint (step {progress.best_step})"
+    validation = next((r for r in progress.history if r["step"] == progress.best_step), {})
     average_last = config.train.average_last
     if average_last > 1 and len(checkpoint.step_checkpoints(ckpt_dir)) > 1:
         tokenizer = Tokenizer.load(exp / "tokenizer")
@@ -359,11 +495,16 @@ def export_model_dir(
         best_bleu = validation_bleu(model, tokenizer, valid, config, limit)[0].score
         best_weights = {k: v.clone() for k, v in model.state_dict().items()}
         paths = checkpoint.step_checkpoints(ckpt_dir)[-average_last:]
-        model.load_state_dict(average_checkpoints(paths))
-        avg_bleu = validation_bleu(model, tokenizer, valid, config, limit)[0].score
-        log(f"valid BLEU: best checkpoint {best_bleu:.2f}, average of {len(paths)} {avg_bleu:.2f}")
-        if avg_bleu >= best_bleu:
+        model.load_state_dict(average_checkpoints(paths, bound_to))
+        average = validation_bleu(model, tokenizer, valid, config, limit)[0]
+        log(f"valid BLEU: best checkpoint {best_bleu:.2f}, averaged {average.score:.2f}")
+        if average.score >= best_bleu:
             chosen = f"average of the last {len(paths)} checkpoints"
+            validation = {
+                "steps": [int(p.stem.split("_")[1]) for p in paths],
+                "valid_bleu": average.score,
+                "valid_bleu_signature": average.signature,
+            }
         else:
             model.load_state_dict(best_weights)
     model.eval()
@@ -372,8 +513,9 @@ def export_model_dir(
         "steps": progress.step,
         "training_minutes": round(progress.elapsed / 60, 2),
         "weights": chosen,
-        "validation": progress.history[-1] if progress.history else {},
+        "validation": validation,  # of the weights in this directory
         "best_validation_score": progress.best_score,
+        "nonfinite_batches_skipped": progress.nonfinite_skipped,
     }
     directory = save_model_dir(exp / "model", config, exp / "tokenizer", model, metadata)
     log(f"model directory: {directory} ({chosen})")
