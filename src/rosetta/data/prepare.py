@@ -121,25 +121,21 @@ def _fingerprint(settings: dict, inputs: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _differences(before: object, after: object, key: str = "") -> list[str]:
+    """``key old -> new`` for each setting that differs, descending into sections."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = []
+        for name in sorted(before.keys() | after.keys()):
+            found += _differences(before.get(name), after.get(name), f"{key}{name}.")
+        return found
+    return [] if before == after else [f"{key.rstrip('.')} {before!r} -> {after!r}"]
 
 
 def describe_changes(old: dict, settings: dict, inputs: dict[str, str] | None) -> str:
     """Says what differs between a manifest and the current settings and corpus files."""
     if "settings" not in old:
         return "the prepared data was made by an older rosetta"
-    changes = []
-    before, after = _flatten(old["settings"]), _flatten(settings)
-    for key in sorted(before.keys() | after.keys()):
-        if before.get(key) != after.get(key):
-            changes.append(f"{key} {before.get(key)!r} -> {after.get(key)!r}")
+    changes = _differences(old["settings"], settings)
     for name in sorted((old.get("inputs") or {}).keys() | (inputs or {}).keys()):
         if inputs is None:
             break

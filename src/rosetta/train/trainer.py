@@ -451,13 +451,13 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                     window_tokens, window_steps, window_loss, window_start = 0, 0, 0.0, now
                 bar.update(1)
 
-                if signals:
-                    bar.close()
-                    raise TrainingInterrupted(signals[0], progress.step, save_last())
                 stop_reason = finished()
                 if stop_reason or progress.step % tc.valid_every == 0:
-                    validate()
+                    validate()  # even when a signal came: a resumed run must validate alike
                     stop_reason = finished()
+                if signals and not stop_reason:
+                    bar.close()
+                    raise TrainingInterrupted(signals[0], progress.step, save_last())
                 if stop_reason:
                     break
             else:
