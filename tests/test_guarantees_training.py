@@ -485,3 +485,10 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(uninterrupted, tmp_path):
     assert process.returncode == 0, err
     assert not [p for p in (exp / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert_same_weights(final_weights(exp), reference)
+
+
+def test_resume_with_a_changed_model_names_the_change(trained, tmp_path):
+    exp = copy_run(trained, tmp_path / "exp")
+    config = toy_config(exp, model={"d_ff": 96}, train={"max_steps": 16})
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.d_ff was 64.*says 96"):
+        train(config, resume=True, log=quiet)
