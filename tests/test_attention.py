@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from rosetta.model.attention import CrossAttention, MultiHeadAttention, SelfAttention
+from rosetta.model import attention as attention_module
+from rosetta.model.attention import CrossAttention, MultiHeadAttention, SelfAttention, attention
+from rosetta.model.packing import SourcePadding
 
 
 def test_worked_example_from_the_notes():
@@ -49,12 +51,18 @@ def test_self_attention_matches_torch_multihead_attention():
     expected, expected_weights = reference(
         x, x, x, key_padding_mask=pad, average_attn_weights=False
     )
-    mask = ~pad[:, None, None, :]
-    out, _ = ours(x, mask=mask)
-    out_explicit, weights = ours(x, mask=mask, need_weights=True)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out_explicit, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-4)
+    padding = SourcePadding(pad)
+    assert padding.packed  # the encoder's layout: real tokens' rows in and out
+    out, _ = ours(padding.pack(x), padding)
+    out_explicit, weights = ours(padding.pack(x), padding, need_weights=True)
+    real = ~pad
+    torch.testing.assert_close(padding.unpack(out)[real], expected[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        padding.unpack(out_explicit)[real], expected[real], atol=1e-5, rtol=1e-4
+    )
+    # the rows of real queries (padded positions' queries are never read)
+    queries = real[:, None, :, None].expand_as(weights)
+    torch.testing.assert_close(weights[queries], expected_weights[queries], atol=1e-6, rtol=1e-4)
 
 
 def test_causal_self_attention_matches_reference_with_attn_mask():
@@ -75,33 +83,60 @@ def test_causal_self_attention_matches_reference_with_attn_mask():
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_padded_keys_get_zero_weight_and_do_not_change_outputs(need_weights):
     torch.manual_seed(2)
-    attention = CrossAttention(8, 2).eval()
+    cross = CrossAttention(8, 2).eval()
     x = torch.randn(1, 3, 8)
     memory = torch.randn(1, 4, 8)
     padded = torch.cat([memory, torch.randn(1, 2, 8) * 100], dim=1)  # 2 junk positions
-    mask = torch.tensor([[True] * 4 + [False] * 2])[:, None, None, :]
-    out_padded, weights = attention(x, attention.project_memory(padded), mask, need_weights=True)
-    out_plain, _ = attention(x, attention.project_memory(memory), need_weights=need_weights)
+    padding = SourcePadding(torch.tensor([[False] * 4 + [True] * 2]))
+    out_padded, weights = cross(x, cross.project_memory(padded, padding), need_weights=True)
+    out_plain, _ = cross(x, cross.project_memory(memory), need_weights=need_weights)
     assert torch.all(weights[..., 4:] == 0)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 3))
     torch.testing.assert_close(out_padded, out_plain, atol=1e-5, rtol=1e-4)
 
 
-def test_memory_projected_on_real_tokens_only_equals_the_padded_projection():
-    """With a ``Packing``, cross-attention K/V are computed for real source tokens
+def test_memory_projected_on_real_tokens_only_equals_the_padded_projection(monkeypatch):
+    """With a packing, cross-attention K/V are computed for real source tokens
     only: equal at real positions, zero at padded ones, same attention output."""
-    from rosetta.model.packing import Packing
+    from rosetta.model import packing
 
     torch.manual_seed(3)
-    attention = CrossAttention(8, 2).eval()
+    cross = CrossAttention(8, 2).eval()
     memory = torch.randn(3, 5, 8)
     real = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    packed = attention.project_memory(memory, Packing(real))
-    plain = attention.project_memory(memory)
-    where = real[:, None, :, None].expand_as(plain[0])  # (batch, heads, src_len, head_dim)
-    for got, expected in zip(packed, plain):
+    packed = cross.project_memory(memory, SourcePadding(~real))
+    monkeypatch.setattr(packing, "MIN_PADDING", 2.0)  # the same padding, never packed
+    plain = cross.project_memory(memory, SourcePadding(~real))
+    where = real[:, None, :, None].expand_as(plain.keys)  # (batch, heads, src_len, head_dim)
+    for got, expected in ((packed.keys, plain.keys), (packed.values, plain.values)):
         torch.testing.assert_close(got[where], expected[where])
         assert torch.all(got[~where] == 0)
     x = torch.randn(3, 4, 8)
-    mask = real[:, None, None, :]
-    torch.testing.assert_close(attention(x, packed, mask)[0], attention(x, plain, mask)[0])
+    torch.testing.assert_close(cross(x, packed)[0], cross(x, plain)[0])
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "causal"])
+def test_the_three_forms_of_the_attention_function_agree(mask_kind, monkeypatch):
+    """SDPA, the written-out product that returns weights, and the batched matrix
+    products a search step takes on many rows: one function, one result."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(6, 2, 3, 4), torch.randn(6, 2, 5, 4), torch.randn(6, 2, 5, 4)
+    pad = torch.zeros(6, 5, dtype=torch.bool)
+    pad[1, 3:] = pad[4, 1:] = True
+    mask, causal = None, mask_kind == "causal"
+    if causal:
+        k, v = k[:, :, :3], v[:, :, :3]
+    elif mask_kind == "bool":
+        mask = ~pad[:, None, None, :]
+    elif mask_kind == "additive":
+        mask = SourcePadding(pad).additive_mask(torch.float32)
+    fused, none = attention(q, k, v, mask, causal)
+    explicit, weights = attention(q, k, v, mask, causal, need_weights=True)
+    monkeypatch.setattr(attention_module, "MATMUL_MIN_ROWS", 1)
+    with torch.no_grad():
+        by_matmul, _ = attention(q, k, v, mask, causal)
+    assert none is None and weights.shape == (6, 2, 3, k.size(2))
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(by_matmul, fused, atol=1e-5, rtol=1e-4)
+    if mask_kind in ("bool", "additive"):
+        assert torch.all(weights[4, :, :, 1:] == 0)

@@ -187,20 +187,23 @@ def test_a_damaged_last_checkpoint_is_refused_and_previous_offered(trained, tmp_
 
 
 def test_nonfinite_batches_are_skipped_and_counted(trained, tmp_path, monkeypatch):
-    import rosetta.train.trainer as trainer
+    from rosetta.model.interface import Seq2Seq
 
     exp = tmp_path / "exp"
     for name in ("corpus", "tokenizer", "data"):
         shutil.copytree(trained / name, exp / name)
-    real = trainer.label_smoothed_nll
+    real = Seq2Seq.training_loss
     calls = {"n": 0}
 
-    def sometimes_nan(logits, target, smoothing):
-        calls["n"] += 1
-        loss, nll = real(logits, target, smoothing)
-        return (loss * float("nan"), nll) if calls["n"] in (3, 4) else (loss, nll)
+    def sometimes_nan(model, batch, smoothing):
+        terms = real(model, batch, smoothing)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in (3, 4):
+                terms["loss"] = terms["loss"] * float("nan")
+        return terms
 
-    monkeypatch.setattr(trainer, "label_smoothed_nll", sometimes_nan)
+    monkeypatch.setattr(Seq2Seq, "training_loss", sometimes_nan)
     logged: list[str] = []
     model_dir = train(toy_config(exp, train={"valid_bleu": False}), log=logged.append)
     assert sum("skipped a batch" in line for line in logged) == 2
@@ -211,16 +214,16 @@ def test_nonfinite_batches_are_skipped_and_counted(trained, tmp_path, monkeypatc
 
 
 def test_only_nonfinite_losses_stop_training_with_a_message(trained, tmp_path, monkeypatch):
-    import rosetta.train.trainer as trainer
+    from rosetta.model.interface import Seq2Seq
 
     exp = copy_run(trained, tmp_path / "exp")
-    real = trainer.label_smoothed_nll
+    real = Seq2Seq.training_loss
 
     def always_nan(*args):
-        loss, nll = real(*args)
-        return loss * float("nan"), nll
+        terms = real(*args)
+        return {**terms, "loss": terms["loss"] * float("nan")}
 
-    monkeypatch.setattr(trainer, "label_smoothed_nll", always_nan)
+    monkeypatch.setattr(Seq2Seq, "training_loss", always_nan)
     before = snapshot(exp / "checkpoints")
     config = toy_config(exp, train={"max_steps": 30, "max_nonfinite": 3})
     with pytest.raises(TrainingError, match="3 batches in a row gave a NaN"):
@@ -351,15 +354,15 @@ RUNNER = textwrap.dedent(
 
     step_seconds = float(os.environ.get("SLOW_STEP", "0"))
     if step_seconds:  # slower steps, same numbers: time to send a signal mid-run
-        import rosetta.train.trainer as trainer
+        from rosetta.model.interface import Seq2Seq
 
-        loss = trainer.label_smoothed_nll
+        loss = Seq2Seq.training_loss
 
         def slow_loss(*args):
             time.sleep(step_seconds)
             return loss(*args)
 
-        trainer.label_smoothed_nll = slow_loss
+        Seq2Seq.training_loss = slow_loss
 
     slow = os.environ.get("SLOW_WRITE_MARKER")
     if slow:

@@ -58,24 +58,29 @@ def test_cached_decoding_equals_full_recomputation(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_written_out_decoder_cell_equals_torch_rnn(variant):
-    """``_recur`` steps the decoder with the ``nn.LSTM``/``nn.GRU`` parameters; run
-    over a sequence it gives that module's outputs and final state."""
+    """``DecoderRNN.step`` is ``nn.LSTM``/``nn.GRU`` written out: loaded with its
+    parameters, that module gives the same outputs and final state over a sequence."""
     model = rnn_model(**variant)
-    rnn, layers = model.decoder, model.cfg.decoder_layers
+    decoder, layers = model.decoder, model.cfg.decoder_layers
+    input_size, hidden_size = decoder.weight_ih_l0.size(1), decoder.hidden
+    rnn = (torch.nn.LSTM if model.lstm else torch.nn.GRU)(
+        input_size, hidden_size, num_layers=layers, batch_first=True
+    )
+    rnn.load_state_dict(decoder.state_dict())  # the same names and shapes
     generator = torch.Generator().manual_seed(2)
-    inputs = torch.randn(3, 5, rnn.input_size, generator=generator)
-    hidden = torch.randn(layers, 3, rnn.hidden_size, generator=generator)
-    cell = torch.randn(layers, 3, rnn.hidden_size, generator=generator)
+    inputs = torch.randn(3, 5, input_size, generator=generator)
+    hidden = torch.randn(layers, 3, hidden_size, generator=generator)
+    cell = torch.randn(layers, 3, hidden_size, generator=generator)
     initial = (hidden, cell) if model.lstm else hidden
     expected, final = rnn(inputs, initial)
     state = DecoderState(tensors={"hidden": hidden.transpose(0, 1)})
     if model.lstm:
         state.tensors["cell"] = cell.transpose(0, 1)
-    size, weights = model.cfg.d_model, model._cell_weights()
+    size, weights = model.cfg.d_model, decoder.step_weights(model.cfg.d_model)
     for t in range(inputs.size(1)):
         words, extra = inputs[:, t, :size], inputs[:, t, size:]
         extra = extra if extra.numel() else None
-        output = model._recur(model._input_gates(words), extra, state, weights)
+        output = decoder.step(decoder.input_gates(words, size), extra, state.tensors, weights)
         torch.testing.assert_close(output, expected[:, t])
     final_hidden = final[0] if model.lstm else final
     torch.testing.assert_close(state.tensors["hidden"], final_hidden.transpose(0, 1))

@@ -10,6 +10,7 @@ import torch
 from rosetta.config import ModelConfig
 from rosetta.data.tokenizer import BOS_ID, PAD_ID
 from rosetta.model import build_model
+from rosetta.model.attention import SelfAttention
 
 VOCAB = 40
 
@@ -63,18 +64,20 @@ def test_source_padding_does_not_change_outputs():
     torch.testing.assert_close(model(longer, tgt), model(src, tgt), atol=1e-5, rtol=1e-4)
 
 
-PATHS = ["modules", "decoder_step", "decoder_step_matmul"]
+PATHS = ["autograd", "inference", "inference_matmul", "inference_no_onednn"]
 
 
-def search_context(path: str, monkeypatch):
-    """``modules``: the step through the layers (gradients on, as in training);
-    ``decoder_step``: inference mode, where ``DecoderStep`` takes over, attending
-    through SDPA, or (``_matmul``) through batched matrix products, as it does for
-    many hypotheses."""
-    if path == "modules":
+def search_context(path: str, model, monkeypatch):
+    """The one step path under each of its kernel choices. ``autograd``: gradients
+    on (plain ``F.linear``, SDPA); ``inference``: the model prepared for inference
+    (transposed / oneDNN-packed weights) under ``inference_mode``, attending through
+    SDPA, or (``_matmul``) through batched matrix products, as it does for many
+    hypotheses; ``_no_onednn``: the fallback without PyTorch's private oneDNN ops."""
+    if path == "autograd":
         return contextlib.nullcontext()
-    minimum = 1 if path.endswith("_matmul") else 10**9
-    monkeypatch.setattr("rosetta.model.incremental.MATMUL_MIN_ROWS", minimum)
+    if path.endswith("_matmul"):
+        monkeypatch.setattr("rosetta.model.attention.MATMUL_MIN_ROWS", 1)
+    model.prepare_for_inference(onednn=not path.endswith("_no_onednn"))
     return torch.inference_mode()
 
 
@@ -91,12 +94,11 @@ def test_cached_incremental_decoding_equals_full_recomputation(overrides, path, 
     src, tgt = random_batch(batch=9, tgt_len=9)
     full = model(src, tgt)
     for rows in (slice(0, 9), slice(0, 2), slice(0, 1)):
-        with search_context(path, monkeypatch):
+        with search_context(path, model, monkeypatch):
             state = model.init_state(model.encode(src[rows]))
             for t in range(tgt.size(1)):
                 step_logits = model.decode_step(tgt[rows, t], state)
                 torch.testing.assert_close(step_logits, full[rows, t], atol=1e-5, rtol=1e-4)
-        assert ("decoder_step" in state.fixed) == (path != "modules")
     assert state.step == tgt.size(1)
     # one cached key/value per generated position in every layer
     assert all(cache.length == tgt.size(1) for cache in state.tensors["caches"])
@@ -126,7 +128,7 @@ def test_grouped_hypotheses_share_one_copy_of_their_source(path, monkeypatch):
     generator = torch.Generator().manual_seed(5)
     prefixes = torch.randint(4, VOCAB, (3 * beam, steps), generator=generator)
     prefixes[:, 0] = BOS_ID
-    with search_context(path, monkeypatch):
+    with search_context(path, model, monkeypatch):
         state = model.init_state(model.encode(src))
         state.expand(beam)
         assert state.num_sources == 3 and state.tensors["caches"][0].length == 0
@@ -141,32 +143,33 @@ def test_grouped_hypotheses_share_one_copy_of_their_source(path, monkeypatch):
             rows = rows[reorder]
         state.select_sources(torch.tensor([2, 0]))
         assert state.num_sources == 2 and state.tensors["caches"][0].batch == 2 * beam
-        assert state.sources["memory_kv"][0][0].size(0) == 2
+        assert state.sources["memory"][0].keys.size(0) == 2
         rows = rows[[6, 7, 8, 0, 1, 2]]
         logits = model.decode_step(prefixes[rows, steps - 1], state)
-    assert ("decoder_step" in state.fixed) == (path != "modules")
     kept = torch.cat([prefixes[rows, :steps], prefixes[rows, steps - 1 :]], dim=1)
     expected = model(src[[2, 2, 2, 0, 0, 0]], kept)[:, steps]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_encoder_equals_the_padded_one_forward_and_backward():
-    """Position-wise work on the real tokens only (``Packing``) changes nothing at
-    real positions, in outputs or gradients; padded positions come out zero."""
-    from rosetta.model.packing import Packing
-    from rosetta.model.transformer import attention_mask
+def test_packed_encoder_equals_the_padded_one_forward_and_backward(monkeypatch):
+    """Position-wise work on the real tokens only (``SourcePadding`` packing) changes
+    nothing at real positions, in outputs or gradients; padded positions come out
+    zero."""
+    from rosetta.model import packing
 
     model = tiny_model(seed=2).train()  # dropout is 0: both passes are deterministic
     src, _ = random_batch(batch=4, src_len=9)
     src[1, 3:] = PAD_ID
     src[2, 6:] = PAD_ID
     real = src.ne(PAD_ID)
-    packing = Packing.worthwhile(real)
-    assert packing is not None and packing.tokens == int(real.sum())
     results = []
-    for pack in (None, packing):
+    for min_padding in (2.0, 0.1):  # never packed, packed
+        monkeypatch.setattr(packing, "MIN_PADDING", min_padding)
+        padding = packing.SourcePadding(~real)
+        assert padding.packed == (min_padding < 1)
+        assert padding.tokens == (int(real.sum()) if padding.packed else real.numel())
         model.zero_grad()
-        memory, _ = model.encoder(model.src_embed(src), attention_mask(~real), packing=pack)
+        memory, _ = model.encoder(model.src_embed(src), padding)
         memory[real].square().sum().backward()
         grads = [p.grad.clone() for p in model.encoder.parameters()]
         results.append((memory.detach(), grads))
@@ -175,7 +178,7 @@ def test_packed_encoder_equals_the_padded_one_forward_and_backward():
     assert torch.all(packed[~real] == 0)
     for packed_grad, padded_grad in zip(packed_grads, padded_grads):
         torch.testing.assert_close(packed_grad, padded_grad, atol=1e-4, rtol=1e-4)
-    assert Packing.worthwhile(torch.ones(4, 9, dtype=torch.bool)) is None
+    assert not packing.SourcePadding(torch.zeros(4, 9, dtype=torch.bool)).packed
 
 
 def test_weight_tying():
@@ -227,9 +230,9 @@ def test_cache_buffers_grow_and_hold_every_position():
         assert cache.length == t + 1 and cache.buffer.size(0) >= t + 1
         torch.testing.assert_close(k, torch.cat(keys[: t + 1], dim=2))
         torch.testing.assert_close(v, -torch.cat(keys[: t + 1], dim=2))
-        rows_k, rows_v = cache.rows()  # the same positions as (batch * heads) rows
-        torch.testing.assert_close(rows_k, k.reshape(6, t + 1, 4))
-        torch.testing.assert_close(rows_v, v.reshape(6, t + 1, 4))
+        # the (batch * heads) rows the matrix-product attention reads, without a copy
+        assert k.flatten(0, 1).data_ptr() == k.data_ptr()
+        torch.testing.assert_close(k.flatten(0, 1), k.reshape(6, t + 1, 4))
     assert cache.buffer.size(0) < 2 * 40 + 16  # grown by doubling, not per step
 
 
@@ -268,7 +271,7 @@ def test_fast_inference_path_decodes_like_the_plain_layers(large, monkeypatch):
 
     if large:
         monkeypatch.setattr("rosetta.model.linear.ONEDNN_TIERS", ((0, 2),))
-        monkeypatch.setattr("rosetta.model.incremental.MATMUL_MIN_ROWS", 2)
+        monkeypatch.setattr("rosetta.model.attention.MATMUL_MIN_ROWS", 2)
 
     from rosetta.decode import beam_search, greedy_search
     from rosetta.model.linear import Linear, as_plain_linear
@@ -279,8 +282,43 @@ def test_fast_inference_path_decodes_like_the_plain_layers(large, monkeypatch):
     plain = as_plain_linear(copy.deepcopy(model))
     assert not any(isinstance(m, Linear) for m in plain.modules())
     src, _ = random_batch(batch=12, src_len=9, seed=4)
+    model.prepare_for_inference()
     for search in (
         lambda m: [h.tokens for h in greedy_search(m, src, max_len_b=10)],
         lambda m: [h[0].tokens for h in beam_search(m, src, beam=4, max_len_b=10)],
     ):
         assert search(model) == search(plain)
+
+
+class ScaledQueries(SelfAttention):
+    """An attention variant that changes the scores: queries scaled by 3."""
+
+    def attend(self, q, k, v, mask=None, causal=False, need_weights=False):
+        return super().attend(3 * q, k, v, mask, causal, need_weights)
+
+
+def test_an_attention_variant_reaches_cached_decoding_as_the_full_pass(monkeypatch):
+    """Decoding goes through the very code training runs: a subclass that changes the
+    scores changes the cached steps exactly as it changes the teacher-forced pass, on
+    every kernel path, and greedy search's output is the full pass's arg-max."""
+    from rosetta.decode import greedy_search
+
+    model = tiny_model(seed=6, tie_output=False)
+    src, tgt = random_batch(batch=5, src_len=8, tgt_len=7, seed=7)
+    original = model(src, tgt)
+    for layer in model.decoder.layers:
+        layer.self_attn.__class__ = ScaledQueries
+    full = model(src, tgt)
+    assert not torch.allclose(full, original, atol=1e-3)
+    for path in PATHS:
+        with search_context(path, model, monkeypatch):
+            state = model.init_state(model.encode(src))
+            for t in range(tgt.size(1)):
+                logits = model.decode_step(tgt[:, t], state)
+                torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)
+        model.train()
+    for hypothesis, row in zip(greedy_search(model.prepare_for_inference(), src, 1.5, 8, 64), src):
+        tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]])
+        logits = model(row[None], tgt_in)[0]
+        logits[:, [PAD_ID, BOS_ID]] = float("-inf")  # as the search forbids them
+        assert logits.argmax(-1).tolist()[: len(hypothesis.tokens)] == hypothesis.tokens

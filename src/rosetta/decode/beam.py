@@ -27,14 +27,14 @@ from rosetta.decode.common import (
     max_lengths,
     source_lengths,
 )
-from rosetta.model.interface import Seq2SeqModel
+from rosetta.model.interface import Seq2Seq
 
 NEG_INF = float("-inf")
 
 
 @torch.inference_mode()
 def beam_search(
-    model: Seq2SeqModel,
+    model: Seq2Seq,
     src: torch.Tensor,
     beam: int = 5,
     alpha: float = 0.6,

@@ -16,12 +16,12 @@ from rosetta.decode.common import (
     max_lengths,
     source_lengths,
 )
-from rosetta.model.interface import Seq2SeqModel
+from rosetta.model.interface import Seq2Seq
 
 
 @torch.inference_mode()
 def greedy_search(
-    model: Seq2SeqModel,
+    model: Seq2Seq,
     src: torch.Tensor,
     max_len_a: float = 1.5,
     max_len_b: int = 10,

@@ -12,7 +12,7 @@ from rosetta.decode.common import (
     max_lengths,
     source_lengths,
 )
-from rosetta.model.interface import Seq2SeqModel
+from rosetta.model.interface import Seq2Seq
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -32,7 +32,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 @torch.inference_mode()
 def sample(
-    model: Seq2SeqModel,
+    model: Seq2Seq,
     src: torch.Tensor,
     temperature: float = 1.0,
     top_k: int = 0,

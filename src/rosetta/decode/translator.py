@@ -87,7 +87,13 @@ class Translator:
     def __init__(
         self, model: torch.nn.Module, tokenizer: Tokenizer, options: SearchOptions
     ) -> None:
-        self.model = model.eval()
+        # eval mode with the CPU inference layouts made once (quantized models have
+        # no rosetta ``Linear`` left to prepare, and are merely put in eval mode)
+        self.model = (
+            model.prepare_for_inference()
+            if hasattr(model, "prepare_for_inference")
+            else model.eval()
+        )
         self.tokenizer = tokenizer
         self.options = options
         self.device = next(model.parameters()).device

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rosetta.config import ModelConfig
-from rosetta.model.interface import DecoderState, EncoderOutput, Seq2SeqModel
+from rosetta.model.interface import DecoderState, EncoderOutput, Seq2Seq
 from rosetta.model.rnn import RNNSeq2Seq
 from rosetta.model.transformer import Transformer
 
@@ -11,7 +11,7 @@ __all__ = [
     "DecoderState",
     "EncoderOutput",
     "RNNSeq2Seq",
-    "Seq2SeqModel",
+    "Seq2Seq",
     "Transformer",
     "build_model",
 ]

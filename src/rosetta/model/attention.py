@@ -1,9 +1,18 @@
-"""Multi-head scaled dot-product attention (SPEC §1 step 5).
+"""Multi-head scaled dot-product attention (SPEC §1 step 5), one implementation.
 
-Heads are split over the feature dimension; the core product is
-``torch.nn.functional.scaled_dot_product_attention`` (fused kernels), except
-when the caller asks for the attention weights, where the same computation is
-written out so the weights can be returned.
+``attention`` is the one function every path calls: training, full and cached
+decoding, beam search and attention maps. It runs PyTorch's fused
+``scaled_dot_product_attention``, except in two cases where the same maths is
+written out: when the caller asks for the weights (attention maps), and on a
+CPU without autograd when many rows each ask from one position or a few (a
+search step over many hypotheses), where two batched matrix products that read
+the cache where it lies are faster than the fused kernel.
+
+The modules (``SelfAttention``, ``CrossAttention``) hold each form side by
+side: ``forward`` for a whole sequence and ``step`` for one new position
+against a cache. Both go through ``MultiHeadAttention.attend``, so an
+attention variant is one subclass overriding it (or the projections), and it
+reaches training and decoding alike.
 
 Masks broadcast to (batch, heads, query_len, key_len). A boolean mask is True
 where attention is allowed; a float mask is added to the scores. Both follow
@@ -13,71 +22,62 @@ where attention is allowed; a float mask is added to the scores. Both follow
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rosetta.model.linear import Linear
-from rosetta.model.packing import Packing
+from rosetta.model.linear import Linear, project
+
+MATMUL_MIN_ROWS = 64  # query rows from which a search step attends by matrix products
+MATMUL_MAX_QUERIES = 16  # ... when each row asks from at most this many positions
 
 
-class MultiHeadAttention(nn.Module):
-    """The shared core: attend with heads already split, merge heads, apply W_O."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q kᵀ / sqrt(head_dim) + mask) v.
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if d_model % heads:
-            raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
-        self.heads = heads
-        self.head_dim = d_model // heads
-        self.dropout = dropout
-        self.out_proj = Linear(d_model, d_model)
-
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        # (batch, len, d_model) -> (batch, heads, len, head_dim)
-        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        causal: bool = False,
-        need_weights: bool = False,
-        packing: Packing | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """q: (batch, heads, q_len, head_dim); k, v: (batch, heads, k_len, head_dim).
-
-        Returns the output (batch, q_len, d_model), or (tokens, d_model) with a
-        ``packing`` (only real tokens are projected), and, if asked, the weights
-        (batch, heads, q_len, k_len).
-        """
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-            if causal:
-                future = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device)
-                scores = scores.masked_fill(future.triu(1), float("-inf"))
-            if mask is not None and mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            elif mask is not None:  # a float mask is added to the scores, as in SDPA
-                scores = scores + mask
-            weights = scores.softmax(dim=-1)
-            context = F.dropout(weights, dropout, self.training) @ v
-        else:
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
-            )
-        batch, _, q_len, _ = context.shape
-        # (batch, heads, q_len, head_dim) -> (batch, q_len, d_model)
-        context = context.transpose(1, 2).reshape(batch, q_len, self.heads * self.head_dim)
-        if packing is not None:
-            context = packing.pack(context)
-        return self.out_proj(context), weights
+    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, k_len, head_dim),
+    any strides. Returns the context (batch, heads, q_len, head_dim) and, if
+    asked, the weights (batch, heads, q_len, k_len).
+    """
+    batch, heads, q_len, head_dim = q.shape
+    by_matmul = (
+        not need_weights
+        and dropout == 0.0
+        and q.device.type == "cpu"
+        and q_len <= MATMUL_MAX_QUERIES
+        and batch * q_len >= MATMUL_MIN_ROWS
+        and not torch.is_grad_enabled()
+    )
+    if not (need_weights or by_matmul):
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
+        )
+        return context, None
+    k_len = k.size(2)
+    # (batch * heads, q_len, head_dim) @ (batch * heads, head_dim, k_len)
+    scores = torch.bmm(q.reshape(-1, q_len, head_dim), k.flatten(0, 1).transpose(1, 2))
+    scores = scores.view(batch, heads, q_len, k_len).mul_(head_dim**-0.5)
+    if causal:
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).triu_(1)
+        scores.masked_fill_(future, float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        scores.add_(mask)
+    weights = scores.softmax(dim=-1)
+    dropped = F.dropout(weights, dropout) if dropout else weights
+    context = torch.bmm(dropped.view(-1, q_len, k_len), v.flatten(0, 1))
+    return context.view(batch, heads, q_len, head_dim), weights if need_weights else None
 
 
 class KVCache:
@@ -118,16 +118,6 @@ class KVCache:
         used = self.buffer[:end]
         return used[:, 0].permute(1, 2, 0, 3), used[:, 1].permute(1, 2, 0, 3)
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every position so far as (batch * heads, length,
-        head_dim) views (strided: one row per batch row and head), for batched
-        matrix products."""
-        _, _, batch, heads, head_dim = self.buffer.shape
-        used = self.buffer[: self.length]
-        return tuple(
-            used[:, i].view(self.length, batch * heads, head_dim).transpose(0, 1) for i in (0, 1)
-        )
-
     def _grow(self, capacity: int, like: torch.Tensor) -> None:
         batch, _, _, heads, head_dim = like.shape
         shape = (capacity, 2, batch, heads, head_dim)
@@ -164,13 +154,62 @@ class KVCache:
         return self
 
 
-class SelfAttention(MultiHeadAttention):
-    """Q, K and V from the same sequence, with one fused W_QKV projection.
+@dataclass
+class Memory:
+    """One decoder layer's view of the encoder output, computed once per batch:
+    cross-attention keys and values (sources, heads, src_len, head_dim) and the
+    additive source mask (sources, 1, 1, src_len), or None without padding."""
 
-    With a ``cache`` (empty at the first step), the new positions' keys and
-    values are appended to it, so incremental decoding projects each position
-    once.
-    """
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor | None
+
+    def select_rows(self, index: torch.Tensor) -> Memory:
+        """Keeps sources ``index`` (finished sentences leave the search)."""
+        mask = None if self.mask is None else self.mask.index_select(0, index)
+        return Memory(self.keys.index_select(0, index), self.values.index_select(0, index), mask)
+
+
+class MultiHeadAttention(nn.Module):
+    """The shared core: split heads, attend, merge heads, apply W_O."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = d_model // heads
+        self.d_model = d_model
+        self.dropout = dropout
+        self.out_proj = Linear(d_model, d_model)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        # (batch, len, d_model) -> (batch, heads, len, head_dim)
+        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, context: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = context.shape
+        # (batch, heads, len, head_dim) -> (batch, len, d_model)
+        return context.transpose(1, 2).reshape(batch, length, self.d_model)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention product of every path (see ``attention``); what a variant
+        overrides."""
+        dropout = self.dropout if self.training else 0.0
+        return attention(q, k, v, mask, causal, dropout, need_weights)
+
+
+class SelfAttention(MultiHeadAttention):
+    """Q, K and V from the same sequence, with one fused W_QKV projection."""
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__(d_model, heads, dropout)
@@ -179,24 +218,37 @@ class SelfAttention(MultiHeadAttention):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        padding=None,
         causal: bool = False,
-        cache: KVCache | None = None,
         need_weights: bool = False,
-        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (batch, len, d_model), or the real tokens' rows (tokens, d_model) with a
-        ``packing``; the output has the same layout."""
-        qkv = self.qkv_proj(x)
-        if packing is not None:
-            qkv = packing.unpack(qkv)  # (batch, len, 3 * d_model) for the attention product
+        """A whole sequence: x (batch, len, d_model) -> (batch, len, d_model).
+
+        ``padding`` (a ``SourcePadding``) masks padded keys; when it packs the
+        real tokens, ``x`` and the output are their rows (tokens, d_model) and
+        only the attention product sees the padded layout.
+        """
+        qkv = project(self.qkv_proj, x)
+        mask = None
+        if padding is not None:
+            qkv, mask = padding.unpack(qkv), padding.mask
         q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))
-        if cache is not None:
-            batch, length, _ = qkv.shape
-            k, v = cache.append(qkv.view(batch, length, 3, self.heads, self.head_dim)[:, :, 1:])
-            # One new query sees every cached key: no causal mask is needed.
-            causal = causal and q.size(2) > 1
-        return self.attend(q, k, v, mask, causal, need_weights, packing)
+        context, weights = self.attend(q, k, v, mask, causal, need_weights)
+        context = self.merge_heads(context)
+        if padding is not None:
+            context = padding.pack(context)
+        return project(self.out_proj, context), weights
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new position per row, x (batch, d_model), against the cached keys and
+        values of the positions before it (which it joins) -> (batch, d_model)."""
+        batch = x.size(0)
+        # (batch, 3 * d_model) -> (batch, 1 position, q/k/v, heads, head_dim)
+        qkv = project(self.qkv_proj, x).view(batch, 1, 3, self.heads, self.head_dim)
+        k, v = cache.append(qkv[:, :, 1:])
+        q = qkv[:, :, 0].transpose(1, 2)  # (batch, heads, 1, head_dim)
+        context, _ = self.attend(q, k, v)  # one query sees every cached key: no mask
+        return project(self.out_proj, context.view(batch, self.d_model))
 
 
 class CrossAttention(MultiHeadAttention):
@@ -207,25 +259,33 @@ class CrossAttention(MultiHeadAttention):
         self.q_proj = Linear(d_model, d_model)
         self.kv_proj = Linear(d_model, 2 * d_model)
 
-    def project_memory(
-        self, memory: torch.Tensor, packing: Packing | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the encoder output (batch, src_len, d_model), computed
-        once per sentence; with a ``packing``, for the real tokens only (zero at
-        padded positions, which the source mask hides)."""
-        if packing is None:
-            kv = self.kv_proj(memory)
+    def project_memory(self, memory: torch.Tensor, padding=None) -> Memory:
+        """Keys and values of the encoder output (batch, src_len, d_model), once per
+        batch; with a packing ``padding``, for the real tokens only (zero at padded
+        positions, which the mask hides). Contiguous: every step reads them."""
+        if padding is None:
+            kv, mask = project(self.kv_proj, memory), None
         else:
-            kv = packing.unpack(self.kv_proj(packing.pack(memory)))
-        k, v = kv.chunk(2, dim=-1)
-        return self.split_heads(k), self.split_heads(v)
+            kv = padding.unpack(project(self.kv_proj, padding.pack(memory)))
+            mask = padding.additive_mask(kv.dtype)
+        k, v = (self.split_heads(t).contiguous() for t in kv.chunk(2, dim=-1))
+        return Memory(k, v, mask)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        memory_kv: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None = None,
-        need_weights: bool = False,
+        self, x: torch.Tensor, memory: Memory, group: int = 1, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q = self.split_heads(self.q_proj(x))
-        return self.attend(q, *memory_kv, mask=mask, need_weights=need_weights)
+        """x (batch, len, d_model) -> (batch, len, d_model), with batch = sources *
+        ``group``: a source's ``group`` rows (its beam) become one longer query
+        sequence against its single copy of the memory."""
+        batch, length, _ = x.shape
+        queries = x.reshape(batch // group, group * length, self.d_model)
+        q = self.split_heads(project(self.q_proj, queries))
+        context, weights = self.attend(
+            q, memory.keys, memory.values, memory.mask, False, need_weights
+        )
+        out = project(self.out_proj, self.merge_heads(context))
+        return out.view(batch, length, self.d_model), weights
+
+    def step(self, x: torch.Tensor, memory: Memory, group: int) -> torch.Tensor:
+        """One new position per row, x (batch, d_model) -> (batch, d_model)."""
+        return self.forward(x[:, None], memory, group)[0][:, 0]

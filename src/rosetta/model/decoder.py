@@ -1,12 +1,17 @@
 """Transformer decoder (SPEC §1 step 7): N x (masked self-attention,
-cross-attention over H_enc, feed-forward)."""
+cross-attention over H_enc, feed-forward).
+
+Each layer has its whole-sequence form (``forward``: training, attention maps)
+and its one-step form (``step``: cached decoding) side by side, built from the
+same sub-layers.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rosetta.model.attention import CrossAttention, KVCache, SelfAttention
+from rosetta.model.attention import CrossAttention, KVCache, Memory, SelfAttention
 from rosetta.model.layers import FeedForward, Residual
 
 
@@ -31,40 +36,32 @@ class DecoderLayer(nn.Module):
         self.self_residual = Residual(d_model, dropout, norm)
         self.cross_residual = Residual(d_model, dropout, norm)
         self.ff_residual = Residual(d_model, dropout, norm)
-        self.self_weights: torch.Tensor | None = None
-        self.cross_weights: torch.Tensor | None = None
 
     def forward(
-        self,
-        x: torch.Tensor,
-        memory_kv: tuple[torch.Tensor, torch.Tensor],
-        memory_mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        group: int = 1,
-    ) -> torch.Tensor:
-        """x: (batch, tgt_len, d_model); memory_kv: the cross-attention keys and
-        values, each (sources, heads, src_len, head_dim); memory_mask:
-        (sources, 1, 1, src_len), or None without padding; cache: this layer's
-        self-attention keys/values during incremental decoding; group: rows of
-        ``x`` per source (batch = sources * group; the beam in beam search)."""
+        self, x: torch.Tensor, memory: Memory, need_weights: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """A whole target sequence, x (batch, tgt_len, d_model) -> (batch, tgt_len,
+        d_model); and, if asked, the ``self`` and ``cross`` attention weights."""
+        weights: dict[str, torch.Tensor | None] = {}
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:
-            out, self.self_weights = self.self_attn(
-                h, causal=True, cache=cache, need_weights=need_weights
-            )
+            out, weights["self"] = self.self_attn.forward(h, causal=True, need_weights=need_weights)
             return out
 
         def cross_attend(h: torch.Tensor) -> torch.Tensor:
-            # a source's hypotheses become one longer query sequence against its
-            # single copy of the memory: (sources, group * tgt_len, d_model)
-            queries = h.reshape(-1, group * h.size(1), h.size(2)) if group > 1 else h
-            out, self.cross_weights = self.cross_attn(queries, memory_kv, memory_mask, need_weights)
-            return out.view(h.shape)
+            out, weights["cross"] = self.cross_attn.forward(h, memory, need_weights=need_weights)
+            return out
 
-        x = self.self_residual(x, self_attend)
-        x = self.cross_residual(x, cross_attend)
-        return self.ff_residual(x, self.feed_forward)
+        x = self.self_residual.around(x, self_attend)
+        x = self.cross_residual.around(x, cross_attend)
+        return self.ff_residual.around(x, self.feed_forward.forward), weights
+
+    def step(self, x: torch.Tensor, cache: KVCache, memory: Memory, group: int) -> torch.Tensor:
+        """One new position per hypothesis, x (batch, d_model) -> (batch, d_model);
+        ``group`` hypotheses per source in consecutive rows (the beam)."""
+        x = self.self_residual.around(x, self.self_attn.step, cache)
+        x = self.cross_residual.around(x, self.cross_attn.step, memory, group)
+        return self.ff_residual.around(x, self.feed_forward.forward)
 
 
 class Decoder(nn.Module):
@@ -76,16 +73,20 @@ class Decoder(nn.Module):
         self.final_norm = nn.LayerNorm(d_model) if norm == "pre" else nn.Identity()
 
     def forward(
-        self,
-        x: torch.Tensor,
-        memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        memory_mask: torch.Tensor | None,
-        caches: list[KVCache] | None = None,
-        need_weights: bool = False,
-        group: int = 1,
+        self, x: torch.Tensor, memories: list[Memory], need_weights: bool = False
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor | None]]]:
+        """x: (batch, tgt_len, d_model) -> (batch, tgt_len, d_model), and each layer's
+        attention weights if asked."""
+        weights = []
+        for layer, memory in zip(self.layers, memories):
+            x, layer_weights = layer(x, memory, need_weights)
+            weights.append(layer_weights)
+        return self.final_norm(x), weights
+
+    def step(
+        self, x: torch.Tensor, caches: list[KVCache], memories: list[Memory], group: int
     ) -> torch.Tensor:
-        """x: (batch, tgt_len, d_model) -> (batch, tgt_len, d_model)."""
-        for i, layer in enumerate(self.layers):
-            cache = caches[i] if caches is not None else None
-            x = layer(x, memory_kv[i], memory_mask, cache, need_weights, group)
+        """The stack's one-step form: x (batch, d_model) -> (batch, d_model)."""
+        for layer, cache, memory in zip(self.layers, caches, memories):
+            x = layer.step(x, cache, memory, group)
         return self.final_norm(x)

@@ -7,7 +7,7 @@ from torch import nn
 
 from rosetta.model.attention import SelfAttention
 from rosetta.model.layers import FeedForward, Residual
-from rosetta.model.packing import Packing
+from rosetta.model.packing import SourcePadding
 
 
 class EncoderLayer(nn.Module):
@@ -28,27 +28,22 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(d_model, d_ff, activation)
         self.attn_residual = Residual(d_model, dropout, norm)
         self.ff_residual = Residual(d_model, dropout, norm)
-        self.weights: torch.Tensor | None = None
 
     def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        need_weights: bool = False,
-        packing: Packing | None = None,
-    ) -> torch.Tensor:
-        """x: (batch, src_len, d_model), or the real tokens (tokens, d_model) with a
-        ``packing``; mask: (batch, 1, 1, src_len), True on real tokens (None: no
-        padding)."""
+        self, x: torch.Tensor, padding: SourcePadding, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (batch, src_len, d_model), or the real tokens' rows (tokens, d_model)
+        when ``padding`` packs them. Returns the same layout and, if asked, the
+        self-attention weights (batch, heads, src_len, src_len)."""
+        weights = None
 
         def attend(h: torch.Tensor) -> torch.Tensor:
-            out, self.weights = self.self_attn(
-                h, mask=mask, need_weights=need_weights, packing=packing
-            )
+            nonlocal weights
+            out, weights = self.self_attn.forward(h, padding, need_weights=need_weights)
             return out
 
-        x = self.attn_residual(x, attend)
-        return self.ff_residual(x, self.feed_forward)
+        x = self.attn_residual.around(x, attend)
+        return self.ff_residual.around(x, self.feed_forward.forward), weights
 
 
 class Encoder(nn.Module):
@@ -60,24 +55,15 @@ class Encoder(nn.Module):
         self.final_norm = nn.LayerNorm(d_model) if norm == "pre" else nn.Identity()
 
     def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        need_weights: bool = False,
-        packing: Packing | None = None,
+        self, x: torch.Tensor, padding: SourcePadding, need_weights: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x: (batch, src_len, d_model). Returns H_enc (batch, src_len, d_model) and,
-        if asked, each layer's self-attention weights (batch, heads, src_len, src_len).
-
-        With a ``packing``, the layers' position-wise work runs on the real tokens
-        alone, and H_enc is zero at padded positions.
-        """
+        """x: (batch, src_len, d_model) -> H_enc (batch, src_len, d_model), zero at
+        padded positions when the layers worked on the real tokens alone, and, if
+        asked, each layer's self-attention weights."""
         weights = []
-        if packing is not None:
-            x = packing.pack(x)
+        x = padding.pack(x)
         for layer in self.layers:
-            x = layer(x, mask, need_weights, packing)
+            x, layer_weights = layer(x, padding, need_weights)
             if need_weights:
-                weights.append(layer.weights)
-        x = self.final_norm(x)
-        return (packing.unpack(x) if packing is not None else x), weights
+                weights.append(layer_weights)
+        return padding.unpack(self.final_norm(x)), weights

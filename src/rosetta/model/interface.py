@@ -1,4 +1,14 @@
-"""The small incremental interface between a model and the search algorithms.
+"""What every model family is: ``Seq2Seq``, and its small incremental interface.
+
+A family (the Transformer, the RNN) subclasses ``Seq2Seq`` and so provides:
+
+- ``hidden_states(src, tgt_in)``: the teacher-forced decoder states, from which
+  ``forward`` (logits) and ``training_loss`` (the family's loss terms, which
+  the trainer minimises and logs without knowing them) follow;
+- ``attention_maps(src, tgt_in)`` for plots;
+- the incremental interface below, for search;
+- ``prepare_for_inference()``: the model in eval mode with its linear layers'
+  inference layouts made once (see ``rosetta.model.linear``).
 
 Decoding (``rosetta.decode``) never looks inside a model. It calls:
 
@@ -22,24 +32,31 @@ drops finished sentences with all their hypotheses.
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
+
+from rosetta.data.tokenizer import PAD_ID
 
 
 @dataclass
 class EncoderOutput:
     """memory: (batch, src_len, dim); pad_mask: (batch, src_len), True on padding;
     final_state: what else the decoder starts from (the RNN's final encoder states);
-    packing: where the real tokens are, when the encoder worked on them alone (the
-    Transformer's ``Packing``), for the decoder side to do the same."""
+    padding: the Transformer's ``SourcePadding``, for the cross-attention to use the
+    same packing of real tokens; attention: the encoder's self-attention weights per
+    layer, when asked for."""
 
     memory: torch.Tensor
     pad_mask: torch.Tensor
     final_state: Any = None
-    packing: Any = None
+    padding: Any = None
+    attention: list[torch.Tensor] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -62,9 +79,12 @@ def _select(value: Any, index: torch.Tensor) -> Any:
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a nesting of dicts, lists and tuples, in order."""
+    """Every tensor in a nesting of dicts, lists, tuples and dataclasses, in order."""
     if isinstance(value, torch.Tensor):
         yield value
+    elif dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            yield from _tensors(getattr(value, item.name))
     elif isinstance(value, (dict, list, tuple)):
         for item in value.values() if isinstance(value, dict) else value:
             yield from _tensors(item)
@@ -116,13 +136,69 @@ class DecoderState:
         return int(next(_tensors(self.sources)).size(0))
 
 
-class Seq2SeqModel(Protocol):
-    """What ``rosetta.decode`` needs of a model (Transformer and RNN alike)."""
+class Seq2Seq(nn.Module, ABC):
+    """Base of every model family. Subclasses set ``cfg``, ``src_vocab_size``,
+    ``tgt_vocab_size`` and ``output`` (the projection to the target vocabulary)."""
 
+    cfg: Any
+    src_vocab_size: int
     tgt_vocab_size: int
+    output: nn.Module
 
-    def encode(self, src: torch.Tensor) -> EncoderOutput: ...
+    # ---- training ------------------------------------------------------------------
+    @abstractmethod
+    def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: src (batch, src_len), tgt_in (batch, tgt_len) -> the
+        states the output layer reads, (batch, tgt_len, d_model)."""
 
-    def init_state(self, encoder_output: EncoderOutput) -> DecoderState: ...
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, tgt_len, tgt_vocab) for every target position."""
+        return self.output(self.hidden_states(src, tgt_in))
 
-    def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor: ...
+    def training_loss(self, batch: Any, label_smoothing: float) -> dict[str, torch.Tensor]:
+        """The loss terms of a batch (``rosetta.data.batching.Batch``), each summed over
+        its target tokens: ``loss`` (what training minimises) and ``nll`` (the
+        label-free negative log-likelihood, which validation reports). A family with
+        more terms (a length loss, a second pass) adds them under their own names.
+
+        Only the real (non-padding) positions are projected to the vocabulary.
+        """
+        from rosetta.train.loss import label_smoothed_nll
+
+        real = batch.tgt_out.ne(PAD_ID)  # (batch, tgt_len)
+        states = self.hidden_states(batch.src, batch.tgt_in)[real]  # (tokens, d_model)
+        loss, nll = label_smoothed_nll(self.output(states), batch.tgt_out[real], label_smoothing)
+        return {"loss": loss, "nll": nll}
+
+    @abstractmethod
+    def attention_maps(
+        self, src: torch.Tensor, tgt_in: torch.Tensor
+    ) -> dict[str, list[torch.Tensor]]:
+        """Lists over layers of (batch, heads, q_len, k_len) weights under
+        ``encoder_self``, ``decoder_self`` and ``cross`` for a teacher-forced pass."""
+
+    # ---- search ------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, src: torch.Tensor) -> EncoderOutput:
+        """src (batch, src_len) -> the encoder output, once per batch."""
+
+    @abstractmethod
+    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
+        """What the decoder carries between steps, at step 0."""
+
+    @abstractmethod
+    def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab);
+        advances ``state`` by one position."""
+
+    def prepare_for_inference(self, onednn: bool | None = None) -> Seq2Seq:
+        """Eval mode, with every ``rosetta.model.linear.Linear``'s inference layout made
+        now (CPU, float32; ``onednn``: see ``Linear.prepare_for_inference``). Call it
+        again after changing the weights; ``train()`` drops the layouts."""
+        from rosetta.model.linear import Linear
+
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare_for_inference(onednn)
+        return self

@@ -1,13 +1,22 @@
-"""Building blocks shared by the encoder and decoder layers."""
+"""Building blocks shared by the encoder and decoder layers.
+
+Both are called as plain methods (``Residual.around``, ``FeedForward.forward``)
+from the layers' ``forward`` and ``step`` alike: a decoding step is many small
+operations, and the ``nn.Module`` call machinery around each would cost more
+than some of them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rosetta.model.linear import Linear
+from rosetta.model.linear import Linear, project
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
 class FeedForward(nn.Module):
@@ -21,11 +30,14 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = Linear(d_model, d_ff)
         self.fc2 = Linear(d_ff, d_model)
-        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.activation = activation
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(self.activation(self.fc1(x))))
+        hidden = ACTIVATIONS[self.activation](project(self.fc1, x))
+        if self.dropout and self.training:
+            hidden = F.dropout(hidden, self.dropout)
+        return project(self.fc2, hidden)
 
 
 class Residual(nn.Module):
@@ -40,12 +52,18 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm: str = "pre") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.pre = norm == "pre"
 
-    def forward(
-        self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
-        if self.pre:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    def around(self, x: torch.Tensor, sublayer: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        """The sub-layer ``sublayer(x, *args)`` with its residual and LayerNorm."""
+        out = sublayer(self.normalize(x) if self.pre else x, *args)
+        if self.dropout and self.training:
+            out = F.dropout(out, self.dropout)
+        return x + out if self.pre else self.normalize(x + out)
+
+    forward = around

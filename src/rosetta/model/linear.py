@@ -1,64 +1,45 @@
-"""A linear layer whose inference path suits CPU GEMM kernels.
+"""A linear layer with an optional inference form laid out for CPU GEMM kernels.
 
-``nn.Linear`` computes x Wᵀ with W stored (out, in), and ATen hands MKL the
-transposed operand on every call. Decoding multiplies few rows at a time
-(a batch of hypotheses, or a single one), where that is slow. Measured on this
-project's 2-core machine (``benchmarks/speed.py`` has the end-to-end effect):
+``nn.Linear`` computes x Wᵀ with W stored (out, in), and ATen hands the BLAS
+the transposed operand on every call. Decoding multiplies few rows at a time
+(a batch of hypotheses, or a single one), where that is slow. So a model put
+in inference mode (``Seq2Seq.prepare_for_inference``, which calls
+``Linear.prepare_for_inference`` on every layer) gets, per weight, copies laid
+out for the kernel each row count runs fastest on:
 
-* one row (batch-1 greedy search) by the 256 x 8000 output projection: 4
-  GFLOP/s with ``F.linear``, 11 against a contiguous copy of Wᵀ;
-* 32 rows: 28 GFLOP/s with ``F.linear``, 34 against Wᵀ, 60 through oneDNN
-  with W reordered once into its blocked layout (160 rows: 46 / 54 / 68);
-* the 256 x 8000 output projection by 2 to 7 rows (beam search at batch 1,
-  the last sentences of a greedy batch): 2.2-2.6x faster through oneDNN than
-  against Wᵀ (5 rows: 0.86 against 2.2 ms);
-* oneDNN costs ~35 us per call before any arithmetic, so small weights never
-  catch up: on a later session's machine (AMD EPYC, Zen 1 cores, a 2048^2
-  GEMM at ~66 GFLOP/s), 256 x 256 by 8,
-  32 and 160 rows took 73 / 121 / 361 us through oneDNN against 38 / 85 / 339
-  against Wᵀ; 256 x 768 and 512 x 512 are faster through oneDNN from about 4
-  rows, and 512 x 1536, 512 x 2048 and larger from 2 (5 rows of 512 x 2048:
-  284 against 764 us);
-* one row is a GEMV that reads every weight once, from memory: MKL reads at
-  10-15 GB/s with 1 thread or 2, while a 2-thread ``sum`` reads 21 GB/s. Split
-  into two half-width GEMVs in one ``bmm``, both cores read: batch-1 greedy
-  search went from 237-246 to 263-271 tokens/s (``small``) and from 71-74 to
-  81-82 (``base``);
-* at one row the Python around the product shows: the ``small`` decoder's 19
-  GEMVs of a step took 1.65 ms as bare ``baddbmm`` calls, 1.94 ms behind the
-  general dispatch and 1.87 ms with the one-row product as a closure made once
-  (medians of 40).
+* one row: two half-width GEMVs in one ``bmm`` (both cores read the weight);
+* from ``onednn_min_rows`` rows (2 for weights of 2^19 elements or more, 4
+  from 2^17, never for smaller ones): oneDNN with W reordered once into its
+  blocked layout;
+* otherwise a contiguous copy of Wᵀ.
 
-So when no gradient is being recorded, ``Linear`` multiplies (``InferenceWeights``)
-one row as two halves of Wᵀ when there are threads to share them; from
-``onednn_min_rows`` rows (2 for weights of 2^19 elements or more, 4 from 2^17,
-never below) through oneDNN with a packed copy of W; otherwise against a
-contiguous copy of Wᵀ.
-Training, anything that needs gradients, other devices and ``torch.compile``
-take the plain ``F.linear`` path; the parameters and the state dict are those
-of ``nn.Linear``.
+The figures behind these thresholds are in ``benchmarks/results/linear_kernels.md``.
 
-The copies are made on first use and dropped whenever the weight may have
-changed: when the weight's storage or version counter moves (``load_state_dict``,
-in-place updates, a move to another device), when the module is switched to
-training mode, and at every forward pass that records gradients. The last two
-matter: PyTorch's fused Adam updates parameters without bumping their version
-counter, so validation inside a training loop would otherwise decode with the
-weights of its first validation.
+oneDNN's linear is reached through two operators PyTorch keeps private
+(``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_pointwise``). They
+are used only after a capability check (``onednn_usable``: both exist and give
+``F.linear``'s result on a small product) and can be switched off
+(``prepare_for_inference(onednn=False)``); the plain copies are the fallback,
+and the tests run both.
+
+The inference form is used only when no gradient is recorded, on float32
+inputs; it is dropped when the module returns to training mode or loads a
+state dict. Training never sees it: the parameters and the state dict are
+those of ``nn.Linear``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (weight elements, rows from which oneDNN beats MKL against Wᵀ), largest first;
+# (weight elements, rows from which oneDNN beats the BLAS against Wᵀ), largest first;
 # smaller weights never go through oneDNN
 ONEDNN_TIERS = ((1 << 19, 2), (1 << 17, 4))
-_onednn = {"available": torch.backends.mkldnn.is_available()}
 
 
 def onednn_min_rows(weight: torch.Tensor) -> int | None:
@@ -70,36 +51,36 @@ def onednn_min_rows(weight: torch.Tensor) -> int | None:
     return None
 
 
-def _weight_key(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version, weight.device, weight.dtype, weight.shape)
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """W in oneDNN's blocked layout, or None where oneDNN cannot take it."""
-    if not _onednn["available"] or weight.dtype != torch.float32:
-        return None
+@functools.cache
+def onednn_usable() -> bool:
+    """Whether this PyTorch build has oneDNN's packed linear and it computes ``F.linear``."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-    except (AttributeError, RuntimeError):  # an op this PyTorch build lacks
-        _onednn["available"] = False
-        return None
+        weight, bias = torch.randn(8, 16), torch.randn(8)
+        rows = torch.randn(3, 16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 3)
+        out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+        return torch.allclose(out, F.linear(rows, weight, bias), atol=1e-5, rtol=1e-4)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 class InferenceWeights:
     """A weight's copies laid out for CPU inference, each made on first use, and the
     product ``(rows, in) -> (rows, out)`` through the fastest kernel for the rows."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight, self.bias = weight, bias
-        self.min_onednn_rows = onednn_min_rows(weight)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        self.min_onednn_rows = onednn_min_rows(weight) if onednn else None
         self.splittable = weight.size(0) % 2 == 0  # into two halves of the outputs
-        self._copies: dict[str, torch.Tensor | None] = {}
+        self._copies: dict[str, torch.Tensor] = {}
         self._one_row: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def _copy(self, kind: str, make) -> torch.Tensor | None:
+    def _copy(self, kind: str, make) -> torch.Tensor:
         if kind not in self._copies:
             with torch.no_grad():
-                self._copies[kind] = make(self.weight.detach())
+                self._copies[kind] = make(self.weight)
         return self._copies[kind]
 
     def transposed(self) -> torch.Tensor:
@@ -113,8 +94,9 @@ class InferenceWeights:
             "halves", lambda w: w.t().reshape(inputs, 2, out // 2).transpose(0, 1).contiguous()
         )
 
-    def packed(self) -> torch.Tensor | None:
-        return self._copy("packed", _pack)
+    def packed(self) -> torch.Tensor:
+        """W in oneDNN's blocked layout."""
+        return self._copy("packed", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 64))
 
     def one_row(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The product of one row (1, in) as two half-width GEMVs in one ``bmm``."""
@@ -125,7 +107,7 @@ class InferenceWeights:
                 def product(row: torch.Tensor) -> torch.Tensor:
                     return torch.bmm(row.expand(2, 1, inputs), halves).view(1, -1)
             else:
-                bias = self.bias.detach().view(2, 1, -1)
+                bias = self.bias.view(2, 1, -1)
 
                 def product(row: torch.Tensor) -> torch.Tensor:
                     return torch.baddbmm(bias, row.expand(2, 1, inputs), halves).view(1, -1)
@@ -138,50 +120,65 @@ class InferenceWeights:
         if count == 1 and self.splittable and torch.get_num_threads() > 1:
             return self.one_row()(rows)
         if self.min_onednn_rows is not None and count >= self.min_onednn_rows:
-            packed = self.packed()
-            if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(
+                rows, self.packed(), self.bias, "none", [], ""
+            )
         if self.bias is None:
             return rows @ self.transposed()
         return torch.addmm(self.bias, rows, self.transposed())
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with inference copies of its weight laid out for CPU kernels."""
+    """``nn.Linear`` that can carry an inference form of its weight (see the module)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._inference: tuple[tuple, InferenceWeights] | None = None
+        self.inference: InferenceWeights | None = None
 
-    def inference_weights(self) -> InferenceWeights:
-        """The current weight's inference copies (new ones if the weight changed)."""
-        key = (_weight_key(self.weight), _weight_key(self.bias) if self.bias is not None else None)
-        if self._inference is None or self._inference[0] != key:
-            self._inference = (key, InferenceWeights(self.weight, self.bias))
-        return self._inference[1]
-
-    def __getstate__(self) -> dict:
-        # copies and pickles leave the inference copies behind: a oneDNN-packed
-        # tensor has no storage to copy, and they are remade on first use anyway
-        return {**super().__getstate__(), "_inference": None}
+    def prepare_for_inference(self, onednn: bool | None = None) -> None:
+        """Lays the weight out for CPU inference (float32 weights on the CPU only).
+        ``onednn``: use oneDNN's packed weights where they pay; None = where usable."""
+        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+            self.inference = None
+            return
+        use_onednn = onednn_usable() if onednn is None else onednn and onednn_usable()
+        self.inference = InferenceWeights(self.weight, self.bias, use_onednn)
 
     def train(self, mode: bool = True) -> Linear:
-        self._inference = None
+        if mode:
+            self.inference = None  # training changes the weight
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        recording = torch.is_grad_enabled()
-        if recording:  # a training step may follow and leave the copies stale
-            self._inference = None
-        if (
-            recording
-            or torch.compiler.is_compiling()
-            or x.device.type != "cpu"
-            or x.dtype != self.weight.dtype
-        ):
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.inference = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the inference form behind: a oneDNN-packed
+        # tensor has no storage to copy
+        return {**super().__getstate__(), "inference": None}
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out); also callable as a plain method, without the
+        ``nn.Module`` call machinery, from the decoding step."""
+        inference = self.inference
+        if inference is None or torch.is_grad_enabled() or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
-        out = self.inference_weights()(x.reshape(-1, x.size(-1)))
+        if x.dim() == 2:
+            return inference(x)
+        out = inference(x.reshape(-1, x.size(-1)))
         return out.view(*x.shape[:-1], out.size(-1))
+
+    forward = project
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for the layers' plain-method paths: a rosetta ``Linear`` through
+    ``Linear.project`` (no module-call machinery), any other linear module
+    (``nn.Linear``, PyTorch's dynamically quantized one) through its own call."""
+    if type(layer) is Linear:
+        return layer.project(x)
+    return layer(x)
 
 
 def as_plain_linear(model: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rosetta.config import ModelConfig
 from rosetta.data.tokenizer import PAD_ID
-from rosetta.model.interface import DecoderState, EncoderOutput
+from rosetta.model.interface import DecoderState, EncoderOutput, Seq2Seq
 from rosetta.model.linear import Linear
 
 
@@ -87,7 +87,109 @@ def attend(
     return context.view(query.size(0), -1), weights.view(query.size(0), -1)
 
 
-class RNNSeq2Seq(nn.Module):
+class DecoderRNN(nn.Module):
+    """The decoder's stacked LSTM/GRU, stepped one position at a time.
+
+    Its parameters have ``nn.LSTM``/``nn.GRU``'s names, shapes and initialisation
+    (``weight_ih_l0``, ... ; gates i, f, g, o and r, z, n), so checkpoints and the
+    maths match those modules (a test holds the step equal to them), but the step
+    is written out: the decoder must interleave attention between steps, and
+    training computes the previous words' share of the first layer's gates for all
+    steps in one product (``input_gates``) instead of a small one per step.
+    """
+
+    def __init__(self, input_size: int, hidden: int, layers: int, lstm: bool, dropout: float):
+        super().__init__()
+        self.lstm, self.layers, self.hidden, self.dropout = lstm, layers, hidden, dropout
+        gates = (4 if lstm else 3) * hidden
+        bound = hidden**-0.5
+        for layer in range(layers):
+            inputs = input_size if layer == 0 else hidden
+            for name, shape in (
+                (f"weight_ih_l{layer}", (gates, inputs)),
+                (f"weight_hh_l{layer}", (gates, hidden)),
+                (f"bias_ih_l{layer}", (gates,)),
+                (f"bias_hh_l{layer}", (gates,)),
+            ):
+                self.register_parameter(
+                    name, nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+                )
+
+    def input_gates(self, embedded: torch.Tensor, word_size: int) -> torch.Tensor:
+        """The previous words' share of the first layer's gates, W_ih[:, :d] y plus the
+        input bias (and, for the LSTM, the recurrent bias): for one step (batch,
+        d_model) or, in training, every step at once (batch, tgt_len, d_model)."""
+        weight = self.weight_ih_l0[:, :word_size]
+        bias = self.bias_ih_l0
+        if self.lstm:  # the GRU keeps its recurrent bias inside the reset gate
+            bias = bias + self.bias_hh_l0
+        return torch.nn.functional.linear(embedded, weight, bias)
+
+    def step_weights(self, word_size: int) -> list[dict[str, torch.Tensor]]:
+        """Per layer, the parameters as ``step`` multiplies by them. Taken once per
+        unrolled sequence, not per step: each slice costs a full-size gradient buffer
+        in the backward pass."""
+        weights = []
+        for layer in range(self.layers):
+            w_ih = getattr(self, f"weight_ih_l{layer}")
+            w_hh = getattr(self, f"weight_hh_l{layer}")
+            b_ih, b_hh = getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")
+            if layer == 0:  # the previous word's share is in ``input_gates``
+                entry = {"input_t": w_ih[:, word_size:].t()}
+            else:
+                entry = {"input_t": w_ih.t(), "input_bias": b_ih + b_hh if self.lstm else b_ih}
+            entry["hidden_t"] = w_hh.t()
+            if not self.lstm:
+                entry["hidden_bias"] = b_hh
+            weights.append(entry)
+        return weights
+
+    def step(
+        self,
+        word_gates: torch.Tensor,
+        extra: torch.Tensor | None,
+        tensors: dict[str, torch.Tensor],
+        weights: list[dict[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """One step of the stack: layer 0 reads the previous word (``word_gates``) and
+        ``extra`` (the context or the fed-back attentional vector), each layer above
+        reads the one below. Updates ``tensors`` (``hidden``, and ``cell`` for the
+        LSTM, each (batch, layers, hidden)); returns the top layer's output."""
+        hiddens = tensors["hidden"].unbind(1)
+        cells = tensors["cell"].unbind(1) if self.lstm else None
+        new_hiddens, new_cells = [], []
+        output = None
+        for layer, (hidden, w) in enumerate(zip(hiddens, weights)):
+            size = hidden.size(1)
+            if layer == 0:
+                gates_x = word_gates
+                if extra is not None:
+                    gates_x = torch.addmm(gates_x, extra, w["input_t"])
+            else:  # nn.LSTM's dropout between layers
+                below = nn.functional.dropout(output, self.dropout, self.training)
+                gates_x = torch.addmm(w["input_bias"], below, w["input_t"])
+            if self.lstm:  # gates i, f, g, o
+                gates = torch.addmm(gates_x, hidden, w["hidden_t"])
+                in_forget, candidate, out = gates.split([2 * size, size, size], 1)
+                in_gate, forget = torch.sigmoid(in_forget).chunk(2, 1)
+                cell = forget * cells[layer] + in_gate * torch.tanh(candidate)
+                output = torch.sigmoid(out) * torch.tanh(cell)
+                new_cells.append(cell)
+            else:  # gates r, z, n; the reset gate scales W_hn h + b_hn
+                gates_h = torch.addmm(w["hidden_bias"], hidden, w["hidden_t"])
+                x_rz, x_n = gates_x.split([2 * size, size], 1)
+                h_rz, h_n = gates_h.split([2 * size, size], 1)
+                reset, update = torch.sigmoid(x_rz + h_rz).chunk(2, 1)
+                candidate = torch.tanh(x_n + reset * h_n)
+                output = candidate + update * (hidden - candidate)
+            new_hiddens.append(output)
+        tensors["hidden"] = torch.stack(new_hiddens, 1)
+        if self.lstm:
+            tensors["cell"] = torch.stack(new_cells, 1)
+        return output
+
+
+class RNNSeq2Seq(Seq2Seq):
     """Bidirectional RNN encoder, attentional RNN decoder."""
 
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
@@ -121,13 +223,7 @@ class RNNSeq2Seq(nn.Module):
         else:
             self.attention = MultiplicativeAttention(hidden, hidden, cfg.attention == "general")
             decoder_input = size + (size if cfg.input_feeding else 0)
-        self.decoder = rnn(
-            decoder_input,
-            hidden,
-            num_layers=layers,
-            batch_first=True,
-            dropout=cfg.dropout if layers > 1 else 0.0,
-        )
+        self.decoder = DecoderRNN(decoder_input, hidden, layers, self.lstm, cfg.dropout)
         # readout: tanh(W_o [s_i; c_i; y_{i-1}]) has the embedding size so the
         # output projection can share the target embedding
         self.readout = Linear(hidden + hidden + size, size)
@@ -171,82 +267,6 @@ class RNNSeq2Seq(nn.Module):
             tensors["feed"] = memory.new_zeros(memory.size(0), self.cfg.d_model)
         return DecoderState(tensors=tensors, sources=sources)
 
-    def _input_gates(self, embedded: torch.Tensor) -> torch.Tensor:
-        """The previous words' share of the first decoder layer's gates, W_ih[:, :d] y
-        plus the input bias (and, for the LSTM, the recurrent bias): for one step
-        (batch, d_model) or, in training, every step at once (batch, tgt_len, d_model)
-        in one large matrix product instead of a small one per step."""
-        weight = self.decoder.weight_ih_l0[:, : self.cfg.d_model]
-        bias = self.decoder.bias_ih_l0
-        if self.lstm:  # the GRU keeps its recurrent bias inside the reset gate
-            bias = bias + self.decoder.bias_hh_l0
-        return torch.nn.functional.linear(embedded, weight, bias)
-
-    def _cell_weights(self) -> list[dict[str, torch.Tensor]]:
-        """Per decoder layer, the ``nn.LSTM``/``nn.GRU`` parameters as ``_recur``
-        multiplies by them. Taken once per unrolled sequence, not per step: each
-        slice costs a full-size gradient buffer in the backward pass."""
-        rnn, weights = self.decoder, []
-        for layer in range(self.cfg.decoder_layers):
-            w_ih = getattr(rnn, f"weight_ih_l{layer}")
-            w_hh = getattr(rnn, f"weight_hh_l{layer}")
-            b_ih, b_hh = getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}")
-            if layer == 0:  # the previous word's share is in ``_input_gates``
-                entry = {"input_t": w_ih[:, self.cfg.d_model :].t()}
-            else:
-                entry = {"input_t": w_ih.t(), "input_bias": b_ih + b_hh if self.lstm else b_ih}
-            entry["hidden_t"] = w_hh.t()
-            if not self.lstm:
-                entry["hidden_bias"] = b_hh
-            weights.append(entry)
-        return weights
-
-    def _recur(
-        self,
-        word_gates: torch.Tensor,
-        extra: torch.Tensor | None,
-        state: DecoderState,
-        weights: list[dict[str, torch.Tensor]],
-    ) -> torch.Tensor:
-        """One step of the stacked decoder LSTM/GRU, written out with the
-        ``nn.LSTM``/``nn.GRU`` parameters (``weights`` from ``_cell_weights``, so
-        checkpoints and ``self.decoder`` stay interchangeable): layer 0 reads the
-        previous word (``word_gates``) and ``extra`` (the context or the fed-back
-        attentional vector), each layer above reads the one below. Advances
-        ``state``; returns the top layer's output."""
-        t = state.tensors
-        hiddens = t["hidden"].unbind(1)
-        cells = t["cell"].unbind(1) if self.lstm else None
-        new_hiddens, new_cells = [], []
-        output = None
-        for layer, (hidden, w) in enumerate(zip(hiddens, weights)):
-            size = hidden.size(1)
-            if layer == 0:
-                gates_x = word_gates
-                if extra is not None:
-                    gates_x = torch.addmm(gates_x, extra, w["input_t"])
-            else:  # nn.LSTM's dropout between layers
-                gates_x = torch.addmm(w["input_bias"], self.dropout(output), w["input_t"])
-            if self.lstm:  # gates i, f, g, o
-                gates = torch.addmm(gates_x, hidden, w["hidden_t"])
-                in_forget, candidate, out = gates.split([2 * size, size, size], 1)
-                in_gate, forget = torch.sigmoid(in_forget).chunk(2, 1)
-                cell = forget * cells[layer] + in_gate * torch.tanh(candidate)
-                output = torch.sigmoid(out) * torch.tanh(cell)
-                new_cells.append(cell)
-            else:  # gates r, z, n; the reset gate scales W_hn h + b_hn
-                gates_h = torch.addmm(w["hidden_bias"], hidden, w["hidden_t"])
-                x_rz, x_n = gates_x.split([2 * size, size], 1)
-                h_rz, h_n = gates_h.split([2 * size, size], 1)
-                reset, update = torch.sigmoid(x_rz + h_rz).chunk(2, 1)
-                candidate = torch.tanh(x_n + reset * h_n)
-                output = candidate + update * (hidden - candidate)
-            new_hiddens.append(output)
-        t["hidden"] = torch.stack(new_hiddens, 1)
-        if self.lstm:
-            t["cell"] = torch.stack(new_cells, 1)
-        return output
-
     def _step(
         self,
         embedded: torch.Tensor,
@@ -267,9 +287,9 @@ class RNNSeq2Seq(nn.Module):
                 s["memory_mask"],
                 state.group,
             )
-            output = self._recur(word_gates, context, state, cell_weights)
+            output = self.decoder.step(word_gates, context, t, cell_weights)
         else:
-            output = self._recur(word_gates, t.get("feed"), state, cell_weights)
+            output = self.decoder.step(word_gates, t.get("feed"), t, cell_weights)
             context, weights = attend(
                 self.attention, output, s["memory"], s["keys"], s["memory_mask"], state.group
             )
@@ -282,8 +302,8 @@ class RNNSeq2Seq(nn.Module):
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """tokens (batch,) -> logits (batch, tgt_vocab)."""
         embedded = self.dropout(self.tgt_embed(tokens))
-        gates = self._input_gates(embedded)
-        readout, _ = self._step(embedded, gates, state, self._cell_weights())
+        gates = self.decoder.input_gates(embedded, self.cfg.d_model)
+        readout, _ = self._step(embedded, gates, state, self.decoder.step_weights(self.cfg.d_model))
         return self.output(readout)
 
     # ---- training path -------------------------------------------------------------
@@ -292,7 +312,8 @@ class RNNSeq2Seq(nn.Module):
         weights (batch, tgt_len, src_len)."""
         state = self.init_state(self.encode(src))
         embedded = self.dropout(self.tgt_embed(tgt_in))
-        word_gates, cell_weights = self._input_gates(embedded), self._cell_weights()
+        word_gates = self.decoder.input_gates(embedded, self.cfg.d_model)
+        cell_weights = self.decoder.step_weights(self.cfg.d_model)
         readouts, weights = [], []
         # unbind, not [:, i]: its backward stacks the step gradients once instead of
         # filling a zero tensor of the whole sequence's size per step
@@ -302,14 +323,9 @@ class RNNSeq2Seq(nn.Module):
             weights.append(alpha)
         return torch.stack(readouts, dim=1), torch.stack(weights, dim=1)
 
-    def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, label_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits (batch, tgt_len, vocab), or (tokens, vocab) for ``label_mask`` positions."""
-        readouts, _ = self._unroll(src, tgt_in)
-        if label_mask is not None:
-            readouts = readouts[label_mask]
-        return self.output(readouts)
+    def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """The readouts tanh(W_o [s_i; c_i; y_{i-1}]) (batch, tgt_len, d_model)."""
+        return self._unroll(src, tgt_in)[0]
 
     @torch.no_grad()
     def attention_maps(

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from rosetta.config import ExperimentConfig, parse_duration
 from rosetta.data.batching import BatchIterator, collate, make_batches
 from rosetta.data.prepare import TokenizedSplit, binding, load_split
-from rosetta.data.tokenizer import PAD_ID, Tokenizer
+from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.translator import SearchOptions, Translator
 from rosetta.evaluate.metrics import Score, bleu
 from rosetta.model import build_model
@@ -45,7 +45,6 @@ from rosetta.modeldir import check_finite, save_model_dir
 from rosetta.safeio import remove_stale_temporaries
 from rosetta.train import checkpoint
 from rosetta.train.average import average_checkpoints
-from rosetta.train.loss import label_smoothed_nll
 from rosetta.train.schedule import learning_rate
 
 
@@ -141,8 +140,7 @@ def validation_loss(
     nll_sum, tokens = 0.0, 0
     for indices in make_batches(split.src_lengths, split.tgt_lengths, max_tokens):
         batch = collate(split, indices).to(device)
-        _, nll = label_smoothed_nll(model(batch.src, batch.tgt_in), batch.tgt_out, 0.0)
-        nll_sum += float(nll)
+        nll_sum += float(model.training_loss(batch, 0.0)["nll"])
         tokens += batch.num_tgt_tokens
     nll = nll_sum / max(tokens, 1)
     return nll, math.exp(min(nll, 50))
@@ -356,7 +354,8 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
         disable=None,
         bar_format="{n_fmt}/{total_fmt} steps [{elapsed}{postfix}]",  # ETA in the postfix
     )
-    window_tokens, window_steps, window_loss, window_start = 0, 0, 0.0, time.monotonic()
+    window_tokens, window_steps, window_start = 0, 0, time.monotonic()
+    window_terms: dict[str, torch.Tensor] = {}
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     )
@@ -369,15 +368,14 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                 if len(pending) < tc.accumulate:
                     continue
                 tokens = sum(b.num_tgt_tokens for b in pending)
-                loss_sum = 0.0
+                step_terms: dict[str, torch.Tensor] = {}  # the model family's loss terms
                 for b in pending:
-                    b = b.to(device)
-                    real = b.tgt_out.ne(PAD_ID)
                     with autocast:
-                        logits = model(b.src, b.tgt_in, label_mask=real)
-                    loss, _ = label_smoothed_nll(logits, b.tgt_out[real], tc.label_smoothing)
-                    scaler.scale(loss / tokens).backward()
-                    loss_sum += loss.detach()
+                        terms = model.training_loss(b.to(device), tc.label_smoothing)
+                    scaler.scale(terms["loss"] / tokens).backward()
+                    for name, value in terms.items():
+                        step_terms[name] = step_terms.get(name, 0.0) + value.detach()
+                loss_sum = step_terms["loss"]
                 pending = []
                 progress.batch_in_epoch = index + 1
                 finite = bool(torch.isfinite(loss_sum))
@@ -415,17 +413,17 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                 progress.elapsed = time.monotonic() - start_time
                 window_tokens += tokens
                 window_steps += 1
-                window_loss += loss_sum  # stays a tensor: no host sync until logging
+                for name, value in step_terms.items():  # tensors: no host sync until logging
+                    window_terms[name] = window_terms.get(name, 0.0) + value
 
                 if progress.step % tc.log_every == 0:
                     now = time.monotonic()
                     seconds = max(now - window_start, 1e-9)
-                    loss_value = float(window_loss) / max(window_tokens, 1)
-                    shown = dict(
-                        loss=f"{loss_value:.3f}",
-                        lr=f"{lr:.2e}",
-                        tok_s=f"{window_tokens / seconds:,.0f}",
-                    )
+                    per_token = {
+                        k: float(v) / max(window_tokens, 1) for k, v in window_terms.items()
+                    }
+                    shown = {name: f"{value:.3f}" for name, value in per_token.items()}
+                    shown.update(lr=f"{lr:.2e}", tok_s=f"{window_tokens / seconds:,.0f}")
                     left = [max_time - progress.elapsed]
                     if tc.max_steps:
                         left.append((tc.max_steps - progress.step) * seconds / window_steps)
@@ -442,13 +440,14 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                             "type": "train",
                             "step": progress.step,
                             "epoch": progress.epoch + 1,
-                            "loss": loss_value,
+                            **per_token,  # "loss", "nll" and any term the model adds
                             "lr": lr,
                             "tgt_tokens_per_s": window_tokens / seconds,
                             "elapsed": progress.elapsed,
                         }
                     )
-                    window_tokens, window_steps, window_loss, window_start = 0, 0, 0.0, now
+                    window_tokens, window_steps, window_start = 0, 0, now
+                    window_terms = {}
                 bar.update(1)
 
                 stop_reason = finished()
