@@ -95,7 +95,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save({"model": {}}, path)
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(checkpoint.CheckpointError, match="damaged.*cut short"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"damaged.*cut short"):
         checkpoint.load(path)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
