@@ -88,3 +88,25 @@ def toy_model_dir(tmp_path_factory) -> Path:
     config = learning_config(tmp_path_factory.mktemp("toy_model") / "exp")
     prepare(config, log=lambda _: None)
     return train(config, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def untrained_model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny Transformer (max_positions 24) with a toy-task tokenizer, for
+    tests where only the plumbing matters: line counts, long inputs, errors."""
+    from rosetta.data.prepare import prepare
+    from rosetta.data.tokenizer import Tokenizer
+    from rosetta.model import build_model
+    from rosetta.modeldir import save_model_dir
+
+    exp = tmp_path_factory.mktemp("untrained") / "exp"
+    config = toy_config(
+        exp,
+        data={"toy": {"seed": 1, "train_size": 400, "valid_size": 20, "test_size": 20}},
+        model={"max_positions": 24},
+    )
+    prepare(config, log=lambda _: None)
+    tokenizer = Tokenizer.load(exp / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    return save_model_dir(exp / "model", config, exp / "tokenizer", model.eval(), {})

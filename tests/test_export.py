@@ -95,3 +95,78 @@ def test_dynamic_int8_quantization_still_translates_the_toy_task(toy_model_dir, 
     assert main([*args, "--ref", str(corpus / "test.zeta"), "--quantize", "int8"]) == 0
     bleu = float(capsys.readouterr().out.split()[2])
     assert bleu > 90
+
+
+@pytest.fixture(scope="module")
+def untrained_export(untrained_model_dir, tmp_path_factory):
+    return export_ctranslate2(untrained_model_dir, tmp_path_factory.mktemp("ct2") / "model")
+
+
+SOURCES = ["the big dog sees two cats.", "", "a cat.", "the teacher helps the children."]
+
+
+def test_both_engines_agree_greedy_and_never_emit_bos_or_pad(untrained_model_dir, untrained_export):
+    # an untrained model is where CTranslate2 used to emit <bos>
+    options = dict(beam=1, scores=True)
+    ours = Translator.from_model_dir(untrained_model_dir, **options).translate(SOURCES)
+    theirs = CTranslate2Translator(untrained_export, SearchOptions(**options)).translate(SOURCES)
+    assert [t.text for t in theirs] == [t.text for t in ours]
+    for a, b in zip(ours, theirs):
+        assert BOS_ID not in b.hypotheses[0][1].tokens and 0 not in b.hypotheses[0][1].tokens
+        # the same scale: total log-probability with <eos>, from both engines
+        assert b.hypotheses[0][1].log_prob == pytest.approx(a.hypotheses[0][1].log_prob, abs=2e-3)
+    assert theirs[1].nbest_lines(1) == ["1 |||  ||| 0.0000"]
+
+
+def test_ctranslate2_beam_scores_are_total_log_probabilities(untrained_model_dir, untrained_export):
+    translator = Translator.from_model_dir(untrained_model_dir)
+    options = SearchOptions(beam=3, nbest=2, scores=True)
+    results = CTranslate2Translator(untrained_export, options).translate(SOURCES[:1])
+    src = torch.tensor(translator.tokenizer.encode_source(SOURCES[:1]))
+    assert len(results[0].hypotheses) == 2
+    for _, hypothesis in results[0].hypotheses:
+        assert BOS_ID not in hypothesis.tokens and 0 not in hypothesis.tokens
+        tokens = hypothesis.tokens
+        with torch.no_grad():
+            logits = translator.model(src, torch.tensor([[BOS_ID, *tokens]]))
+        labels = torch.tensor([*tokens, EOS_ID])[:, None]
+        expected = float(logits.log_softmax(-1)[0].gather(1, labels).sum())
+        assert hypothesis.log_prob == pytest.approx(expected, abs=2e-3)
+
+
+def test_ctranslate2_samples_with_a_seed(untrained_export):
+    def draw(seed: int) -> list[str]:
+        options = SearchOptions(sampling=True, top_k=5, nbest=3, seed=seed, max_len_b=6)
+        results = CTranslate2Translator(untrained_export, options).translate(SOURCES)
+        assert [len(r.hypotheses) for r in results] == [3, 1, 3, 3]
+        return [text for r in results for text, _ in r.hypotheses]
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+def test_ctranslate2_splits_long_inputs(untrained_export):
+    engine = CTranslate2Translator(untrained_export, SearchOptions(beam=1, max_len_b=2))
+    assert engine.max_source_len == 23
+    seen: list[list[int]] = []
+    search = engine.engine_search
+    engine.engine_search = lambda sources: seen.extend(sources) or search(sources)
+    long_line = " ".join(["the big dog sees two cats under the old tree."] * 20)
+    assert len(engine.translate([long_line])) == 1
+    assert max(map(len, seen)) <= 23
+    assert sum(map(len, seen)) == len(engine.tokenizer.encode_source([long_line])[0])
+
+
+def test_ctranslate2_sampling_with_a_small_top_k_runs(untrained_export, tmp_path):
+    # it used to end in a segmentation fault (top-k < 2 x beam): run it in a process of its own
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "rosetta.cli", "translate", str(untrained_export)]
+    args += ["--engine", "ctranslate2", "--sample", "--top-k", "5", "--beam", "4", "--nbest", "2"]
+    process = subprocess.run(
+        args, input="\n".join(SOURCES) + "\n", capture_output=True, text=True, timeout=120
+    )
+    assert process.returncode == 0, process.stderr
+    ids = [line.split(" ||| ")[0] for line in process.stdout.splitlines()]
+    assert ids == ["0", "0", "1", "2", "2", "3", "3"]

@@ -129,6 +129,16 @@ def test_sampling_with_top_k_one_is_greedy_and_seeded_sampling_repeats():
     assert [h.tokens for h in first] == [h.tokens for h in second]
 
 
+def test_a_sample_is_scored_by_the_model_as_beam_search_scores():
+    # log_prob is under the model itself, not the tempered, filtered distribution
+    model = make_model(30, seed=8)
+    src = torch.randint(4, 30, (3, 5), generator=torch.Generator().manual_seed(4))
+    drawn = sample(model, src, temperature=1.7, top_k=4, generator=torch.Generator().manual_seed(1))
+    for row, hyp in enumerate(drawn):
+        expected = sequence_log_prob(model, src[row : row + 1], hyp.tokens)
+        assert hyp.log_prob == pytest.approx(expected, abs=1e-4)
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]

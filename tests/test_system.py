@@ -72,8 +72,9 @@ def test_cli_prepare_train_translate_evaluate_average(tmp_path, capsys):
     ]
     capsys.readouterr()
     assert main(["translate", str(model_dir), "-i", str(tmp_path / "in.en"), "--nbest", "2"]) == 0
-    nbest = capsys.readouterr().out.splitlines()
-    assert len(nbest) == 24 and all("\t" in line for line in nbest)
+    nbest = [line.split(" ||| ") for line in capsys.readouterr().out.splitlines()]
+    assert [int(sentence_id) for sentence_id, _, _ in nbest] == [i // 2 for i in range(24)]
+    assert all(float(score) < 0 for _, _, score in nbest)
 
     scores = tmp_path / "scores.json"
     args = ["evaluate", str(model_dir), "--src", str(tmp_path / "in.en")]

@@ -19,17 +19,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from rosetta.config import ConfigError, ExperimentConfig, load_config
+from rosetta.config import ConfigError, ExperimentConfig, load_config, packaged_config
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("rosetta-nmt")
+    except metadata.PackageNotFoundError:
+        from rosetta import __version__
+
+        return __version__
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment named on the command line (``demo`` without ``--config``: the
+    toy task's, shipped in the package), with ``--set`` and ``--max-time`` applied."""
     overrides = list(args.set or [])
     if getattr(args, "max_time", None):
         overrides.append(f"train.max_time={args.max_time}")
-    return load_config(args.config, overrides)
+    return load_config(args.config or packaged_config("toy.yaml"), overrides)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -56,17 +70,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _search_overrides(args: argparse.Namespace) -> dict:
-    return dict(
-        beam=args.beam,
-        nbest=args.nbest,
-        length_penalty=args.length_penalty,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        sampling=args.sample or None,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-    )
+    """The search options given on the command line; None keeps the model's default."""
+    names = ["beam", "nbest", "length_penalty", "batch_size", "max_tokens"]
+    names += ["temperature", "top_k", "top_p", "seed"]
+    overrides = {name: getattr(args, name, None) for name in names}
+    overrides["sampling"] = getattr(args, "sample", False) or None
+    # n-best lines print each hypothesis's log-probability, which greedy search and
+    # CTranslate2 compute only when asked
+    overrides["scores"] = overrides["nbest"] is not None or None
+    return overrides
 
 
 def make_translator(args: argparse.Namespace):
@@ -86,40 +98,66 @@ def make_translator(args: argparse.Namespace):
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
+    """One output line per input line (with ``--nbest``: ``id ||| text ||| log_prob``
+    lines, ids from 0). ``-i`` is read through once before the model loads, so a
+    missing, unreadable or non-UTF-8 input fails before anything is written; ``-o``
+    is written to a temporary file renamed over it at the end."""
     import contextlib
 
+    from rosetta.data.text import (
+        STDIN,
+        check_lines,
+        check_output,
+        iter_lines,
+        open_input,
+        write_lines_atomic,
+    )
+
+    if args.interactive and args.output:
+        raise ValueError("--interactive prints to the terminal; it cannot be combined with -o")
+    if args.input:
+        check_lines(args.input)
+    if args.output:
+        check_output(args.output, [args.input] if args.input else [])
     translator = make_translator(args)
+
+    def output_lines(results) -> Iterator[str]:
+        for index, result in enumerate(results):
+            yield from result.nbest_lines(index) if args.nbest is not None else [result.text]
+
+    if args.interactive:
+        print("Type a sentence and press Enter (Ctrl-D to quit).", file=sys.stderr)
+        typed = (translator.translate([line])[0] for line in iter_lines(sys.stdin.buffer))
+        for line in output_lines(typed):
+            print(line, flush=True)
+        return
     with contextlib.ExitStack() as files:
-        out = files.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else None
-        if args.interactive:
-            print("Type a sentence and press Enter (Ctrl-D to quit).", file=sys.stderr)
-            for line in sys.stdin:
-                print(translator.translate([line])[0].text, file=out or sys.stdout, flush=True)
-            return
-        source = files.enter_context(open(args.input, encoding="utf-8")) if args.input else None
-        for result in translator.translate_stream(source or sys.stdin):
-            if translator.options.nbest > 1:
-                for text, hyp in result.hypotheses:
-                    print(f"{hyp.score:.4f}\t{text}", file=out or sys.stdout)
-            else:
-                print(result.text, file=out or sys.stdout)
+        stream = files.enter_context(open_input(args.input)) if args.input else sys.stdin.buffer
+        results = translator.translate_stream(iter_lines(stream, args.input or STDIN))
+        if args.output:
+            count = write_lines_atomic(args.output, output_lines(results))
+            print(f"wrote {count:,} lines to {args.output}", file=sys.stderr)
+        else:
+            for line in output_lines(results):
+                print(line)
 
 
 def evaluate_files(translator, src: Path, ref: Path, output: Path | None = None) -> dict:
-    """Translates ``src`` and scores it against ``ref``; returns BLEU and chrF."""
+    """Translates ``src`` and scores it against ``ref``; returns BLEU and chrF. The
+    translations are written to ``output`` (atomically) when it is given."""
     import time
 
+    from rosetta.data.text import read_lines, write_lines_atomic
     from rosetta.evaluate.metrics import bleu, chrf
 
-    sources = src.read_text(encoding="utf-8").splitlines()
-    references = ref.read_text(encoding="utf-8").splitlines()
+    sources, references = read_lines(src), read_lines(ref)
     if len(sources) != len(references):
         raise ValueError(f"{src} has {len(sources)} lines but {ref} has {len(references)}")
     start = time.perf_counter()
     hypotheses = [t.text for t in translator.translate(sources)]
     seconds = time.perf_counter() - start
     if output:
-        output.write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+        write_lines_atomic(output, hypotheses)
     b, c = bleu(hypotheses, references), chrf(hypotheses, references)
     return {
         "bleu": b.score,
@@ -133,14 +171,23 @@ def evaluate_files(translator, src: Path, ref: Path, output: Path | None = None)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from rosetta.data.text import check_output
+    from rosetta.safeio import atomic_write_text
+
+    for output in (args.output, args.json):
+        if output:
+            check_output(output, [args.src, args.ref])
     translator = make_translator(args)
     result = evaluate_files(translator, Path(args.src), Path(args.ref), args.output)
     print(f"{result['bleu_text']}\n  signature: {result['bleu_signature']}")
     print(f"chrF2 = {result['chrf']:.2f}\n  signature: {result['chrf_signature']}")
     print(f"{result['sentences_per_s']:.1f} sentences/s")
+    if args.output:
+        print(f"wrote the translations to {args.output}")
     if args.json:
         result.pop("hypotheses")
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        print(f"wrote the scores to {args.json}")
 
 
 def cmd_average(args: argparse.Namespace) -> None:
@@ -151,26 +198,35 @@ def cmd_average(args: argparse.Namespace) -> None:
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
+    """Writes the heat map (``-o name`` without a suffix becomes ``name.png``; the
+    path written is printed) or the matrices as JSON, atomically either way."""
+    from rosetta.data.text import check_output
     from rosetta.decode.translator import Translator
-    from rosetta.plotting import compute_attention, plot_attention
+    from rosetta.plotting import compute_attention, plot_attention, png_path
+    from rosetta.safeio import atomic_write_text
 
-    if args.engine != "torch":
-        raise ValueError("attention needs rosetta's own engine (--engine torch)")
-    translator = Translator.from_model_dir(args.model_dir, args.device, **_search_overrides(args))
+    output = args.output
+    if args.format == "png":
+        if not output:
+            raise ValueError("--format png needs -o FILE.png")
+        output = png_path(output)
+    if output:
+        check_output(output)
+    search = {"beam": args.beam, "length_penalty": args.length_penalty}
+    translator = Translator.from_model_dir(args.model_dir, args.device, **search)
     attention = compute_attention(translator, args.src, args.kind)
     head = -1 if args.all_heads else args.head
     if args.format == "json":
         text = json.dumps(
             attention.to_json(args.layer, None if head == -1 else head), ensure_ascii=False
         )
-        if args.output:
-            Path(args.output).write_text(text + "\n", encoding="utf-8")
+        if output:
+            atomic_write_text(Path(output), text + "\n")
+            print(f"wrote {output}", file=sys.stderr)
         else:
             print(text)
         return
-    if not args.output:
-        raise ValueError("--format png needs -o FILE.png")
-    path = plot_attention(attention, args.output, args.layer, head)
+    path = plot_attention(attention, output, args.layer, head)
     print(f"{attention.translation}\nwrote {path}")
 
 
@@ -201,39 +257,145 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(_config(args))
 
 
+def _number(kind: type, minimum: float, inclusive: bool = True, maximum: float | None = None):
+    """An argparse ``type`` that parses ``kind`` and rejects values out of range,
+    so a bad option value is a usage error before anything runs."""
+    low = f">= {minimum}" if inclusive else f"> {minimum}"
+    wanted = f"a number in ({minimum}, {maximum}]" if maximum is not None else f"a number {low}"
+    if kind is int:
+        wanted = wanted.replace("a number", "an integer")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        too_low = value < minimum if inclusive else value <= minimum
+        if too_low or (maximum is not None and value > maximum) or value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {wanted}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+NON_NEGATIVE_FLOAT = _number(float, 0.0)
+POSITIVE_FLOAT = _number(float, 0.0, inclusive=False)
+PROBABILITY = _number(float, 0.0, inclusive=False, maximum=1.0)
+
+
+def _device(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when there is one), checked
+    against this machine's CUDA devices."""
+    import re
+
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda, cuda:N or auto")
+    if text == "cpu":
+        return text
+    import torch
+
+    available = torch.cuda.is_available()
+    if text == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        raise argparse.ArgumentTypeError(
+            f"{text}: CUDA is not available on this machine (use --device cpu)"
+        )
+    index = int(text.split(":")[1]) if ":" in text else 0
+    if index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return text
+
+
+def _add_beam_options(group) -> None:
+    group.add_argument("--beam", type=POSITIVE_INT, help="beam size; 1 = greedy search")
+    group.add_argument(
+        "--length-penalty",
+        type=NON_NEGATIVE_FLOAT,
+        help="GNMT length penalty alpha for beam search; 0 = none",
+    )
+
+
+def _add_device_option(group) -> None:
+    group.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="cpu (default), cuda, cuda:N, or auto (cuda when available)",
+    )
+
+
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    """Every search, batching and engine option of ``translate`` and ``evaluate``."""
     group = parser.add_argument_group("search (defaults: the model's decode section)")
-    group.add_argument("--beam", type=int, help="beam size; 1 = greedy")
-    group.add_argument("--nbest", type=int, help="hypotheses per input (<= beam)")
-    group.add_argument("--length-penalty", type=float, help="GNMT alpha")
-    group.add_argument("--batch-size", type=int, help="max sentences per batch")
-    group.add_argument("--max-tokens", type=int, help="max padded source tokens per batch")
-    group.add_argument("--sample", action="store_true", help="sample instead of searching")
-    group.add_argument("--temperature", type=float)
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_beam_options(group)
+    group.add_argument(
+        "--nbest",
+        type=POSITIVE_INT,
+        help="print N hypotheses per input as `id ||| text ||| log-probability` lines "
+        "(N <= beam; with --sample, N samples)",
+    )
+    group.add_argument("--batch-size", type=POSITIVE_INT, help="max sentences per batch")
+    group.add_argument("--max-tokens", type=POSITIVE_INT, help="max padded source tokens per batch")
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--sample", action="store_true", help="draw from the model instead of searching"
+    )
+    group.add_argument(
+        "--temperature",
+        type=POSITIVE_FLOAT,
+        help="divide the logits by T before sampling: > 1 flatter, < 1 sharper (default 1)",
+    )
+    group.add_argument(
+        "--top-k", type=NON_NEGATIVE_INT, help="sample among the K likeliest tokens; 0 = all"
+    )
+    group.add_argument(
+        "--top-p",
+        type=PROBABILITY,
+        help="sample among the likeliest tokens holding probability P, in (0, 1] (default 1)",
+    )
+    group.add_argument(
+        "--seed", type=int, help="random seed of the samples (default 1; same seed, same output)"
+    )
+    group = parser.add_argument_group("engine")
+    _add_device_option(group)
     group.add_argument(
         "--engine",
         choices=["torch", "ctranslate2"],
         default="torch",
-        help="ctranslate2: MODEL_DIR is a `rosetta export` folder",
+        help="torch: rosetta's own search (default); ctranslate2: MODEL_DIR is a "
+        "`rosetta export` folder",
     )
     group.add_argument(
-        "--quantize", choices=["none", "int8"], help="dynamic int8 linear layers (torch, CPU)"
+        "--quantize",
+        choices=["none", "int8"],
+        help="PyTorch dynamic int8 for the linear layers (torch engine, CPU)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rosetta", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def with_config(name: str, help_text: str, config_required: bool = True):
-        sub = verbs.add_parser(name, help=help_text, description=help_text)
+    def verb(name: str, help_text: str, description: str):
+        return verbs.add_parser(name, help=help_text, description=description)
+
+    def with_config(
+        name: str, help_text: str, config_required: bool = True, description: str | None = None
+    ):
+        sub = verb(name, help_text, description or help_text)
         if config_required:
             sub.add_argument("config", help="experiment YAML file")
         else:
-            sub.add_argument("--config", default="configs/toy.yaml", help="experiment YAML")
+            sub.add_argument(
+                "--config", help="experiment YAML (default: the toy task's, shipped with rosetta)"
+            )
         sub.add_argument(
             "--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. train.lr=1e-3"
         )
@@ -255,58 +417,114 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-time", help="wall-clock budget, e.g. 60m")
     sub.set_defaults(func=cmd_train)
 
-    sub = verbs.add_parser("translate", help="translate text with a model directory")
-    sub.add_argument("model_dir")
-    sub.add_argument("-i", "--input", help="input file (default: stdin)")
-    sub.add_argument("-o", "--output", help="output file (default: stdout)")
-    sub.add_argument("--interactive", action="store_true", help="translate line by line")
+    model_dir_help = "a model directory (EXP/model), or a `rosetta export` folder"
+    sub = verb(
+        "translate",
+        "translate text with a model directory",
+        "Translate UTF-8 text, one sentence per line: N lines in, N lines out (a blank "
+        "line gives a blank line). A line longer than the model's positions is split "
+        "into sentences (and over-long sentences at word boundaries), translated and "
+        "joined back. With -o, the output appears only once all of it is written.",
+    )
+    sub.add_argument("model_dir", help=model_dir_help)
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument("-i", "--input", help="input file (default: stdin)")
+    source.add_argument(
+        "--interactive", action="store_true", help="translate each line as it is typed"
+    )
+    sub.add_argument("-o", "--output", help="output file (default: stdout); not the input")
     _add_search_options(sub)
     sub.set_defaults(func=cmd_translate)
 
-    sub = verbs.add_parser("evaluate", help="translate a test set and score it with sacreBLEU")
-    sub.add_argument("model_dir")
-    sub.add_argument("--src", required=True, help="source file")
-    sub.add_argument("--ref", required=True, help="reference file")
-    sub.add_argument("-o", "--output", type=Path, help="write the translations here")
-    sub.add_argument("--json", help="write the scores to this JSON file")
+    sub = verb(
+        "evaluate",
+        "translate a test set and score it with sacreBLEU",
+        "Translate --src and score it against --ref with sacreBLEU BLEU and chrF "
+        "(cased, detokenised, 13a); both files must have the same number of lines.",
+    )
+    sub.add_argument("model_dir", help=model_dir_help)
+    sub.add_argument("--src", required=True, help="source file, one sentence per line")
+    sub.add_argument("--ref", required=True, help="reference file, one sentence per line")
+    sub.add_argument("-o", "--output", type=Path, help="also write the translations here")
+    sub.add_argument("--json", help="also write the scores and signatures to this JSON file")
     _add_search_options(sub)
     sub.set_defaults(func=cmd_evaluate)
 
     sub = with_config("average", "average the last N checkpoints into the model directory")
-    sub.add_argument("--last", type=int, default=5, help="how many (default 5)")
+    sub.add_argument("--last", type=POSITIVE_INT, default=5, help="how many (default 5)")
     sub.add_argument("-o", "--output", help="model directory to write (default EXP/model)")
     sub.set_defaults(func=cmd_average)
 
-    sub = verbs.add_parser("attention", help="heat map of what the model attended to")
-    sub.add_argument("model_dir")
+    sub = verb(
+        "attention",
+        "heat map of what the model attended to",
+        "Translate one sentence and draw its attention: source subwords across, "
+        "generated subwords down (PNG), or write the matrices as JSON.",
+    )
+    sub.add_argument("model_dir", help="a model directory (EXP/model)")
     sub.add_argument("--src", required=True, help="the source sentence")
-    sub.add_argument("--kind", choices=["cross", "encoder_self", "decoder_self"], default="cross")
+    sub.add_argument(
+        "--kind",
+        choices=["cross", "encoder_self", "decoder_self"],
+        default="cross",
+        help="which attention (default cross: generated words over source words)",
+    )
     sub.add_argument("--layer", type=int, default=-1, help="layer index (default: the last)")
     heads = sub.add_mutually_exclusive_group()
     heads.add_argument("--head", type=int, help="one head (default: the mean over heads)")
     heads.add_argument("--all-heads", action="store_true", help="one panel per head")
-    sub.add_argument("-o", "--output", help="PNG (or JSON) file to write")
-    sub.add_argument("--format", choices=["png", "json"], default="png")
-    _add_search_options(sub)
+    sub.add_argument(
+        "-o",
+        "--output",
+        help="file to write: a PNG (a name without a suffix gets .png) or, with "
+        "--format json, JSON (default for JSON: stdout)",
+    )
+    sub.add_argument(
+        "--format", choices=["png", "json"], default="png", help="png (default) or json"
+    )
+    group = sub.add_argument_group("search (defaults: the model's decode section)")
+    _add_beam_options(group)
+    _add_device_option(group)
     sub.set_defaults(func=cmd_attention)
 
-    sub = verbs.add_parser("export", help="convert a model directory for an inference engine")
-    sub.add_argument("model_dir")
+    sub = verb(
+        "export",
+        "convert a model directory for an inference engine",
+        "Convert a Transformer model directory to CTranslate2 (with the SentencePiece "
+        "model and configuration), for `rosetta translate OUT --engine ctranslate2`.",
+    )
+    sub.add_argument("model_dir", help="a model directory (EXP/model)")
     sub.add_argument("output", help="folder to write")
-    sub.add_argument("--format", choices=["ctranslate2"], default="ctranslate2")
     sub.add_argument(
-        "--quantization", choices=["none", "int8", "int8_float32", "int16"], default="none"
+        "--format", choices=["ctranslate2"], default="ctranslate2", help="target engine"
+    )
+    sub.add_argument(
+        "--quantization",
+        choices=["none", "int8", "int8_float32", "int16"],
+        default="none",
+        help="weight type of the exported model (default none: float32)",
     )
     sub.set_defaults(func=cmd_export)
 
-    sub = verbs.add_parser("data", help="get a corpus")
-    sub.add_argument("corpus", choices=["multi30k", "toy"])
+    sub = verb(
+        "data",
+        "get a corpus",
+        "Download Multi30k En-De (or copy it from a local folder with --from), or "
+        "write the built-in toy corpus.",
+    )
+    sub.add_argument("corpus", choices=["multi30k", "toy"], help="which corpus")
     sub.add_argument("dest", help="folder to write the corpus to")
     sub.add_argument("--from", dest="from_dir", help="copy Multi30k from a local folder")
     sub.add_argument("--seed", type=int, default=1, help="toy corpus seed")
     sub.set_defaults(func=cmd_data)
 
-    sub = with_config("demo", "train on the toy task, report BLEU, translate", False)
+    sub = with_config(
+        "demo",
+        "train on the toy task, report BLEU, translate",
+        False,
+        "Generate the toy corpus, train a small Transformer on it, translate the test "
+        "split with beam search and report BLEU; works from any directory.",
+    )
     sub.add_argument("--max-time", help="wall-clock training budget, e.g. 3m")
     sub.set_defaults(func=cmd_demo)
     return parser

@@ -9,6 +9,7 @@ overrides from the command line before validation.
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,19 +234,39 @@ def _format_error(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _yaml_problem(error: Exception) -> str:
+    """One line for a YAML error: what is wrong and where (line and column, 1-based)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+# PyYAML raises ValueError or RecursionError on a few malformed scalars and on very
+# deep nesting rather than a YAMLError; all of them mean "not valid YAML"
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Applies one ``a.b.c=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
         raise ConfigError(f"bad override {assignment!r}: expected key=value")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    parts = [part.strip() for part in key.split(".")]
+    if not all(parts):
+        raise ConfigError(f"bad override {assignment!r}: expected a key such as train.lr")
+    try:
+        value = yaml.safe_load(raw)
+    except _YAML_ERRORS as error:
+        raise ConfigError(
+            f"bad override {assignment!r}: the value is not valid YAML: {_yaml_problem(error)}"
+        ) from None
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"bad override {assignment!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
@@ -256,17 +277,25 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Experiment
         raise ConfigError(f"invalid configuration in {source}:\n{_format_error(error)}") from None
 
 
+def packaged_config(name: str) -> Path:
+    """A configuration shipped inside the package (``toy.yaml``: the demo's), so that
+    ``rosetta demo`` works from any directory."""
+    return Path(str(resources.files("rosetta") / "configs" / name))
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Reads a YAML experiment file, applies ``key=value`` overrides and validates it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a leading BOM is not YAML
     except OSError as error:
         raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start + 1})") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except _YAML_ERRORS as error:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data, model, train, ...)")
     for assignment in overrides:

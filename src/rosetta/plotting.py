@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rosetta.data.corpus import clean_line
+from rosetta.data.text import clean_line
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from rosetta.decode.translator import Translator
+from rosetta.safeio import atomic_write_bytes
 
 KINDS = ("cross", "encoder_self", "decoder_self")
 DPI = 100
@@ -76,9 +77,14 @@ def compute_attention(translator: Translator, sentence: str, kind: str = "cross"
     sentence = clean_line(sentence)
     if not sentence:
         raise ValueError("the source sentence is empty")
+    src_ids = tokenizer.encode_source([sentence])[0]
+    if len(src_ids) > translator.max_source_len:
+        raise ValueError(
+            f"the sentence has {len(src_ids)} subwords; the model takes at most "
+            f"{translator.max_source_len} in one piece, so its attention cannot be drawn"
+        )
     result = translator.translate([sentence])[0]
     output = result.hypotheses[0][1].tokens
-    src_ids = tokenizer.encode_source([sentence])[0]
     device = translator.device
     src = torch.tensor([src_ids], device=device)
     tgt_in = torch.tensor([[BOS_ID, *output]], device=device)
@@ -107,11 +113,25 @@ def figure_size(rows: int, cols: int, panels: int) -> tuple[float, float, int, i
     return width, height, grid_rows, grid_cols
 
 
+def png_path(path: str | Path) -> Path:
+    """``path`` with ``.png`` added when it has no suffix; another suffix is an error
+    (the file would not be what its name says)."""
+    path = Path(path)
+    if path.suffix == "":
+        return path.with_name(path.name + ".png")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: a heat map is written as PNG; name the file *.png")
+    return path
+
+
 def plot_attention(
     attention: Attention, path: str | Path, layer: int = -1, head: int | None = None
 ) -> Path:
-    """Writes a heat map PNG: the head-average of ``layer`` unless ``head`` is given;
-    ``head=-1`` draws every head of the layer in a grid."""
+    """Writes a heat map PNG and returns the path written (``png_path(path)``): the
+    head-average of ``layer`` unless ``head`` is given; ``head=-1`` draws every head
+    of the layer in a grid. The file is replaced atomically."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,8 +163,9 @@ def plot_attention(
         ax.set_title(titles[index], fontsize=10)
         figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    path = png_path(path)
+    image_bytes = io.BytesIO()
+    figure.savefig(image_bytes, format="png", dpi=DPI)
     plt.close(figure)
+    atomic_write_bytes(path, image_bytes.getvalue())
     return path

@@ -1,16 +1,19 @@
 """Reading a parallel corpus: two aligned files or one TSV, cleaned and checked.
 
-Lines are stripped of surrounding whitespace and NFC-normalised. Problems that
-would silently corrupt training are errors that name the file and line (files of
-different lengths, invalid UTF-8, a TSV line without exactly one tab); pairs with
-an empty side are skipped and counted in ``ReadStats``.
+Files are split into lines by ``rosetta.data.text`` (``\n`` only, a leading BOM
+and CRLF endings dropped) and every side goes through its ``clean_line``
+(control characters to spaces, stripped, NFC). Problems that would silently
+corrupt training are errors that name the file and line (files of different
+lengths, invalid UTF-8, a TSV line without exactly one tab); pairs with an empty
+side are skipped and counted in ``ReadStats``.
 """
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rosetta.data.text import TextError, clean_line, read_lines
 
 
 class CorpusError(ValueError):
@@ -34,28 +37,11 @@ class ReadStats:
         return ", ".join(parts)
 
 
-def clean_line(line: str) -> str:
-    """Strips surrounding whitespace and applies Unicode NFC normalisation."""
-    return unicodedata.normalize("NFC", line.strip())
-
-
 def _read_lines(path: Path) -> list[str]:
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise CorpusError(f"cannot read {path}: {error.strerror}") from None
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    decoded = []
-    for number, raw in enumerate(lines, start=1):
-        try:
-            decoded.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise CorpusError(
-                f"{path}, line {number}: invalid UTF-8 (byte {error.start + 1} of the line)"
-            ) from None
-    return decoded
+        return read_lines(path)
+    except TextError as error:
+        raise CorpusError(str(error)) from None
 
 
 def read_parallel(
@@ -81,7 +67,7 @@ def read_tsv(path: str | Path, stats: ReadStats | None = None) -> list[tuple[str
     path = Path(path)
     raw_pairs = []
     for number, line in enumerate(_read_lines(path), start=1):
-        fields = line.rstrip("\r").split("\t")
+        fields = line.split("\t")
         if len(fields) != 2:
             raise CorpusError(
                 f"{path}, line {number}: expected 2 tab-separated fields, found {len(fields)}"

@@ -43,8 +43,13 @@ def sample(
     min_len: int = 0,
     generator: torch.Generator | None = None,
 ) -> list[Hypothesis]:
-    """Draws one translation per source row; ``log_prob`` is under the filtered
-    distribution that was sampled from."""
+    """Draws one translation per source row.
+
+    Tokens are drawn from the model's distribution at ``temperature``, filtered by
+    ``top_k``/``top_p``; ``score`` and ``log_prob`` are the sample's log-probability
+    under the model itself (temperature 1, unfiltered), the quantity beam and
+    greedy search report, so scores of all searches compare.
+    """
     if temperature <= 0:
         raise ValueError("temperature must be positive (use greedy search for temperature 0)")
     batch = src.size(0)
@@ -55,13 +60,15 @@ def sample(
     out = torch.full((batch, int(budget.max())), PAD_ID, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(batch, device=src.device)
     for step in range(int(budget.max())):
-        logits = model.decode_step(tokens, state).float() / temperature
-        logits = forbid_tokens(logits, step, min_len)
+        model_logits = model.decode_step(tokens, state).float()
+        normalizer = model_logits.logsumexp(dim=-1)
+        logits = forbid_tokens(model_logits / temperature, step, min_len)
         logits = filter_logits(force_eos(logits, budget <= step + 1), top_k, top_p)
-        log_probs = logits.log_softmax(-1)
-        tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+        probs = logits.softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         tokens = tokens.masked_fill(finished, EOS_ID)
-        log_prob += torch.where(finished, 0.0, log_probs.gather(1, tokens[:, None]).squeeze(1))
+        chosen = model_logits.gather(1, tokens[:, None]).squeeze(1) - normalizer
+        log_prob += torch.where(finished, 0.0, chosen)
         out[:, step] = tokens.masked_fill(finished, PAD_ID)
         finished |= tokens.eq(EOS_ID)
         if bool(finished.all()):

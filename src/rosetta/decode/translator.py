@@ -1,14 +1,28 @@
-"""Text in, text out: tokenise, batch by length, search, detokenise.
+"""Text in, text out: clean, tokenise, split what is too long, search, detokenise.
 
-Sentences are sorted by length and batched by a token budget internally, and
-results are returned in input order. Each sentence's result does not depend on
+``BaseTranslator`` is what every engine shares: rosetta's own search
+(``Translator`` below) and CTranslate2 (``rosetta.export.ctranslate2``) differ
+only in ``engine_search``, which turns id sequences of at most
+``max_source_len`` subwords into hypotheses. Around it, and the same for both:
+
+- every line goes through ``rosetta.data.text.clean_line``; a blank line gives
+  one empty hypothesis of log-probability 0, so N lines in give N results out;
+- a source longer than ``max_source_len`` subwords is split into sentences,
+  and a sentence still too long into chunks at word boundaries; the pieces are
+  translated on their own and joined back into one output (``split_source``),
+  so nothing is cut off;
+- long streams are translated ``chunk`` lines at a time (``translate_stream``).
+
+Inside an engine, sentences are sorted by length and batched by a token budget,
+and results come back in input order. Each sentence's result does not depend on
 the batch it landed in (padding is masked everywhere).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +31,7 @@ import torch
 
 from rosetta.config import DecodeConfig
 from rosetta.data.batching import make_batches
-from rosetta.data.corpus import clean_line
+from rosetta.data.text import clean_line, one_line
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode.beam import beam_search
 from rosetta.decode.common import Hypothesis
@@ -28,7 +42,13 @@ from rosetta.model.linear import as_plain_linear
 
 @dataclass
 class SearchOptions:
-    """How to search; defaults come from the model's ``decode`` configuration."""
+    """How to search; defaults come from the model's ``decode`` configuration.
+
+    With ``sampling``, ``nbest`` is the number of samples drawn per input (in the
+    order drawn) and ``seed`` seeds them; otherwise ``nbest`` <= ``beam``.
+    ``scores`` asks for every hypothesis's ``log_prob`` even where the search does
+    not need it (greedy search and CTranslate2 skip it otherwise).
+    """
 
     beam: int = 5
     nbest: int = 1
@@ -42,9 +62,34 @@ class SearchOptions:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 1
+    scores: bool = False
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raises ``ValueError`` naming the first option out of range."""
+        problems = [
+            (self.beam < 1, f"beam must be at least 1, got {self.beam}"),
+            (self.nbest < 1, f"nbest must be at least 1, got {self.nbest}"),
+            (self.batch_size < 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.max_tokens < 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.length_penalty < 0, f"length_penalty must be >= 0, got {self.length_penalty}"),
+            (self.temperature <= 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.top_k < 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (
+                not self.sampling and self.nbest > self.beam,
+                f"nbest ({self.nbest}) cannot exceed the beam size ({self.beam}) unless sampling",
+            ),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
 
     @classmethod
     def from_config(cls, cfg: DecodeConfig, **overrides) -> SearchOptions:
+        """The ``decode`` section's settings, with every override that is not None."""
         base = cls(
             beam=cfg.beam,
             length_penalty=cfg.length_penalty,
@@ -56,6 +101,7 @@ class SearchOptions:
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
+        base.check()
         return base
 
 
@@ -70,6 +116,12 @@ class Translation:
     def text(self) -> str:
         return self.hypotheses[0][0] if self.hypotheses else ""
 
+    def nbest_lines(self, sentence_id: int) -> list[str]:
+        """``sentence_id ||| hypothesis ||| log_prob`` per hypothesis (the Moses and
+        fairseq n-best form; ids count input lines from 0). The score is the total
+        log-probability of the output tokens and <eos> under the model."""
+        return [f"{sentence_id} ||| {text} ||| {h.log_prob:.4f}" for text, h in self.hypotheses]
+
 
 def pad_batch(
     sequences: list[list[int]], device: torch.device | str = "cpu", value: int = PAD_ID
@@ -81,8 +133,124 @@ def pad_batch(
     return out.to(device)
 
 
-class Translator:
-    """Wraps a model and its tokenizer to translate raw sentences."""
+WORD_START = "\u2581"  # SentencePiece's marker of a piece that begins a word
+# a piece that ends a sentence: final punctuation, then any closing quotes or brackets
+_SENTENCE_END = re.compile("[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019\u00bb)\\]]*$")
+
+
+def split_source(ids: list[int], pieces: list[str], limit: int) -> list[list[int]]:
+    """Splits a source longer than ``limit`` subwords into parts of at most ``limit``.
+
+    ``pieces`` are the SentencePiece pieces of ``ids``. A sentence ends after a
+    piece ending in . ! ? … 。！？ (closing quotes allowed) when the next piece
+    starts a word; each sentence becomes a part of its own (the model was trained
+    on sentences). A sentence still longer than ``limit`` is cut into chunks at
+    word starts, each as long as fits; a single word longer than ``limit`` is cut
+    every ``limit`` pieces. A source within the limit is returned whole.
+    """
+    if len(ids) <= limit:
+        return [ids]
+    sentences, start = [], 0
+    for i in range(1, len(ids)):
+        if pieces[i].startswith(WORD_START) and _SENTENCE_END.search(pieces[i - 1]):
+            sentences.append(range(start, i))
+            start = i
+    sentences.append(range(start, len(ids)))
+    parts: list[list[int]] = []
+    for sentence in sentences:
+        if len(sentence) <= limit:
+            parts.append(ids[sentence.start : sentence.stop])
+            continue
+        begin = sentence.start
+        while sentence.stop - begin > limit:
+            # the last word start that keeps the chunk within the limit, else a hard cut
+            ends = range(begin + limit, begin, -1)
+            cut = next((i for i in ends if pieces[i].startswith(WORD_START)), begin + limit)
+            parts.append(ids[begin:cut])
+            begin = cut
+        parts.append(ids[begin : sentence.stop])
+    return parts
+
+
+def join_hypotheses(parts: list[list[Hypothesis]]) -> list[Hypothesis]:
+    """The hypotheses of a split source: the k-th joins every part's k-th hypothesis;
+    its tokens are concatenated and its score and log_prob summed."""
+    count = min(len(hyps) for hyps in parts)
+    return [
+        Hypothesis(
+            [token for hyps in parts for token in hyps[k].tokens],
+            sum(hyps[k].score for hyps in parts),
+            sum(hyps[k].log_prob for hyps in parts),
+        )
+        for k in range(count)
+    ]
+
+
+class BaseTranslator:
+    """Raw sentences to translations around one engine's search.
+
+    A subclass sets ``tokenizer``, ``options`` and ``max_source_len`` (the
+    longest source, in subwords, the engine accepts) and implements
+    ``engine_search``; everything else is shared.
+    """
+
+    tokenizer: Tokenizer
+    options: SearchOptions
+    max_source_len: int
+
+    def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+        """The engine's search on non-empty sources of at most ``max_source_len`` ids:
+        ``options.nbest`` hypotheses per source, best first, in input order."""
+        raise NotImplementedError
+
+    def search_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+        """Runs the configured search on id sequences of any length, in input order.
+
+        An empty source gives one empty hypothesis of log-probability 0; a source
+        over ``max_source_len`` is split (``split_source``) and its parts'
+        hypotheses joined (``join_hypotheses``).
+        """
+        results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sources]
+        segments: list[list[int]] = []
+        spans: dict[int, range] = {}  # source index -> its segments
+        for index, ids in enumerate(sources):
+            if not ids:
+                continue
+            pieces = self.tokenizer.source_pieces(ids) if len(ids) > self.max_source_len else []
+            parts = split_source(list(ids), pieces, self.max_source_len)
+            spans[index] = range(len(segments), len(segments) + len(parts))
+            segments += parts
+        found = self.engine_search(segments) if segments else []
+        for index, span in spans.items():
+            results[index] = join_hypotheses(found[span.start : span.stop])
+        return results
+
+    def translate(self, sentences: list[str]) -> list[Translation]:
+        """Translates raw sentences: one ``Translation`` per sentence, each text one line."""
+        cleaned = [clean_line(s) for s in sentences]
+        found = self.search_ids(self.tokenizer.encode_source(cleaned))
+        return [
+            Translation(
+                source, [(one_line(self.tokenizer.decode_target(h.tokens)), h) for h in hyps]
+            )
+            for source, hyps in zip(cleaned, found)
+        ]
+
+    def translate_stream(self, lines: Iterable[str], chunk: int = 1000) -> Iterator[Translation]:
+        """Translates a long stream ``chunk`` lines at a time (each chunk is
+        length-sorted inside the engine), keeping memory bounded."""
+        buffer: list[str] = []
+        for line in lines:
+            buffer.append(line)
+            if len(buffer) >= chunk:
+                yield from self.translate(buffer)
+                buffer = []
+        if buffer:
+            yield from self.translate(buffer)
+
+
+class Translator(BaseTranslator):
+    """rosetta's own search (greedy, beam or sampling) on a PyTorch model."""
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: Tokenizer, options: SearchOptions
@@ -98,6 +266,7 @@ class Translator:
         self.options = options
         self.device = next(model.parameters()).device
         self.max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
+        self.max_source_len = self.max_positions - 1
 
     @classmethod
     def from_model_dir(
@@ -123,36 +292,30 @@ class Translator:
             raise ValueError(f"unknown quantization {quantize!r}: expected int8")
         return cls(model, tokenizer, SearchOptions.from_config(config.decode, **overrides))
 
-    def search_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
-        """Runs the configured search on id sequences, in input order."""
+    def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options
         results: list[list[Hypothesis]] = [[] for _ in sources]
         lengths = np.array([len(s) for s in sources])
-        nonempty = np.flatnonzero(lengths > 0)
         generator = torch.Generator(device=self.device).manual_seed(opts.seed)
-        limit = self.max_positions - 1
-        batches = make_batches(
-            lengths[nonempty], lengths[nonempty], opts.max_tokens, max_sentences=opts.batch_size
+        common = dict(
+            max_len_a=opts.max_len_a, max_len_b=opts.max_len_b, max_len=self.max_source_len
         )
-        for batch in batches:
-            rows = nonempty[batch]
-            src = pad_batch([sources[i][:limit] for i in rows], self.device)
-            common = dict(max_len_a=opts.max_len_a, max_len_b=opts.max_len_b, max_len=limit)
-            if opts.sampling:
-                found = [
-                    [h]
-                    for h in sample(
-                        self.model,
-                        src,
-                        opts.temperature,
-                        opts.top_k,
-                        opts.top_p,
-                        generator=generator,
-                        **common,
-                    )
-                ]
+        for rows in make_batches(lengths, lengths, opts.max_tokens, max_sentences=opts.batch_size):
+            src = pad_batch([sources[i] for i in rows], self.device)
+            if opts.sampling:  # nbest samples per source: its row repeated nbest times
+                drawn = sample(
+                    self.model,
+                    src.repeat_interleave(opts.nbest, dim=0),
+                    opts.temperature,
+                    opts.top_k,
+                    opts.top_p,
+                    generator=generator,
+                    **common,
+                )
+                found = [drawn[k : k + opts.nbest] for k in range(0, len(drawn), opts.nbest)]
             elif opts.beam == 1 and opts.nbest == 1:
-                found = [[h] for h in greedy_search(self.model, src, **common, with_scores=False)]
+                hyps = greedy_search(self.model, src, **common, with_scores=opts.scores)
+                found = [[h] for h in hyps]
             else:
                 found = beam_search(
                     self.model, src, opts.beam, opts.length_penalty, opts.nbest, **common
@@ -160,31 +323,3 @@ class Translator:
             for row, hyps in zip(rows, found):
                 results[row] = hyps
         return results
-
-    def translate(self, sentences: list[str]) -> list[Translation]:
-        """Translates raw sentences; an empty line gives an empty translation."""
-        cleaned = [clean_line(s) for s in sentences]
-        ids = self.tokenizer.encode_source(cleaned)
-        found = self.search_ids(ids)
-        return [
-            Translation(source, [(self.tokenizer.decode_target(h.tokens), h) for h in hyps])
-            for source, hyps in zip(cleaned, found)
-        ]
-
-    def translate_stream(self, lines: Iterable[str], chunk: int = 1000) -> Iterator[Translation]:
-        """Translates a long stream in chunks, keeping memory bounded."""
-        return translate_in_chunks(self.translate, lines, chunk)
-
-
-def translate_in_chunks(
-    translate: Callable[[list[str]], list[Translation]], lines: Iterable[str], chunk: int
-) -> Iterator[Translation]:
-    """Feeds ``lines`` to ``translate`` ``chunk`` at a time (each chunk is length-sorted)."""
-    buffer: list[str] = []
-    for line in lines:
-        buffer.append(line)
-        if len(buffer) >= chunk:
-            yield from translate(buffer)
-            buffer = []
-    if buffer:
-        yield from translate(buffer)

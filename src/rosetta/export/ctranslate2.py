@@ -15,16 +15,14 @@ CTranslate2 is an optional dependency (``pip install rosetta-nmt[export]``).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rosetta.data.corpus import clean_line
-from rosetta.data.tokenizer import SPECIAL_PIECES, Tokenizer
+from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Hypothesis
-from rosetta.decode.translator import SearchOptions, Translation, translate_in_chunks
+from rosetta.decode.translator import BaseTranslator, SearchOptions
 from rosetta.model.transformer import Transformer
 from rosetta.modeldir import CONFIG, load_model_dir
 
@@ -136,31 +134,38 @@ def export_ctranslate2(
     return output_dir
 
 
-class CTranslate2Translator:
+class CTranslate2Translator(BaseTranslator):
     """The same ``translate`` as ``rosetta.decode.Translator``, run by CTranslate2.
 
-    Differences from rosetta's own search: CTranslate2 normalises beam scores by
-    length ** length_penalty rather than the GNMT penalty. Its length limit is
-    one number per call, so sentences go to it in groups of equal length budget
+    Everything around the search (cleaning, long inputs, n-best assembly,
+    streaming) is ``BaseTranslator``'s, shared with rosetta's own engine. Within
+    the search, as rosetta does: <bos> and <pad> can never be produced; sampling
+    draws with beam 1 (CTranslate2's random sampling), ``nbest`` samples per
+    input, seeded once per translator by ``options.seed``. Each hypothesis's
+    ``log_prob`` (with ``options.scores``) is CTranslate2's own scoring of it:
+    the total log-probability with <eos>, as rosetta reports. Differences: beam
+    search ranks by log-probability / length ** length_penalty rather than the
+    GNMT penalty, and ``score`` is that normalised value. The length limit is one
+    number per call, so sentences go to it in groups of equal length budget
     (``max_len_a * source length + max_len_b``), as rosetta's search gives each
     sentence its own: an output that runs to the limit ends where rosetta's does.
     """
 
     def __init__(self, export_dir: str | Path, options: SearchOptions, threads: int = 0):
         ct2 = _ctranslate2()
-        import yaml
-
-        from rosetta.config import config_from_dict
+        from rosetta.config import load_config
 
         export_dir = Path(export_dir)
         if not (export_dir / "model.bin").exists():
             raise FileNotFoundError(
                 f"{export_dir} is not a CTranslate2 export (run `rosetta export` first)"
             )
-        data = yaml.safe_load((export_dir / CONFIG).read_text(encoding="utf-8"))
-        self.config = config_from_dict(data, str(export_dir / CONFIG))
+        self.config = load_config(export_dir / CONFIG)
         self.tokenizer = Tokenizer.load(export_dir)
         self.options = options
+        self.max_source_len = self.config.model.max_positions - 1
+        # CTranslate2's sampling generators are seeded when its worker threads start
+        ct2.set_random_seed(options.seed)
         self.engine = ct2.Translator(
             str(export_dir),
             device="cpu",
@@ -168,16 +173,10 @@ class CTranslate2Translator:
             intra_threads=threads or torch.get_num_threads(),
         )
 
-    def translate(self, sentences: list[str]) -> list[Translation]:
+    def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options
-        cleaned = [clean_line(s) for s in sentences]
-        ids = self.tokenizer.encode_source(cleaned)
-        results: list[Translation] = [Translation(s) for s in cleaned]
-        todo = [i for i, seq in enumerate(ids) if seq]
-        if not todo:
-            return results
-        limit = self.config.model.max_positions - 1
-        pieces = [self.tokenizer.source_pieces(ids[i][:limit]) for i in todo]
+        limit = self.max_source_len
+        pieces = [self.tokenizer.source_pieces(ids) for ids in sources]
         # rosetta's budget counts the <eos>; CTranslate2's limit counts tokens before it
         groups: dict[int, list[int]] = {}
         for k, p in enumerate(pieces):
@@ -187,13 +186,15 @@ class CTranslate2Translator:
         for budget, members in groups.items():
             outputs = self.engine.translate_batch(
                 [pieces[k] for k in members],
-                beam_size=opts.beam,
+                beam_size=1 if opts.sampling else opts.beam,
                 num_hypotheses=opts.nbest,
-                length_penalty=opts.length_penalty if opts.beam > 1 else 0.0,
+                length_penalty=0.0 if opts.sampling or opts.beam == 1 else opts.length_penalty,
                 max_decoding_length=budget,
+                max_input_length=0,  # sources are within the limit already; never cut
                 max_batch_size=opts.batch_size,
                 batch_type="examples",
                 return_scores=True,
+                suppress_sequences=[[SPECIAL_PIECES[BOS_ID]], [SPECIAL_PIECES[PAD_ID]]],
                 sampling_topk=opts.top_k if opts.sampling else 1,
                 sampling_topp=opts.top_p if opts.sampling else 1.0,
                 sampling_temperature=opts.temperature if opts.sampling else 1.0,
@@ -201,14 +202,29 @@ class CTranslate2Translator:
             for k, output in zip(members, outputs):
                 found[k] = output
         target = self.tokenizer.target
-        for index, result in zip(todo, found):
-            for tokens, score in zip(result.hypotheses, result.scores):
-                token_ids = [target.piece_to_id(piece) for piece in tokens]
-                hypothesis = Hypothesis(token_ids, float(score), float(score))
-                results[index].hypotheses.append(
-                    (self.tokenizer.decode_target(token_ids), hypothesis)
-                )
+        results = [
+            [
+                Hypothesis([target.piece_to_id(p) for p in tokens], float(score), float("nan"))
+                for tokens, score in zip(output.hypotheses, output.scores)
+            ]
+            for output in found
+        ]
+        if opts.scores:
+            self._score(pieces, results, [output.hypotheses for output in found])
         return results
 
-    def translate_stream(self, lines: Iterable[str], chunk: int = 1000) -> Iterator[Translation]:
-        return translate_in_chunks(self.translate, lines, chunk)
+    def _score(
+        self, pieces: list[list[str]], results: list[list[Hypothesis]], outputs: list
+    ) -> None:
+        """Sets each hypothesis's ``log_prob`` to its total log-probability with <eos>.
+
+        CTranslate2's search score leaves out the <eos> of an output cut at the
+        length limit and is divided by length ** length_penalty in beam search;
+        scoring the output again gives exactly rosetta's quantity.
+        """
+        sources = [p for p, hyps in zip(pieces, outputs) for _ in hyps]
+        targets = [tokens for hyps in outputs for tokens in hyps]
+        scored = iter(self.engine.score_batch(sources, targets, max_input_length=0))
+        for hyps in results:
+            for hypothesis in hyps:
+                hypothesis.log_prob = float(sum(next(scored).log_probs))
