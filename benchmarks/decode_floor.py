@@ -140,7 +140,7 @@ def main() -> None:
     args = arguments(__doc__.split("\n")[0], repeats=5).parse_args()
     command = command_line()
     config, cfg = prepared(args)
-    model = build_model(cfg, VOCAB, VOCAB).eval()
+    model = build_model(cfg, VOCAB, VOCAB).prepare_for_inference()
     hf_model = marian(cfg).eval()
     work = Path(tempfile.mkdtemp(prefix="rosetta-floor-"))
     ct2 = CTranslate2Process(

@@ -45,7 +45,6 @@ from rosetta.decode.translator import pad_batch
 from rosetta.export.ctranslate2 import export_ctranslate2
 from rosetta.model import build_model
 from rosetta.modeldir import save_model_dir
-from rosetta.train.loss import label_smoothed_nll
 
 VOCAB = 8000
 MAX_TOKENS = 4096
@@ -141,11 +140,8 @@ def marian_to_ctranslate2(model, directory: Path) -> Path:
 # ---- training ------------------------------------------------------------------------
 def rosetta_train_step(model, optimizer) -> Callable:
     def step(batch) -> None:
-        real = batch.tgt_out.ne(PAD_ID)
-        loss, _ = label_smoothed_nll(
-            model(batch.src, batch.tgt_in, label_mask=real), batch.tgt_out[real], 0.1
-        )
-        (loss / int(real.sum())).backward()
+        loss = model.training_loss(batch, 0.1)["loss"]
+        (loss / batch.num_tgt_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -379,7 +375,7 @@ def main() -> None:
     }
 
     # decoding
-    rosetta_model.eval()
+    rosetta_model.prepare_for_inference()
     hf_model.eval()
     model_dir = save_model_dir(
         work / "rosetta",
