@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -170,3 +173,23 @@ def test_ctranslate2_sampling_with_a_small_top_k_runs(untrained_export, tmp_path
     assert process.returncode == 0, process.stderr
     ids = [line.split(" ||| ")[0] for line in process.stdout.splitlines()]
     assert ids == ["0", "0", "1", "2", "2", "3", "3"]
+
+
+def test_a_damaged_export_is_refused_and_a_failed_one_keeps_the_old(
+    untrained_model_dir, untrained_export, tmp_path
+):
+    import shutil
+
+    from rosetta.modeldir import ModelDirError
+
+    export = Path(shutil.copytree(untrained_export, tmp_path / "export"))
+    assert "model.bin" in json.loads((export / "metadata.json").read_text())["sha256"]
+    data = bytearray((export / "model.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (export / "model.bin").write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=r"model\.bin is damaged"):
+        CTranslate2Translator(export, SearchOptions(beam=1))
+    before = (export / "model.bin").read_bytes()
+    with pytest.raises(ValueError):
+        export_ctranslate2(untrained_model_dir, export, quantization="no-such-type")
+    assert (export / "model.bin").read_bytes() == before

@@ -81,16 +81,21 @@ def save_model_dir(
         for name in tokenizer.files():
             shutil.copyfile(Path(tokenizer_dir) / name, staging / name)
         save_model(model, str(staging / WEIGHTS), metadata=embedded)
-        checksums = {
-            path.name: sha256_file(path) for path in sorted(staging.iterdir()) if path.is_file()
-        }
-        info = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            **metadata,
-            "sha256": checksums,
-        }
-        atomic_write_text(staging / METADATA, json.dumps(info, indent=2, ensure_ascii=False))
+        parameters = sum(p.numel() for p in model.parameters())
+        write_metadata(staging, {"parameters": parameters, **metadata})
     return directory
+
+
+def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
+    """Writes ``metadata.json``: ``metadata`` and the SHA-256 of every other file in
+    ``directory`` (a model directory, or a CTranslate2 export), checked at load."""
+    checksums = {
+        path.name: sha256_file(path)
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != METADATA
+    }
+    info = {**metadata, "sha256": checksums}
+    atomic_write_text(directory / METADATA, json.dumps(info, indent=2, ensure_ascii=False))
 
 
 def load_model_dir(
@@ -101,7 +106,7 @@ def load_model_dir(
     directory = Path(directory)
     if not directory.is_dir() or not (directory / WEIGHTS).exists():
         raise ModelDirError(f"{directory} is not a rosetta model directory (no {WEIGHTS})")
-    _verify_checksums(directory)
+    verify_checksums(directory)
     try:
         config = load_config(directory / CONFIG)
     except ConfigError as error:
@@ -131,7 +136,10 @@ def load_model_dir(
     return config, tokenizer, model.to(device).eval()
 
 
-def _verify_checksums(directory: Path) -> None:
+def verify_checksums(directory: Path) -> None:
+    """Checks every file ``metadata.json`` lists against its SHA-256 (``config.yaml``
+    excepted: its decode section may be edited, its model section is checked against
+    the weights); warns when none are recorded (directories of older versions)."""
     metadata = read_metadata(directory)
     recorded = metadata.get("sha256")
     if not recorded:

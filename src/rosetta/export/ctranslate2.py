@@ -24,7 +24,8 @@ from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Hypothesis
 from rosetta.decode.translator import BaseTranslator, SearchOptions
 from rosetta.model.transformer import Transformer
-from rosetta.modeldir import CONFIG, load_model_dir
+from rosetta.modeldir import CONFIG, load_model_dir, verify_checksums, write_metadata
+from rosetta.safeio import replace_directory
 
 
 def _ctranslate2():
@@ -127,10 +128,13 @@ def export_ctranslate2(
     spec = build_spec(model, tokenizer)
     spec.validate()
     spec.optimize(quantization=quantization)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    spec.save(str(output_dir))
-    for name in [CONFIG, *tokenizer.files()]:
-        shutil.copyfile(model_dir / name, output_dir / name)
+    with replace_directory(output_dir) as staging:  # a failed export leaves the old one
+        spec.save(str(staging))
+        for name in [CONFIG, *tokenizer.files()]:
+            shutil.copyfile(model_dir / name, staging / name)
+        write_metadata(
+            staging, {"exported_from": str(model_dir), "quantization": quantization or "none"}
+        )
     return output_dir
 
 
@@ -160,6 +164,7 @@ class CTranslate2Translator(BaseTranslator):
             raise FileNotFoundError(
                 f"{export_dir} is not a CTranslate2 export (run `rosetta export` first)"
             )
+        verify_checksums(export_dir)
         self.config = load_config(export_dir / CONFIG)
         self.tokenizer = Tokenizer.load(export_dir)
         self.options = options
