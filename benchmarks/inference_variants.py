@@ -25,19 +25,17 @@ from pathlib import Path
 import torch
 
 from results_io import write_results
-from rosetta.cli import evaluate_files
 from rosetta.config import load_config
-from rosetta.decode.translator import SearchOptions, Translator
+from rosetta.decode.translator import Translator
+from rosetta.evaluate import evaluate_files
 
 
 def variants(model_dir: Path, work: Path) -> dict[str, Callable[[int], object]]:
     """Name -> a function making that path's translator for a beam size (the
     CTranslate2 paths export the model into ``work`` first)."""
     found: dict[str, Callable[[int], object]] = {
-        "rosetta fp32": lambda beam: Translator.from_model_dir(model_dir, beam=beam),
-        "rosetta int8": lambda beam: Translator.from_model_dir(
-            model_dir, quantize="int8", beam=beam
-        ),
+        "rosetta fp32": lambda beam: Translator.load(model_dir, beam=beam),
+        "rosetta int8": lambda beam: Translator.load(model_dir, quantize="int8", beam=beam),
     }
     config = load_config(model_dir / "config.yaml")
     if config.model.arch == "transformer":
@@ -51,7 +49,7 @@ def variants(model_dir: Path, work: Path) -> dict[str, Callable[[int], object]]:
                     export_ctranslate2(
                         model_dir, out, None if quantization == "fp32" else quantization
                     )
-                options = SearchOptions.from_config(config.decode, beam=beam)
+                options = config.decode.with_overrides(beam=beam)
                 return CTranslate2Translator(out, options)
 
             found[f"CTranslate2 {quantization}"] = make

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from results_io import write_results
-from rosetta.cli import evaluate_files
 from rosetta.config import load_config
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.decode.translator import Translator
+from rosetta.evaluate import evaluate_files
 from rosetta.modeldir import read_metadata
 from rosetta.train.trainer import train
 
@@ -97,7 +97,7 @@ def main() -> None:
     def score(split: str, beam: int, alpha: float) -> dict:
         src = root / f"{split}.{config.data.src_lang}"
         ref = root / f"{split}.{config.data.tgt_lang}"
-        translator = Translator.from_model_dir(model_dir, beam=beam, length_penalty=alpha)
+        translator = Translator.load(model_dir, beam=beam, length_penalty=alpha)
         result = evaluate_files(translator, src, ref)
         result.pop("hypotheses")
         search = "greedy" if beam == 1 else f"beam {beam}, length penalty {alpha}"

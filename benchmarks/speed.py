@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from results_io import write_results
-from rosetta.config import MODEL_PRESETS, ExperimentConfig, ModelConfig, load_config
+from rosetta.config import MODEL_PRESETS, ExperimentConfig, TransformerConfig, load_config
 from rosetta.data.batching import collate, make_batches
 from rosetta.data.prepare import load_split, prepare
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
@@ -63,7 +63,7 @@ def gemm_gflops(size: int = 2048, repeats: int = 7) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+def parameter_counts(cfg: TransformerConfig) -> dict[str, int]:
     """Weights touched per token: encoder layer, decoder layer (self + cross Q/O + FFN),
     cross-attention K/V (per source token), output projection."""
     d, ff = cfg.d_model, cfg.d_ff
@@ -76,19 +76,19 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def train_flops_per_target_token(cfg: ModelConfig, src_per_tgt: float) -> float:
+def train_flops_per_target_token(cfg: TransformerConfig, src_per_tgt: float) -> float:
     p = parameter_counts(cfg)
     per_source = p["encoder"] + p["cross_kv"]
     return 6 * (p["decoder"] + p["output"] + per_source * src_per_tgt)
 
 
-def decode_flops_per_token(cfg: ModelConfig) -> float:
+def decode_flops_per_token(cfg: TransformerConfig) -> float:
     p = parameter_counts(cfg)
     return 2 * (p["decoder"] + p["output"])
 
 
 # ---- the systems ---------------------------------------------------------------------
-def marian(cfg: ModelConfig):
+def marian(cfg: TransformerConfig):
     from transformers import MarianConfig, MarianMTModel
 
     config = MarianConfig(
@@ -310,14 +310,14 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def prepared(args: argparse.Namespace) -> tuple[ExperimentConfig, ModelConfig]:
+def prepared(args: argparse.Namespace) -> tuple[ExperimentConfig, TransformerConfig]:
     """Sets threads and seed, prepares the Multi30k data (tokenizer and splits, once)
     and returns its configuration and the preset's model configuration."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = load_config(args.config, ["experiment_dir=experiments/speed_data"])
     prepare(config, log=lambda _: None)
-    return config, ModelConfig(**MODEL_PRESETS[args.preset], max_positions=512)
+    return config, TransformerConfig(**MODEL_PRESETS[args.preset], max_positions=512)
 
 
 def main() -> None:

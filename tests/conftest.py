@@ -50,6 +50,9 @@ def toy_config(experiment_dir: Path, **sections) -> ExperimentConfig:
     }
     for section, values in sections.items():
         data[section].update(values)
+    if data["model"].get("arch") == "rnn":  # the Transformer's sizes do not apply
+        for key in ("d_ff", "heads"):
+            data["model"].pop(key, None)
     return config_from_dict(data)
 
 

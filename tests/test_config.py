@@ -23,7 +23,26 @@ MINIMAL = "experiment_dir: exp\ndata:\n  root: corpus\n"
 @pytest.mark.parametrize("name", ["toy.yaml", "multi30k_en_de.yaml", "multi30k_en_de_rnn.yaml"])
 def test_shipped_configs_load(name):
     config = load_config(ROOT / "configs" / name)
-    assert config.model.d_model % config.model.heads == 0
+    assert config.model.arch == ("rnn" if "rnn" in name else "transformer")
+
+
+def test_each_architecture_checks_its_own_keys(tmp_path):
+    """The model section is a union by ``arch``: another architecture's key is an error
+    that names it; older saved configurations (every key, at its default) still load."""
+    from rosetta.config import ConfigError, RNNConfig, TransformerConfig
+
+    with pytest.raises(
+        ConfigError, match=r"model\.hidden_size: unknown key \(for model\.arch transformer"
+    ):
+        load_config(write_config(tmp_path, MINIMAL + "model:\n  hidden_size: 256\n"))
+    with pytest.raises(ConfigError, match=r"model\.heads: unknown key \(for model\.arch rnn"):
+        load_config(write_config(tmp_path, MINIMAL + "model:\n  arch: rnn\n  heads: 4\n"))
+    rnn = load_config(write_config(tmp_path, MINIMAL + "model:\n  preset: rnn_small\n"))
+    assert isinstance(rnn.model, RNNConfig) and rnn.model.hidden_size == 512
+    old_flat_dump = "model:\n  arch: transformer\n  d_model: 64\n  heads: 4\n  rnn_cell: lstm\n"
+    old_flat_dump += "  hidden_size: 512\n  attention: bahdanau\n  input_feeding: true\n"
+    old = load_config(write_config(tmp_path, MINIMAL + old_flat_dump))
+    assert isinstance(old.model, TransformerConfig) and old.model.heads == 4
 
 
 def test_defaults_and_presets(tmp_path):

@@ -10,10 +10,10 @@ import torch
 
 from conftest import toy_config
 from rosetta.cli import main
-from rosetta.config import ModelConfig
+from rosetta.config import DecodeConfig, TransformerConfig
 from rosetta.data.prepare import prepare
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from rosetta.decode.translator import SearchOptions, Translator
+from rosetta.decode.translator import Translator
 from rosetta.model import build_model
 from rosetta.modeldir import save_model_dir
 
@@ -43,7 +43,7 @@ def test_converted_model_scores_like_rosetta(tokenizer_dir, tmp_path, variant):
     config, tok_dir = tokenizer_dir
     tokenizer = Tokenizer.load(tok_dir)
     torch.manual_seed(0)
-    cfg = ModelConfig(
+    cfg = TransformerConfig(
         d_model=32,
         d_ff=64,
         heads=4,
@@ -79,8 +79,8 @@ def test_ctranslate2_greedy_output_equals_rosetta_greedy(toy_model_dir, tmp_path
     assert main(["export", str(toy_model_dir), str(export_dir)]) == 0
     corpus = toy_model_dir.parent / "corpus"
     sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()
-    ours = [t.text for t in Translator.from_model_dir(toy_model_dir, beam=1).translate(sources)]
-    engine = CTranslate2Translator(export_dir, SearchOptions(beam=1))
+    ours = [t.text for t in Translator.load(toy_model_dir, beam=1).translate(sources)]
+    engine = CTranslate2Translator(export_dir, DecodeConfig(beam=1))
     theirs = [t.text for t in engine.translate(sources)]
     same = sum(a == b for a, b in zip(ours, theirs))
     assert same >= 0.99 * len(sources)
@@ -111,8 +111,8 @@ SOURCES = ["the big dog sees two cats.", "", "a cat.", "the teacher helps the ch
 def test_both_engines_agree_greedy_and_never_emit_bos_or_pad(untrained_model_dir, untrained_export):
     # an untrained model is where CTranslate2 used to emit <bos>
     options = dict(beam=1, scores=True)
-    ours = Translator.from_model_dir(untrained_model_dir, **options).translate(SOURCES)
-    theirs = CTranslate2Translator(untrained_export, SearchOptions(**options)).translate(SOURCES)
+    ours = Translator.load(untrained_model_dir, **options).translate(SOURCES)
+    theirs = CTranslate2Translator(untrained_export, DecodeConfig(**options)).translate(SOURCES)
     assert [t.text for t in theirs] == [t.text for t in ours]
     for a, b in zip(ours, theirs):
         assert BOS_ID not in b.hypotheses[0][1].tokens and 0 not in b.hypotheses[0][1].tokens
@@ -122,8 +122,8 @@ def test_both_engines_agree_greedy_and_never_emit_bos_or_pad(untrained_model_dir
 
 
 def test_ctranslate2_beam_scores_are_total_log_probabilities(untrained_model_dir, untrained_export):
-    translator = Translator.from_model_dir(untrained_model_dir)
-    options = SearchOptions(beam=3, nbest=2, scores=True)
+    translator = Translator.load(untrained_model_dir)
+    options = DecodeConfig(beam=3, nbest=2, scores=True)
     results = CTranslate2Translator(untrained_export, options).translate(SOURCES[:1])
     src = torch.tensor(translator.tokenizer.encode_source(SOURCES[:1]))
     assert len(results[0].hypotheses) == 2
@@ -139,7 +139,7 @@ def test_ctranslate2_beam_scores_are_total_log_probabilities(untrained_model_dir
 
 def test_ctranslate2_samples_with_a_seed(untrained_export):
     def draw(seed: int) -> list[str]:
-        options = SearchOptions(sampling=True, top_k=5, nbest=3, seed=seed, max_len_b=6)
+        options = DecodeConfig(sampling=True, top_k=5, nbest=3, seed=seed, max_len_b=6)
         results = CTranslate2Translator(untrained_export, options).translate(SOURCES)
         assert [len(r.hypotheses) for r in results] == [3, 1, 3, 3]
         return [text for r in results for text, _ in r.hypotheses]
@@ -149,7 +149,7 @@ def test_ctranslate2_samples_with_a_seed(untrained_export):
 
 
 def test_ctranslate2_splits_long_inputs(untrained_export):
-    engine = CTranslate2Translator(untrained_export, SearchOptions(beam=1, max_len_b=2))
+    engine = CTranslate2Translator(untrained_export, DecodeConfig(beam=1, max_len_b=2))
     assert engine.max_source_len == 23
     seen: list[list[int]] = []
     search = engine.engine_search
@@ -188,7 +188,7 @@ def test_a_damaged_export_is_refused_and_a_failed_one_keeps_the_old(
     data[len(data) // 2] ^= 0xFF
     (export / "model.bin").write_bytes(bytes(data))
     with pytest.raises(ModelDirError, match=r"model\.bin is damaged"):
-        CTranslate2Translator(export, SearchOptions(beam=1))
+        CTranslate2Translator(export, DecodeConfig(beam=1))
     before = (export / "model.bin").read_bytes()
     with pytest.raises(ValueError):
         export_ctranslate2(untrained_model_dir, export, quantization="no-such-type")

@@ -139,7 +139,7 @@ def test_overrides_give_a_config_error_or_a_config(overrides):
 @pytest.fixture(scope="module")
 def translator(untrained_model_dir) -> Translator:
     # greedy, two output tokens at most: the plumbing is under test, not the model
-    return Translator.from_model_dir(untrained_model_dir, beam=1, max_len_a=0.0, max_len_b=2)
+    return Translator.load(untrained_model_dir, beam=1, max_len_a=0.0, max_len_b=2)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

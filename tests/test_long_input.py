@@ -6,12 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rosetta.config import DecodeConfig
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.common import Hypothesis
 from rosetta.decode.translator import (
     WORD_START,
-    BaseTranslator,
-    SearchOptions,
     Translator,
     join_hypotheses,
     split_source,
@@ -58,13 +57,11 @@ def test_joined_hypotheses_concatenate_tokens_and_add_scores():
     ]
 
 
-class EchoEngine(BaseTranslator):
+class EchoEngine(Translator):
     """Translates every source into itself, and records what it was asked."""
 
     def __init__(self, tokenizer: Tokenizer, limit: int, nbest: int = 1) -> None:
-        self.tokenizer = tokenizer
-        self.options = SearchOptions(beam=nbest, nbest=nbest)
-        self.max_source_len = limit
+        super().__init__(tokenizer, DecodeConfig(beam=nbest, nbest=nbest), limit)
         self.calls: list[list[list[int]]] = []
 
     def engine_search(self, sources):
@@ -119,7 +116,7 @@ def test_streams_are_translated_in_chunks_in_order(tokenizer):
 
 
 def test_the_real_translator_never_gives_the_model_more_than_it_takes(untrained_model_dir):
-    translator = Translator.from_model_dir(untrained_model_dir, beam=2, max_len_b=2)
+    translator = Translator.load(untrained_model_dir, beam=2, max_len_b=2)
     assert translator.max_source_len == 23
     seen: list[list[int]] = []
     search = translator.engine_search

@@ -43,7 +43,7 @@ def test_png_has_the_expected_pixel_size(toy_model_dir, tmp_path, all_heads):
     out = tmp_path / "a.png"
     args = ["attention", str(toy_model_dir), "--src", SENTENCE, "-o", str(out)]
     assert main(args + (["--all-heads"] if all_heads else [])) == 0
-    attention = compute_attention(Translator.from_model_dir(toy_model_dir), SENTENCE)
+    attention = compute_attention(Translator.load(toy_model_dir), SENTENCE)
     width, height, _, _ = figure_size(
         len(attention.queries), len(attention.keys), 4 if all_heads else 1
     )
@@ -53,7 +53,7 @@ def test_png_has_the_expected_pixel_size(toy_model_dir, tmp_path, all_heads):
 
 def test_trained_model_attends_to_the_aligned_source_words(toy_model_dir):
     """The toy grammar fixes the alignment: la<-the, kano<-dog, maljuna<-old, ..."""
-    translator = Translator.from_model_dir(toy_model_dir, beam=1)
+    translator = Translator.load(toy_model_dir, beam=1)
     attention = compute_attention(translator, SENTENCE)
     assert attention.translation == "la kano maljuna unu katon malgrandan vidas."
     source = ["▁the", "▁old", "▁dog", "▁sees", "▁a", "▁small", "▁cat"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import learning_config
-from rosetta.config import ModelConfig
+from rosetta.config import model_config
 from rosetta.data.prepare import prepare
 from rosetta.data.tokenizer import BOS_ID, PAD_ID
 from rosetta.decode import beam_search, greedy_search
@@ -24,7 +24,7 @@ VOCAB = 30
 def rnn_model(seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     options = dict(arch="rnn", d_model=16, hidden_size=24, dropout=0.0)
-    return build_model(ModelConfig(**{**options, **overrides}), VOCAB, VOCAB).eval()
+    return build_model(model_config({**options, **overrides}), VOCAB, VOCAB).eval()
 
 
 def batch():
@@ -147,7 +147,7 @@ def test_beam_search_does_not_depend_on_the_rest_of_the_batch(variant):
 
 
 def test_rnn_preset():
-    cfg = ModelConfig(preset="rnn_small")
+    cfg = model_config({"preset": "rnn_small"})
     assert (cfg.arch, cfg.rnn_cell, cfg.attention, cfg.hidden_size) == (
         "rnn",
         "lstm",
@@ -172,7 +172,7 @@ def test_rnn_learns_the_toy_task(tmp_path):
     corpus = tmp_path / "exp" / "corpus"
     sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()
     references = (corpus / "test.zeta").read_text(encoding="utf-8").splitlines()
-    outputs = [t.text for t in Translator.from_model_dir(model_dir, beam=4).translate(sources)]
+    outputs = [t.text for t in Translator.load(model_dir, beam=4).translate(sources)]
     assert bleu(outputs, references).score > 90
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rosetta.config import ModelConfig
+from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from rosetta.decode import beam_search, greedy_search, sample
 from rosetta.decode.common import length_penalty
@@ -18,7 +18,9 @@ from rosetta.model import build_model
 
 def make_model(vocab: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = ModelConfig(d_model=32, d_ff=64, heads=2, encoder_layers=1, decoder_layers=2, dropout=0)
+    cfg = TransformerConfig(
+        d_model=32, d_ff=64, heads=2, encoder_layers=1, decoder_layers=2, dropout=0
+    )
     model = build_model(cfg, vocab, vocab).eval()
     with torch.no_grad():  # sharper distributions: fewer near-ties between sequences
         model.output.weight.mul_(4.0)

@@ -21,7 +21,7 @@ def test_tiny_transformer_learns_the_toy_task(toy_model_dir):
     sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()
     references = (corpus / "test.zeta").read_text(encoding="utf-8").splitlines()
     for beam in (1, 4):
-        translator = Translator.from_model_dir(toy_model_dir, beam=beam)
+        translator = Translator.load(toy_model_dir, beam=beam)
         outputs = [t.text for t in translator.translate(sources)]
         assert bleu(outputs, references).score > 90, beam
 
@@ -61,14 +61,14 @@ def test_cli_prepare_train_translate_evaluate_average(tmp_path, capsys):
     # a fresh process loads the model directory and translates like this one
     process = run_cli("translate", str(model_dir), "--beam", "3", stdin="\n".join(sources))
     assert process.returncode == 0, process.stderr
-    expected = [t.text for t in Translator.from_model_dir(model_dir, beam=3).translate(sources)]
+    expected = [t.text for t in Translator.load(model_dir, beam=3).translate(sources)]
     assert process.stdout.splitlines() == expected
 
     out = tmp_path / "out.zeta"
     args = ["translate", str(model_dir), "-i", str(tmp_path / "in.en"), "-o", str(out)]
     assert main([*args, "--batch-size", "5"]) == 0
     assert out.read_text(encoding="utf-8").splitlines() == [
-        t.text for t in Translator.from_model_dir(model_dir).translate(sources)
+        t.text for t in Translator.load(model_dir).translate(sources)
     ]
     capsys.readouterr()
     assert main(["translate", str(model_dir), "-i", str(tmp_path / "in.en"), "--nbest", "2"]) == 0

@@ -125,5 +125,5 @@ def test_model_directory_translates_after_being_moved(prepared, tmp_path):
     config, tokenizer, model = load_model_dir(moved)
     assert config.model.d_model == 32 and not model.training
     assert model.tgt_vocab_size == tokenizer.tgt_vocab_size
-    result = Translator.from_model_dir(moved, beam=2).translate(["the dog sees a cat .", ""])
+    result = Translator.load(moved, beam=2).translate(["the dog sees a cat .", ""])
     assert len(result) == 2 and result[1].text == ""

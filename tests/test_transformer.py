@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from rosetta.config import ModelConfig
+from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import BOS_ID, PAD_ID
 from rosetta.model import build_model
 from rosetta.model.attention import SelfAttention
@@ -17,7 +17,7 @@ VOCAB = 40
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = ModelConfig(
+    cfg = TransformerConfig(
         d_model=32,
         d_ff=64,
         heads=4,
@@ -188,7 +188,7 @@ def test_weight_tying():
     untied = tiny_model(tie_output=False, tie_all=False)
     assert untied.output.weight is not untied.tgt_embed.tokens.weight
     assert untied.src_embed.tokens is not untied.tgt_embed.tokens
-    separate_vocab = build_model(ModelConfig(preset="toy"), 30, 50)
+    separate_vocab = build_model(TransformerConfig(preset="toy"), 30, 50)
     assert separate_vocab.src_embed.tokens.weight.shape == (30, 128)
     assert separate_vocab.output.weight.shape == (50, 128)
 
@@ -207,10 +207,10 @@ def test_attention_maps_are_distributions_over_real_source_positions():
 
 
 def test_presets_and_sizes():
-    assert ModelConfig(preset="small").d_model == 256
-    base = ModelConfig(preset="base")
+    assert TransformerConfig(preset="small").d_model == 256
+    base = TransformerConfig(preset="base")
     assert (base.d_model, base.d_ff, base.heads, base.encoder_layers) == (512, 2048, 8, 6)
-    assert ModelConfig(preset="small", d_model=128).d_model == 128  # explicit key wins
+    assert TransformerConfig(preset="small", d_model=128).d_model == 128  # explicit key wins
 
 
 def fused(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

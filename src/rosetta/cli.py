@@ -81,19 +81,16 @@ def _search_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def make_translator(args: argparse.Namespace):
-    """rosetta's own search, or CTranslate2 on an exported model (``--engine``)."""
-    from rosetta.decode.translator import SearchOptions, Translator
+def _translator(args: argparse.Namespace):
+    """The engine and search the command line asks for (``Translator.load``)."""
+    from rosetta.decode.translator import Translator
 
-    if getattr(args, "engine", "torch") == "ctranslate2":
-        from rosetta.config import load_config
-        from rosetta.export.ctranslate2 import CTranslate2Translator
-
-        config = load_config(Path(args.model_dir) / "config.yaml")
-        options = SearchOptions.from_config(config.decode, **_search_overrides(args))
-        return CTranslate2Translator(args.model_dir, options)
-    return Translator.from_model_dir(
-        args.model_dir, args.device, getattr(args, "quantize", None), **_search_overrides(args)
+    return Translator.load(
+        args.model_dir,
+        engine=getattr(args, "engine", "torch"),
+        device=args.device,
+        quantize=getattr(args, "quantize", None),
+        **_search_overrides(args),
     )
 
 
@@ -119,7 +116,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
         check_lines(args.input)
     if args.output:
         check_output(args.output, [args.input] if args.input else [])
-    translator = make_translator(args)
+    translator = _translator(args)
 
     def output_lines(results) -> Iterator[str]:
         for index, result in enumerate(results):
@@ -142,42 +139,15 @@ def cmd_translate(args: argparse.Namespace) -> None:
                 print(line)
 
 
-def evaluate_files(translator, src: Path, ref: Path, output: Path | None = None) -> dict:
-    """Translates ``src`` and scores it against ``ref``; returns BLEU and chrF. The
-    translations are written to ``output`` (atomically) when it is given."""
-    import time
-
-    from rosetta.data.text import read_lines, write_lines_atomic
-    from rosetta.evaluate.metrics import bleu, chrf
-
-    sources, references = read_lines(src), read_lines(ref)
-    if len(sources) != len(references):
-        raise ValueError(f"{src} has {len(sources)} lines but {ref} has {len(references)}")
-    start = time.perf_counter()
-    hypotheses = [t.text for t in translator.translate(sources)]
-    seconds = time.perf_counter() - start
-    if output:
-        write_lines_atomic(output, hypotheses)
-    b, c = bleu(hypotheses, references), chrf(hypotheses, references)
-    return {
-        "bleu": b.score,
-        "bleu_text": b.text,
-        "bleu_signature": b.signature,
-        "chrf": c.score,
-        "chrf_signature": c.signature,
-        "sentences_per_s": len(sources) / seconds,
-        "hypotheses": hypotheses,
-    }
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from rosetta.data.text import check_output
+    from rosetta.evaluate import evaluate_files
     from rosetta.safeio import atomic_write_text
 
     for output in (args.output, args.json):
         if output:
             check_output(output, [args.src, args.ref])
-    translator = make_translator(args)
+    translator = _translator(args)
     result = evaluate_files(translator, Path(args.src), Path(args.ref), args.output)
     print(f"{result['bleu_text']}\n  signature: {result['bleu_signature']}")
     print(f"chrF2 = {result['chrf']:.2f}\n  signature: {result['chrf_signature']}")
@@ -201,7 +171,7 @@ def cmd_attention(args: argparse.Namespace) -> None:
     """Writes the heat map (``-o name`` without a suffix becomes ``name.png``; the
     path written is printed) or the matrices as JSON, atomically either way."""
     from rosetta.data.text import check_output
-    from rosetta.decode.translator import Translator
+    from rosetta.decode.translator import TorchTranslator
     from rosetta.plotting import compute_attention, plot_attention, png_path
     from rosetta.safeio import atomic_write_text
 
@@ -213,7 +183,7 @@ def cmd_attention(args: argparse.Namespace) -> None:
     if output:
         check_output(output)
     search = {"beam": args.beam, "length_penalty": args.length_penalty}
-    translator = Translator.from_model_dir(args.model_dir, args.device, **search)
+    translator = TorchTranslator.from_model_dir(args.model_dir, args.device, **search)
     attention = compute_attention(translator, args.src, args.kind)
     head = -1 if args.all_heads else args.head
     if args.format == "json":

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -91,34 +92,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ModelConfig(Section):
-    """Architecture and sizes. A ``preset`` fills the sizes; explicit keys win.
+class ModelSection(Section):
+    """What every architecture has. A ``preset`` fills the sizes; explicit keys win."""
 
-    ``d_model`` is the embedding (and output) size of both architectures; the
-    Transformer-only keys are d_ff, heads, attention_dropout, activation, norm
-    and positional; the RNN-only keys are rnn_cell, hidden_size, attention and
-    input_feeding.
-    """
-
-    arch: Literal["transformer", "rnn"] = "transformer"
-    preset: Literal["toy", "small", "base", "rnn_small"] | None = None
-    d_model: int = Field(512, gt=0)
-    d_ff: int = Field(2048, gt=0)
-    heads: int = Field(8, gt=0)
+    d_model: int = Field(512, gt=0)  # the embedding (and output) size
     encoder_layers: int = Field(6, ge=1)
     decoder_layers: int = Field(6, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    activation: Literal["relu", "gelu"] = "relu"
-    norm: Literal["pre", "post"] = "pre"
-    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
     max_positions: int = Field(1024, gt=0)
     tie_output: bool = True
     tie_all: bool = True
-    rnn_cell: Literal["lstm", "gru"] = "lstm"
-    hidden_size: int = Field(512, gt=0)
-    attention: Literal["bahdanau", "dot", "general"] = "bahdanau"
-    input_feeding: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -127,16 +110,89 @@ class ModelConfig(Section):
             return {**MODEL_PRESETS[values["preset"]], **values}
         return values
 
+
+class TransformerConfig(ModelSection):
+    """``model.arch: transformer`` (the default)."""
+
+    arch: Literal["transformer"] = "transformer"
+    preset: Literal["toy", "small", "base"] | None = None
+    d_ff: int = Field(2048, gt=0)
+    heads: int = Field(8, gt=0)
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["pre", "post"] = "pre"
+    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
+
     @model_validator(mode="after")
-    def _heads_divide(self) -> ModelConfig:
-        if self.arch == "transformer" and self.d_model % self.heads:
+    def _heads_divide(self) -> TransformerConfig:
+        if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
-        if self.arch == "rnn" and self.hidden_size % 2:
+        return self
+
+
+class RNNConfig(ModelSection):
+    """``model.arch: rnn``: the bidirectional RNN encoder-decoder with attention."""
+
+    arch: Literal["rnn"]
+    preset: Literal["rnn_small"] | None = None
+    rnn_cell: Literal["lstm", "gru"] = "lstm"
+    hidden_size: int = Field(512, gt=0)
+    attention: Literal["bahdanau", "dot", "general"] = "bahdanau"
+    input_feeding: bool = True
+
+    @model_validator(mode="after")
+    def _hidden_even(self) -> RNNConfig:
+        if self.hidden_size % 2:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be even: "
                 "the bidirectional encoder gives each direction half"
             )
         return self
+
+
+# The model section is one of the architectures, chosen by its ``arch`` key; each
+# checks its own keys, so an RNN key in a Transformer configuration is an error.
+ModelConfig = Annotated[TransformerConfig | RNNConfig, Field(discriminator="arch")]
+ARCHITECTURES: dict[str, type[ModelSection]] = {"transformer": TransformerConfig, "rnn": RNNConfig}
+
+# Until the model section was split by architecture, every configuration saved
+# (a model directory's config.yaml, a checkpoint) listed the other architecture's
+# keys too, at these defaults; such keys are dropped when they hold these values.
+_FLAT_DEFAULTS = {
+    "transformer": dict(
+        d_ff=2048,
+        heads=8,
+        attention_dropout=0.0,
+        activation="relu",
+        norm="pre",
+        positional="sinusoidal",
+    ),
+    "rnn": dict(rnn_cell="lstm", hidden_size=512, attention="bahdanau", input_feeding=True),
+}
+
+
+def _model_section(values: Any) -> Any:
+    """The model section's keys with its preset's ``arch`` (default: transformer), and
+    without another architecture's keys left at their defaults by older versions."""
+    if not isinstance(values, dict):
+        return values
+    preset = MODEL_PRESETS.get(values.get("preset"), {})
+    arch = values.get("arch", preset.get("arch", "transformer"))
+    values = {**values, "arch": arch}
+    for other, defaults in _FLAT_DEFAULTS.items():
+        if other != arch:
+            for key, default in defaults.items():
+                if key in values and values[key] == default:
+                    del values[key]
+    return values
+
+
+_MODEL_ADAPTER: TypeAdapter = TypeAdapter(ModelConfig)
+
+
+def model_config(values: dict[str, Any]) -> TransformerConfig | RNNConfig:
+    """Validates a model section (as written in YAML or saved by any version)."""
+    return _MODEL_ADAPTER.validate_python(_model_section(values))
 
 
 class TrainConfig(Section):
@@ -184,14 +240,46 @@ class TrainConfig(Section):
 
 
 class DecodeConfig(Section):
-    """Search settings used by validation BLEU, ``translate`` and ``evaluate``."""
+    """How to search: the one place that holds the search defaults, used by
+    validation BLEU, ``translate``, ``evaluate``, the Python API and the service
+    (``with_overrides`` applies a caller's choices) and read by the search
+    functions' own defaults.
 
-    beam: int = Field(5, ge=1)
-    length_penalty: float = Field(0.6, ge=0.0)
-    max_len_a: float = Field(1.5, ge=0.0)
+    With ``sampling``, ``nbest`` samples are drawn per input (in the order drawn)
+    and ``seed`` seeds them; otherwise ``nbest`` <= ``beam``. ``scores`` asks for
+    every hypothesis's log-probability even where the search does not need it
+    (greedy search and CTranslate2 skip it otherwise).
+    """
+
+    beam: int = Field(5, ge=1)  # 1 = greedy search
+    nbest: int = Field(1, ge=1)
+    length_penalty: float = Field(0.6, ge=0.0)  # GNMT alpha; 0 = none
+    max_len_a: float = Field(1.5, ge=0.0)  # output budget: a * source length + b
     max_len_b: int = Field(10, ge=1)
-    max_tokens: int = Field(4000, gt=0)
-    batch_size: int = Field(64, ge=1)
+    max_tokens: int = Field(4000, gt=0)  # padded source tokens per batch
+    batch_size: int = Field(64, ge=1)  # sentences per batch
+    sampling: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 1
+    scores: bool = False
+
+    @model_validator(mode="after")
+    def _nbest_within_beam(self) -> DecodeConfig:
+        if not self.sampling and self.nbest > self.beam:
+            raise ValueError(
+                f"nbest ({self.nbest}) cannot exceed the beam size ({self.beam}) unless sampling"
+            )
+        return self
+
+    def with_overrides(self, **overrides: Any) -> DecodeConfig:
+        """A copy with every override that is not None, validated as a whole."""
+        values = {**self.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return DecodeConfig.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(f"invalid search options:\n{_format_error(error)}") from None
 
 
 class ExperimentConfig(Section):
@@ -200,9 +288,14 @@ class ExperimentConfig(Section):
     experiment_dir: Path
     data: DataConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=TransformerConfig)
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_arch(cls, values: Any) -> Any:
+        return _model_section(values)
 
     def to_yaml(self) -> str:
         """The resolved configuration (presets expanded), as saved next to checkpoints."""
@@ -224,13 +317,17 @@ def parse_duration(text: str) -> float:
 def _format_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = list(item["loc"])
+        arch = ""
+        if len(loc) > 1 and loc[0] == "model" and loc[1] in ARCHITECTURES:
+            arch = f" (for model.arch {loc.pop(1)})"  # the union's tag: say it, not as a key
+        key = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
-        lines.append(f"  {key}: {message}")
+        lines.append(f"  {key}: {message}{arch}")
     return "\n".join(lines)
 
 

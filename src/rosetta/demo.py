@@ -7,6 +7,7 @@ from pathlib import Path
 from rosetta.config import ExperimentConfig
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.decode.translator import Translator
+from rosetta.evaluate import evaluate_files
 from rosetta.train.trainer import train
 
 EXAMPLES = 5
@@ -27,12 +28,10 @@ def fresh_directory(wanted: Path) -> Path:
 def run_demo(config: ExperimentConfig) -> float:
     """Prepares, trains, evaluates on the test split with beam search, translates
     a few examples; returns the test BLEU."""
-    from rosetta.cli import evaluate_files
-
     config = config.model_copy(update={"experiment_dir": fresh_directory(config.experiment_dir)})
     prepare(config)
     model_dir = train(config)
-    translator = Translator.from_model_dir(model_dir)
+    translator = Translator.load(model_dir)
     root = corpus_root(config)
     src = root / f"{config.data.test}.{config.data.src_lang}"
     ref = root / f"{config.data.test}.{config.data.tgt_lang}"

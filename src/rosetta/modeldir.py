@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from rosetta.config import ConfigError, ExperimentConfig, load_config
+from rosetta.config import ConfigError, ExperimentConfig, load_config, model_config
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.model import build_model
 from rosetta.safeio import atomic_write_text, replace_directory, sha256_file
@@ -165,7 +165,7 @@ def _check_config(directory: Path, config: ExperimentConfig, embedded: dict[str,
     """Compares config.yaml's model section with the one the weights were saved with."""
     if MODEL_KEY not in embedded:
         return
-    trained = json.loads(embedded[MODEL_KEY])
+    trained = model_config(json.loads(embedded[MODEL_KEY])).model_dump(mode="json")
     stated = config.model.model_dump(mode="json")
     differences = [
         f"model.{key}: {stated.get(key)!r} in {CONFIG}, {trained.get(key)!r} in {WEIGHTS}"

@@ -19,7 +19,7 @@ import torch
 
 from rosetta.data.text import clean_line
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from rosetta.decode.translator import Translator
+from rosetta.decode.translator import TorchTranslator
 from rosetta.safeio import atomic_write_bytes
 
 KINDS = ("cross", "encoder_self", "decoder_self")
@@ -69,7 +69,7 @@ class Attention:
         }
 
 
-def compute_attention(translator: Translator, sentence: str, kind: str = "cross") -> Attention:
+def compute_attention(translator: TorchTranslator, sentence: str, kind: str = "cross") -> Attention:
     """Translates ``sentence`` with the translator's search and returns its attention."""
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")

@@ -20,6 +20,8 @@ import torch
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
+    DEFAULTS,
+    MAX_LEN,
     Hypothesis,
     forbid_tokens,
     force_eos,
@@ -36,12 +38,12 @@ NEG_INF = float("-inf")
 def beam_search(
     model: Seq2Seq,
     src: torch.Tensor,
-    beam: int = 5,
-    alpha: float = 0.6,
-    nbest: int = 1,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    max_len: int = 1024,
+    beam: int = DEFAULTS.beam,
+    alpha: float = DEFAULTS.length_penalty,
+    nbest: int = DEFAULTS.nbest,
+    max_len_a: float = DEFAULTS.max_len_a,
+    max_len_b: int = DEFAULTS.max_len_b,
+    max_len: int = MAX_LEN,
     min_len: int = 0,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into ``nbest`` hypotheses per row,

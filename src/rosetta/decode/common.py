@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from rosetta.config import DecodeConfig
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+# The search functions' defaults are the ``decode`` section's: one place holds them.
+DEFAULTS = DecodeConfig()
+MAX_LEN = 1024  # the longest output when the caller gives no model limit
 
 
 @dataclass

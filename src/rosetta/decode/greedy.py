@@ -10,6 +10,8 @@ import torch
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
+    DEFAULTS,
+    MAX_LEN,
     Hypothesis,
     forbid_tokens,
     force_eos,
@@ -23,9 +25,9 @@ from rosetta.model.interface import Seq2Seq
 def greedy_search(
     model: Seq2Seq,
     src: torch.Tensor,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    max_len: int = 1024,
+    max_len_a: float = DEFAULTS.max_len_a,
+    max_len_b: int = DEFAULTS.max_len_b,
+    max_len: int = MAX_LEN,
     min_len: int = 0,
     with_scores: bool = True,
 ) -> list[Hypothesis]:

@@ -6,6 +6,8 @@ import torch
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
+    DEFAULTS,
+    MAX_LEN,
     Hypothesis,
     forbid_tokens,
     force_eos,
@@ -34,12 +36,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample(
     model: Seq2Seq,
     src: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    max_len: int = 1024,
+    temperature: float = DEFAULTS.temperature,
+    top_k: int = DEFAULTS.top_k,
+    top_p: float = DEFAULTS.top_p,
+    max_len_a: float = DEFAULTS.max_len_a,
+    max_len_b: int = DEFAULTS.max_len_b,
+    max_len: int = MAX_LEN,
     min_len: int = 0,
     generator: torch.Generator | None = None,
 ) -> list[Hypothesis]:

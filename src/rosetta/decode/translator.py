@@ -1,8 +1,8 @@
 """Text in, text out: clean, tokenise, split what is too long, search, detokenise.
 
-``BaseTranslator`` is what every engine shares: rosetta's own search
-(``Translator`` below) and CTranslate2 (``rosetta.export.ctranslate2``) differ
-only in ``engine_search``, which turns id sequences of at most
+``Translator`` is the Python API and what every engine shares: rosetta's own
+search (``TorchTranslator`` below) and CTranslate2 (``rosetta.export.ctranslate2``)
+differ only in ``engine_search``, which turns id sequences of at most
 ``max_source_len`` subwords into hypotheses. Around it, and the same for both:
 
 - every line goes through ``rosetta.data.text.clean_line``; a blank line gives
@@ -21,10 +21,13 @@ the batch it landed in (padding is masked everywhere).
 from __future__ import annotations
 
 import re
+import threading
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,72 +40,8 @@ from rosetta.decode.beam import beam_search
 from rosetta.decode.common import Hypothesis
 from rosetta.decode.greedy import greedy_search
 from rosetta.decode.sampling import sample
+from rosetta.model.interface import Seq2Seq
 from rosetta.model.linear import as_plain_linear
-
-
-@dataclass
-class SearchOptions:
-    """How to search; defaults come from the model's ``decode`` configuration.
-
-    With ``sampling``, ``nbest`` is the number of samples drawn per input (in the
-    order drawn) and ``seed`` seeds them; otherwise ``nbest`` <= ``beam``.
-    ``scores`` asks for every hypothesis's ``log_prob`` even where the search does
-    not need it (greedy search and CTranslate2 skip it otherwise).
-    """
-
-    beam: int = 5
-    nbest: int = 1
-    length_penalty: float = 0.6
-    max_len_a: float = 1.5
-    max_len_b: int = 10
-    max_tokens: int = 4000
-    batch_size: int = 64
-    sampling: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 1
-    scores: bool = False
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raises ``ValueError`` naming the first option out of range."""
-        problems = [
-            (self.beam < 1, f"beam must be at least 1, got {self.beam}"),
-            (self.nbest < 1, f"nbest must be at least 1, got {self.nbest}"),
-            (self.batch_size < 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.max_tokens < 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
-            (self.length_penalty < 0, f"length_penalty must be >= 0, got {self.length_penalty}"),
-            (self.temperature <= 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.top_k < 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
-            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (
-                not self.sampling and self.nbest > self.beam,
-                f"nbest ({self.nbest}) cannot exceed the beam size ({self.beam}) unless sampling",
-            ),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise ValueError(message)
-
-    @classmethod
-    def from_config(cls, cfg: DecodeConfig, **overrides) -> SearchOptions:
-        """The ``decode`` section's settings, with every override that is not None."""
-        base = cls(
-            beam=cfg.beam,
-            length_penalty=cfg.length_penalty,
-            max_len_a=cfg.max_len_a,
-            max_len_b=cfg.max_len_b,
-            max_tokens=cfg.max_tokens,
-            batch_size=cfg.batch_size,
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(base, key, value)
-        base.check()
-        return base
 
 
 @dataclass
@@ -186,22 +125,51 @@ def join_hypotheses(parts: list[list[Hypothesis]]) -> list[Hypothesis]:
     ]
 
 
-class BaseTranslator:
-    """Raw sentences to translations around one engine's search.
+class Translator(ABC):
+    """Raw sentences to translations: the Python API, the same for every engine.
 
-    A subclass sets ``tokenizer``, ``options`` and ``max_source_len`` (the
-    longest source, in subwords, the engine accepts) and implements
-    ``engine_search``; everything else is shared.
+    ``Translator.load(model_dir, engine=...)`` gives rosetta's own PyTorch search
+    (``TorchTranslator``) or CTranslate2 on an exported model
+    (``rosetta.export.ctranslate2.CTranslate2Translator``); an engine implements
+    only ``engine_search``. A translator may be shared by threads: its calls run
+    one at a time (a lock), each using the whole machine.
     """
 
-    tokenizer: Tokenizer
-    options: SearchOptions
-    max_source_len: int
+    def __init__(self, tokenizer: Tokenizer, options: DecodeConfig, max_source_len: int) -> None:
+        """``max_source_len``: the longest source, in subwords, the engine accepts."""
+        self.tokenizer = tokenizer
+        self.options = options
+        self.max_source_len = max_source_len
+        self._lock = threading.Lock()
 
+    @staticmethod
+    def load(
+        model_dir: str | Path,
+        engine: str = "torch",
+        device: str = "cpu",
+        quantize: str | None = None,
+        **search: Any,
+    ) -> Translator:
+        """Loads a model directory (``engine="torch"``) or a ``rosetta export`` folder
+        (``engine="ctranslate2"``); ``search`` overrides the model's ``decode``
+        settings (``beam=4``, ``nbest=2``, ``sampling=True``, ...; None keeps one)."""
+        if engine == "torch":
+            return TorchTranslator.from_model_dir(model_dir, device, quantize, **search)
+        if engine == "ctranslate2":
+            from rosetta.export.ctranslate2 import CTranslate2Translator
+
+            if quantize not in (None, "none"):
+                raise ValueError(
+                    "CTranslate2 models are quantized when exported: "
+                    "rosetta export MODEL_DIR OUT --quantization int8"
+                )
+            return CTranslate2Translator.from_export(model_dir, device, **search)
+        raise ValueError(f"unknown engine {engine!r}: expected torch or ctranslate2")
+
+    @abstractmethod
     def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         """The engine's search on non-empty sources of at most ``max_source_len`` ids:
         ``options.nbest`` hypotheses per source, best first, in input order."""
-        raise NotImplementedError
 
     def search_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         """Runs the configured search on id sequences of any length, in input order.
@@ -228,7 +196,8 @@ class BaseTranslator:
     def translate(self, sentences: list[str]) -> list[Translation]:
         """Translates raw sentences: one ``Translation`` per sentence, each text one line."""
         cleaned = [clean_line(s) for s in sentences]
-        found = self.search_ids(self.tokenizer.encode_source(cleaned))
+        with self._lock:
+            found = self.search_ids(self.tokenizer.encode_source(cleaned))
         return [
             Translation(
                 source, [(one_line(self.tokenizer.decode_target(h.tokens)), h) for h in hyps]
@@ -249,29 +218,23 @@ class BaseTranslator:
             yield from self.translate(buffer)
 
 
-class Translator(BaseTranslator):
+class TorchTranslator(Translator):
     """rosetta's own search (greedy, beam or sampling) on a PyTorch model."""
 
-    def __init__(
-        self, model: torch.nn.Module, tokenizer: Tokenizer, options: SearchOptions
-    ) -> None:
-        # eval mode with the CPU inference layouts made once (quantized models have
-        # no rosetta ``Linear`` left to prepare, and are merely put in eval mode)
-        self.model = (
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, options: DecodeConfig) -> None:
+        # eval mode with the CPU inference layouts made once (a dynamically quantized
+        # model has no rosetta ``Linear`` left to prepare: it is put in eval mode)
+        if isinstance(model, Seq2Seq):
             model.prepare_for_inference()
-            if hasattr(model, "prepare_for_inference")
-            else model.eval()
-        )
-        self.tokenizer = tokenizer
-        self.options = options
+        self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
-        self.max_source_len = self.max_positions - 1
+        max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
+        super().__init__(tokenizer, options, max_positions - 1)
 
     @classmethod
     def from_model_dir(
-        cls, directory: str | Path, device: str = "cpu", quantize: str | None = None, **overrides
-    ) -> Translator:
+        cls, directory: str | Path, device: str = "cpu", quantize: str | None = None, **search
+    ) -> TorchTranslator:
         """Loads a model directory; ``quantize="int8"`` applies PyTorch's dynamic int8
         quantization to every linear layer (CPU only; weights int8, activations
         quantized on the fly)."""
@@ -290,7 +253,7 @@ class Translator(BaseTranslator):
                 )
         elif quantize not in (None, "none"):
             raise ValueError(f"unknown quantization {quantize!r}: expected int8")
-        return cls(model, tokenizer, SearchOptions.from_config(config.decode, **overrides))
+        return cls(model, tokenizer, config.decode.with_overrides(**search))
 
     def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options

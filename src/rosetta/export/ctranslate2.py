@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from rosetta.config import DecodeConfig, load_config
 from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Hypothesis
-from rosetta.decode.translator import BaseTranslator, SearchOptions
+from rosetta.decode.translator import Translator
 from rosetta.model.transformer import Transformer
 from rosetta.modeldir import CONFIG, load_model_dir, verify_checksums, write_metadata
 from rosetta.safeio import replace_directory
@@ -138,11 +140,12 @@ def export_ctranslate2(
     return output_dir
 
 
-class CTranslate2Translator(BaseTranslator):
-    """The same ``translate`` as ``rosetta.decode.Translator``, run by CTranslate2.
+class CTranslate2Translator(Translator):
+    """The same ``translate`` as ``rosetta.decode.translator.TorchTranslator``, run by
+    CTranslate2 (``Translator.load(..., engine="ctranslate2")``).
 
     Everything around the search (cleaning, long inputs, n-best assembly,
-    streaming) is ``BaseTranslator``'s, shared with rosetta's own engine. Within
+    streaming, the lock) is ``Translator``'s, shared with rosetta's own engine. Within
     the search, as rosetta does: <bos> and <pad> can never be produced; sampling
     draws with beam 1 (CTranslate2's random sampling), ``nbest`` samples per
     input, seeded once per translator by ``options.seed``. Each hypothesis's
@@ -155,10 +158,16 @@ class CTranslate2Translator(BaseTranslator):
     sentence its own: an output that runs to the limit ends where rosetta's does.
     """
 
-    def __init__(self, export_dir: str | Path, options: SearchOptions, threads: int = 0):
+    def __init__(
+        self,
+        export_dir: str | Path,
+        options: DecodeConfig | None = None,
+        device: str = "cpu",
+        threads: int = 0,
+    ) -> None:
+        """``options``: the search settings (default: the export's ``decode`` section);
+        ``device``: cpu, cuda or cuda:N."""
         ct2 = _ctranslate2()
-        from rosetta.config import load_config
-
         export_dir = Path(export_dir)
         if not (export_dir / "model.bin").exists():
             raise FileNotFoundError(
@@ -166,17 +175,27 @@ class CTranslate2Translator(BaseTranslator):
             )
         verify_checksums(export_dir)
         self.config = load_config(export_dir / CONFIG)
-        self.tokenizer = Tokenizer.load(export_dir)
-        self.options = options
-        self.max_source_len = self.config.model.max_positions - 1
+        options = options if options is not None else self.config.decode
+        tokenizer = Tokenizer.load(export_dir)
+        super().__init__(tokenizer, options, self.config.model.max_positions - 1)
         # CTranslate2's sampling generators are seeded when its worker threads start
         ct2.set_random_seed(options.seed)
+        kind, _, index = device.partition(":")
         self.engine = ct2.Translator(
             str(export_dir),
-            device="cpu",
+            device=kind,
+            device_index=int(index or 0),
             inter_threads=1,
             intra_threads=threads or torch.get_num_threads(),
         )
+
+    @classmethod
+    def from_export(
+        cls, export_dir: str | Path, device: str = "cpu", **search: Any
+    ) -> CTranslate2Translator:
+        """An export with its own ``decode`` settings, overridden by ``search``."""
+        config = load_config(Path(export_dir) / CONFIG)
+        return cls(export_dir, config.decode.with_overrides(**search), device)
 
     def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options

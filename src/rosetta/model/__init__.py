@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rosetta.config import ModelConfig
+from rosetta.config import RNNConfig, TransformerConfig
 from rosetta.model.interface import DecoderState, EncoderOutput, Seq2Seq
 from rosetta.model.rnn import RNNSeq2Seq
 from rosetta.model.transformer import Transformer
@@ -18,11 +18,12 @@ __all__ = [
 
 
 def build_model(
-    cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int
-) -> Transformer | RNNSeq2Seq:
-    """Builds the model a configuration describes (``model.arch``)."""
-    if cfg.arch == "transformer":
+    cfg: TransformerConfig | RNNConfig, src_vocab_size: int, tgt_vocab_size: int
+) -> Seq2Seq:
+    """Builds the model a configuration describes (``model.arch``): a plain factory, one
+    line per family."""
+    if isinstance(cfg, TransformerConfig):
         return Transformer(cfg, src_vocab_size, tgt_vocab_size)
-    if cfg.arch == "rnn":
+    if isinstance(cfg, RNNConfig):
         return RNNSeq2Seq(cfg, src_vocab_size, tgt_vocab_size)
     raise ValueError(f"unknown model.arch {cfg.arch!r}")

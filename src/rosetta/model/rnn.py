@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rosetta.config import ModelConfig
+from rosetta.config import RNNConfig
 from rosetta.data.tokenizer import PAD_ID
 from rosetta.model.interface import DecoderState, EncoderOutput, Seq2Seq
 from rosetta.model.linear import Linear
@@ -192,7 +192,7 @@ class DecoderRNN(nn.Module):
 class RNNSeq2Seq(Seq2Seq):
     """Bidirectional RNN encoder, attentional RNN decoder."""
 
-    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+    def __init__(self, cfg: RNNConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rosetta.config import ModelConfig
+from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import PAD_ID
 from rosetta.model.attention import KVCache
 from rosetta.model.decoder import Decoder, DecoderLayer
@@ -28,7 +28,7 @@ from rosetta.model.linear import Linear, project
 from rosetta.model.packing import SourcePadding
 
 
-def _positions(cfg: ModelConfig) -> nn.Module:
+def _positions(cfg: TransformerConfig) -> nn.Module:
     if cfg.positional == "learned":
         return LearnedPositions(cfg.d_model, cfg.max_positions)
     return SinusoidalPositions(cfg.d_model, cfg.max_positions)
@@ -37,7 +37,7 @@ def _positions(cfg: ModelConfig) -> nn.Module:
 class Transformer(Seq2Seq):
     """Encoder-decoder Transformer with optional tied embeddings."""
 
-    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+    def __init__(self, cfg: TransformerConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size

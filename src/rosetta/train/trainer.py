@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rosetta.config import ExperimentConfig, parse_duration
+from rosetta.config import ExperimentConfig, model_config, parse_duration
 from rosetta.data.batching import BatchIterator, collate, make_batches
 from rosetta.data.prepare import TokenizedSplit, binding, load_split
 from rosetta.data.tokenizer import Tokenizer
-from rosetta.decode.translator import SearchOptions, Translator
+from rosetta.decode.translator import TorchTranslator
 from rosetta.evaluate.metrics import Score, bleu
 from rosetta.model import build_model
 from rosetta.modeldir import check_finite, save_model_dir
@@ -157,8 +157,8 @@ def validation_bleu(
     count = len(split) if limit <= 0 else min(limit, len(split))
     sources = [split.source(i).tolist() for i in range(count)]
     references = [tokenizer.decode_target(split.target(i).tolist()) for i in range(count)]
-    options = SearchOptions.from_config(config.decode, beam=1, nbest=1)
-    found = Translator(model, tokenizer, options).search_ids(sources)
+    options = config.decode.with_overrides(beam=1, nbest=1, sampling=False)
+    found = TorchTranslator(model, tokenizer, options).search_ids(sources)
     hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
     return bleu(hypotheses, references), hypotheses
 
@@ -175,8 +175,8 @@ def save_attention_snapshots(
     user can watch alignment form: ``directory/step_<N>_<i>.png``."""
     from rosetta.plotting import compute_attention, plot_attention
 
-    translator = Translator(
-        model, tokenizer, SearchOptions.from_config(config.decode, beam=1, nbest=1)
+    translator = TorchTranslator(
+        model, tokenizer, config.decode.with_overrides(beam=1, nbest=1, sampling=False)
     )
     for i in range(min(config.train.attention_samples, len(split))):
         sentence = tokenizer.source.decode(split.source(i).tolist())
@@ -216,7 +216,8 @@ def load_training_state(path: Path, config: ExperimentConfig, bound_to: dict[str
         raise checkpoint.CheckpointError(
             f"{path} holds weights only, not a training state to resume (use last.pt)"
         )
-    differences = _model_differences(state["config"]["model"], config.model.model_dump(mode="json"))
+    trained = model_config(state["config"]["model"]).model_dump(mode="json")
+    differences = _model_differences(trained, config.model.model_dump(mode="json"))
     if differences:
         raise checkpoint.CheckpointError(
             f"cannot resume {path} with a changed model: {'; '.join(differences)}"
