@@ -99,3 +99,22 @@ def test_parse_duration():
     assert parse_duration("60m") == 3600
     assert parse_duration("90") == 90
     assert parse_duration("1.5h") == 5400
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "multi30k_en_de.yaml", "multi30k_en_de_rnn.yaml"])
+def test_shipped_configs_list_every_key(name):
+    """The shipped configurations are the reference: every key of every section (the
+    model's architecture's own), with its default in a comment."""
+    import yaml
+
+    from rosetta.config import ARCHITECTURES, DecodeConfig, TokenizerConfig, TrainConfig
+
+    data = yaml.safe_load((ROOT / "configs" / name).read_text(encoding="utf-8"))
+    model_class = ARCHITECTURES[data["model"]["arch"]]
+    for section, cls in (
+        ("tokenizer", TokenizerConfig),
+        ("model", model_class),
+        ("train", TrainConfig),
+        ("decode", DecodeConfig),
+    ):
+        assert set(data[section]) == set(cls.model_fields), section
