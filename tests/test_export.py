@@ -193,3 +193,24 @@ def test_a_damaged_export_is_refused_and_a_failed_one_keeps_the_old(
     with pytest.raises(ValueError):
         export_ctranslate2(untrained_model_dir, export, quantization="no-such-type")
     assert (export / "model.bin").read_bytes() == before
+
+
+def test_export_refuses_what_ctranslate2_cannot_represent():
+    """Another architecture, or an attention variant (any subclass of the standard
+    attention), is a clear error rather than a silently different model."""
+    from rosetta.config import model_config
+    from rosetta.export.ctranslate2 import check_representable
+    from rosetta.model.attention import SelfAttention
+
+    rnn = build_model(model_config({"arch": "rnn", "d_model": 16, "hidden_size": 16}), 40, 40)
+    with pytest.raises(ValueError, match="Transformer only, not 'rnn'"):
+        check_representable(rnn)
+    model = build_model(TransformerConfig(d_model=16, d_ff=32, heads=2), 40, 40)
+    check_representable(model)
+
+    class Variant(SelfAttention):
+        pass
+
+    model.encoder.layers[0].self_attn.__class__ = Variant
+    with pytest.raises(ValueError, match=r"cannot represent Variant at encoder\.layers\.0"):
+        check_representable(model)

@@ -25,6 +25,7 @@ from rosetta.config import DecodeConfig, load_config
 from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Hypothesis
 from rosetta.decode.translator import Translator
+from rosetta.model.attention import CrossAttention, MultiHeadAttention, SelfAttention
 from rosetta.model.transformer import Transformer
 from rosetta.modeldir import CONFIG, load_model_dir, verify_checksums, write_metadata
 from rosetta.safeio import replace_directory
@@ -68,14 +69,31 @@ def _feed_forward(spec, layer) -> None:
     _linear(spec.linear_1, layer.feed_forward.fc2)
 
 
+def check_representable(model: torch.nn.Module) -> None:
+    """Raises ``ValueError`` for a model CTranslate2's Transformer cannot hold: another
+    architecture, or any attention other than standard softmax attention (a variant
+    is a subclass, so it is caught without being named here)."""
+    if not isinstance(model, Transformer):
+        arch = getattr(getattr(model, "cfg", None), "arch", type(model).__name__)
+        raise ValueError(f"CTranslate2 export supports the Transformer only, not {arch!r}")
+    for name, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention) and type(module) not in (
+            SelfAttention,
+            CrossAttention,
+        ):
+            raise ValueError(
+                f"CTranslate2 cannot represent {type(module).__name__} at {name}: "
+                "it runs standard softmax attention only"
+            )
+
+
 def build_spec(model: Transformer, tokenizer: Tokenizer):
     """The ``TransformerSpec`` holding ``model``'s weights and vocabularies."""
     _ctranslate2()  # a clear error if it is missing
     from ctranslate2.specs import common_spec, transformer_spec
 
+    check_representable(model)
     cfg = model.cfg
-    if cfg.arch != "transformer":
-        raise ValueError("only Transformer models can be exported to CTranslate2")
     activation = (
         common_spec.Activation.GELU if cfg.activation == "gelu" else (common_spec.Activation.RELU)
     )
