@@ -1,10 +1,13 @@
 """Greedy search: the arg-max token at every step, batched, with the KV cache.
 
-Finished sentences are dropped from the batch (``DecoderState.select``), so
-the work per step shrinks as sentences end.
+``decode_rows`` is the loop it shares with sampling (``rosetta.decode.sampling``):
+one hypothesis per source row, finished sentences dropped from the batch
+(``DecoderState.select_sources``), so the work per step shrinks as they end.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -21,23 +24,23 @@ from rosetta.decode.common import (
 from rosetta.model.interface import Seq2Seq
 
 
-@torch.inference_mode()
-def greedy_search(
+def decode_rows(
     model: Seq2Seq,
     src: torch.Tensor,
-    max_len_a: float = DEFAULTS.max_len_a,
-    max_len_b: int = DEFAULTS.max_len_b,
-    max_len: int = MAX_LEN,
-    min_len: int = 0,
-    with_scores: bool = True,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    max_len_a: float,
+    max_len_b: int,
+    max_len: int,
+    min_len: int,
+    with_scores: bool,
 ) -> list[Hypothesis]:
-    """Decodes a padded source batch (batch, src_len); returns one hypothesis per row.
+    """The loop of every one-hypothesis-per-row search: at each step ``choose`` picks a
+    token per live row from its logits (batch, vocab), where forbidden tokens are -inf
+    and a row at its length budget may only end; finished rows leave the batch.
 
-    A hypothesis's score is its log-probability, which takes a vocabulary-wide
-    log-sum-exp per step (~3% of a step of ``small`` at batch 32). Callers that
-    only want the tokens pass ``with_scores=False`` (``Translator`` does; HF's
-    ``generate`` and CTranslate2 skip scores by default too); ``score`` and
-    ``log_prob`` are NaN then.
+    A hypothesis's score is its log-probability under the model, which takes a
+    vocabulary-wide log-sum-exp per step; with ``with_scores=False`` it is skipped
+    and ``score`` and ``log_prob`` are NaN.
     """
     batch = src.size(0)
     budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
@@ -53,16 +56,15 @@ def greedy_search(
     outputs, scores = live_outputs.clone(), live_scores.clone()
     for step in range(steps):
         logits = model.decode_step(tokens, state).float()
-        # the arg-max of the logits is the arg-max of the log-probabilities; only
-        # the chosen token's log-probability is needed: logit - logsumexp
+        # only the chosen token's log-probability is needed: logit - logsumexp
         normalizer = logits.logsumexp(dim=-1) if with_scores else None
         logits = forbid_tokens(logits, step, min_len)
         if step + 1 >= first_budget:  # some sentence may have reached its length budget
             logits = force_eos(logits, budget[alive] <= step + 1)
-        best, tokens = logits.max(dim=-1)
+        tokens = choose(logits)
         live_outputs[:, step] = tokens
-        if with_scores:
-            live_scores += best.sub_(normalizer)
+        if with_scores:  # a chosen token is never a forbidden one: its raw logit
+            live_scores += logits.gather(1, tokens[:, None]).squeeze(1).sub_(normalizer)
         running = tokens.ne(EOS_ID)
         still_running = int(running.sum())  # the one host sync of the step
         if still_running < len(alive):
@@ -83,3 +85,28 @@ def greedy_search(
         sequence = row[: row.index(EOS_ID)] if EOS_ID in row else row
         results.append(Hypothesis([t for t in sequence if t != PAD_ID], score, score))
     return results
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Seq2Seq,
+    src: torch.Tensor,
+    max_len_a: float = DEFAULTS.max_len_a,
+    max_len_b: int = DEFAULTS.max_len_b,
+    max_len: int = MAX_LEN,
+    min_len: int = 0,
+    with_scores: bool = True,
+) -> list[Hypothesis]:
+    """Decodes a padded source batch (batch, src_len) with the arg-max token at every
+    step; returns one hypothesis per row. Callers that only want the tokens pass
+    ``with_scores=False`` (as HF's ``generate`` and CTranslate2 do by default)."""
+    return decode_rows(
+        model,
+        src,
+        lambda logits: logits.argmax(dim=-1),
+        max_len_a,
+        max_len_b,
+        max_len,
+        min_len,
+        with_scores,
+    )

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from rosetta.decode.common import (
-    DEFAULTS,
-    MAX_LEN,
-    Hypothesis,
-    forbid_tokens,
-    force_eos,
-    max_lengths,
-    source_lengths,
-)
+from rosetta.decode.common import DEFAULTS, MAX_LEN, Hypothesis
+from rosetta.decode.greedy import decode_rows
 from rosetta.model.interface import Seq2Seq
 
 
@@ -54,29 +46,9 @@ def sample(
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive (use greedy search for temperature 0)")
-    batch = src.size(0)
-    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
-    state = model.init_state(model.encode(src))
-    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
-    out = torch.full((batch, int(budget.max())), PAD_ID, dtype=torch.long, device=src.device)
-    log_prob = torch.zeros(batch, device=src.device)
-    for step in range(int(budget.max())):
-        model_logits = model.decode_step(tokens, state).float()
-        normalizer = model_logits.logsumexp(dim=-1)
-        logits = forbid_tokens(model_logits / temperature, step, min_len)
-        logits = filter_logits(force_eos(logits, budget <= step + 1), top_k, top_p)
-        probs = logits.softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        tokens = tokens.masked_fill(finished, EOS_ID)
-        chosen = model_logits.gather(1, tokens[:, None]).squeeze(1) - normalizer
-        log_prob += torch.where(finished, 0.0, chosen)
-        out[:, step] = tokens.masked_fill(finished, PAD_ID)
-        finished |= tokens.eq(EOS_ID)
-        if bool(finished.all()):
-            break
-    results = []
-    for row in range(batch):
-        seq = out[row][(out[row] != PAD_ID) & (out[row] != EOS_ID)].tolist()
-        results.append(Hypothesis(seq, float(log_prob[row]), float(log_prob[row])))
-    return results
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return decode_rows(model, src, draw, max_len_a, max_len_b, max_len, min_len, True)

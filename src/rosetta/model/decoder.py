@@ -11,31 +11,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rosetta.config import TransformerConfig
 from rosetta.model.attention import CrossAttention, KVCache, Memory, SelfAttention
-from rosetta.model.layers import FeedForward, Residual
+from rosetta.model.layers import FeedForward, Residual, final_norm
 
 
 class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention (Q from the decoder, K/V from the
     encoder), feed-forward; each wrapped in a residual + LayerNorm."""
 
-    def __init__(
-        self,
-        d_model: int,
-        heads: int,
-        d_ff: int,
-        dropout: float,
-        attention_dropout: float = 0.0,
-        activation: str = "relu",
-        norm: str = "pre",
-    ) -> None:
+    def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(d_model, heads, attention_dropout)
-        self.cross_attn = CrossAttention(d_model, heads, attention_dropout)
-        self.feed_forward = FeedForward(d_model, d_ff, activation)
-        self.self_residual = Residual(d_model, dropout, norm)
-        self.cross_residual = Residual(d_model, dropout, norm)
-        self.ff_residual = Residual(d_model, dropout, norm)
+        self.self_attn = SelfAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.cross_attn = CrossAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.self_residual = Residual.of(cfg)
+        self.cross_residual = Residual.of(cfg)
+        self.ff_residual = Residual.of(cfg)
 
     def forward(
         self, x: torch.Tensor, memory: Memory, need_weights: bool = False
@@ -67,10 +59,10 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """A stack of decoder layers with the final LayerNorm of a pre-norm stack."""
 
-    def __init__(self, layers: list[DecoderLayer], d_model: int, norm: str = "pre") -> None:
+    def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.final_norm = nn.LayerNorm(d_model) if norm == "pre" else nn.Identity()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.final_norm = final_norm(cfg)
 
     def forward(
         self, x: torch.Tensor, memories: list[Memory], need_weights: bool = False

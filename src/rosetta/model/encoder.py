@@ -5,29 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rosetta.config import TransformerConfig
 from rosetta.model.attention import SelfAttention
-from rosetta.model.layers import FeedForward, Residual
+from rosetta.model.layers import FeedForward, Residual, final_norm
 from rosetta.model.packing import SourcePadding
 
 
 class EncoderLayer(nn.Module):
     """Multi-head self-attention over the source, then the feed-forward network."""
 
-    def __init__(
-        self,
-        d_model: int,
-        heads: int,
-        d_ff: int,
-        dropout: float,
-        attention_dropout: float = 0.0,
-        activation: str = "relu",
-        norm: str = "pre",
-    ) -> None:
+    def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(d_model, heads, attention_dropout)
-        self.feed_forward = FeedForward(d_model, d_ff, activation)
-        self.attn_residual = Residual(d_model, dropout, norm)
-        self.ff_residual = Residual(d_model, dropout, norm)
+        self.self_attn = SelfAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.attn_residual = Residual.of(cfg)
+        self.ff_residual = Residual.of(cfg)
 
     def forward(
         self, x: torch.Tensor, padding: SourcePadding, need_weights: bool = False
@@ -49,10 +41,10 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """A stack of encoder layers; its output H_enc feeds every decoder layer."""
 
-    def __init__(self, layers: list[EncoderLayer], d_model: int, norm: str = "pre") -> None:
+    def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.final_norm = nn.LayerNorm(d_model) if norm == "pre" else nn.Identity()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.final_norm = final_norm(cfg)
 
     def forward(
         self, x: torch.Tensor, padding: SourcePadding, need_weights: bool = False

@@ -67,3 +67,13 @@ class Residual(nn.Module):
         return x + out if self.pre else self.normalize(x + out)
 
     forward = around
+
+    @classmethod
+    def of(cls, cfg) -> Residual:
+        """The residual wrapper a Transformer configuration describes."""
+        return cls(cfg.d_model, cfg.dropout, cfg.norm)
+
+
+def final_norm(cfg) -> nn.Module:
+    """The LayerNorm a pre-norm stack ends with (a post-norm one has none)."""
+    return nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()

@@ -15,14 +15,14 @@ from torch import nn
 from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import PAD_ID
 from rosetta.model.attention import KVCache
-from rosetta.model.decoder import Decoder, DecoderLayer
+from rosetta.model.decoder import Decoder
 from rosetta.model.embeddings import (
     EmbeddingBlock,
     LearnedPositions,
     SinusoidalPositions,
     TokenEmbedding,
 )
-from rosetta.model.encoder import Encoder, EncoderLayer
+from rosetta.model.encoder import Encoder
 from rosetta.model.interface import DecoderState, EncoderOutput, Seq2Seq
 from rosetta.model.linear import Linear, project
 from rosetta.model.packing import SourcePadding
@@ -46,18 +46,8 @@ class Transformer(Seq2Seq):
         src_tokens = tgt_tokens if share_all else TokenEmbedding(src_vocab_size, cfg.d_model)
         self.src_embed = EmbeddingBlock(src_tokens, _positions(cfg), cfg.dropout)
         self.tgt_embed = EmbeddingBlock(tgt_tokens, _positions(cfg), cfg.dropout)
-        layer_args = (cfg.d_model, cfg.heads, cfg.d_ff, cfg.dropout, cfg.attention_dropout)
-        layer_kwargs = dict(activation=cfg.activation, norm=cfg.norm)
-        self.encoder = Encoder(
-            [EncoderLayer(*layer_args, **layer_kwargs) for _ in range(cfg.encoder_layers)],
-            cfg.d_model,
-            cfg.norm,
-        )
-        self.decoder = Decoder(
-            [DecoderLayer(*layer_args, **layer_kwargs) for _ in range(cfg.decoder_layers)],
-            cfg.d_model,
-            cfg.norm,
-        )
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
         self.output = Linear(cfg.d_model, tgt_vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_output:
