@@ -90,7 +90,12 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         model.eval()
     sources = [test.source(i).tolist() for i in range(32)]
     new = args.new_tokens
-    common = dict(max_len_a=0.0, max_len_b=new + 1, max_len=511, min_len=new)
+    try:  # the output budget as one object, or (before the redesign) as four keywords
+        from rosetta.decode.common import Lengths
+
+        common = dict(lengths=Lengths(a=0.0, b=new + 1, limit=511, min_len=new))
+    except ImportError:
+        common = dict(max_len_a=0.0, max_len_b=new + 1, max_len=511, min_len=new)
 
     def greedy(seqs):
         return greedy_search(model, pad_batch(seqs), **common, with_scores=False)

@@ -41,6 +41,7 @@ from rosetta.data.batching import collate, make_batches
 from rosetta.data.prepare import load_split, prepare
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode import beam_search, greedy_search
+from rosetta.decode.common import Lengths
 from rosetta.decode.translator import pad_batch
 from rosetta.export.ctranslate2 import export_ctranslate2
 from rosetta.model import build_model
@@ -206,10 +207,10 @@ def in_process(run: Callable) -> Timer:
 def rosetta_runner(model, new_tokens: int) -> Callable:
     def run(seqs, beam):
         src = pad_batch(seqs)
-        common = dict(max_len_a=0.0, max_len_b=new_tokens + 1, min_len=new_tokens)
+        lengths = Lengths(a=0.0, b=new_tokens + 1, min_len=new_tokens)
         if beam == 1:  # tokens only, like HF's generate and CTranslate2 by default
-            return greedy_search(model, src, **common, with_scores=False)
-        return beam_search(model, src, beam=beam, **common)
+            return greedy_search(model, src, lengths, with_scores=False)
+        return beam_search(model, src, beam=beam, lengths=lengths)
 
     return run
 

@@ -11,6 +11,7 @@ from rosetta.config import model_config
 from rosetta.data.prepare import prepare
 from rosetta.data.tokenizer import BOS_ID, PAD_ID
 from rosetta.decode import beam_search, greedy_search
+from rosetta.decode.common import Lengths
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu
 from rosetta.model import build_model
@@ -120,10 +121,12 @@ def test_shared_search_works_unchanged():
     with torch.no_grad():  # sharper distributions: no float-noise ties between tokens
         model.output.weight.mul_(4.0)
     src, _ = batch()
-    greedy = [h.tokens for h in greedy_search(model, src, max_len_b=8)]
-    assert [h[0].tokens for h in beam_search(model, src, beam=1, alpha=0.0, max_len_b=8)] == greedy
+    greedy = [h.tokens for h in greedy_search(model, src, lengths=Lengths(b=8))]
+    assert [
+        h[0].tokens for h in beam_search(model, src, beam=1, alpha=0.0, lengths=Lengths(b=8))
+    ] == greedy
     alone = [
-        greedy_search(model, src[i : i + 1, : int(src[i].ne(PAD_ID).sum())], max_len_b=8)
+        greedy_search(model, src[i : i + 1, : int(src[i].ne(PAD_ID).sum())], lengths=Lengths(b=8))
         for i in range(3)
     ]
     assert [a[0].tokens for a in alone] == greedy
@@ -136,10 +139,14 @@ def test_beam_search_does_not_depend_on_the_rest_of_the_batch(variant):
     with torch.no_grad():
         model.output.weight.mul_(4.0)
     src, _ = batch()
-    together = beam_search(model, src, beam=3, nbest=3, max_len_b=8)
+    together = beam_search(model, src, beam=3, nbest=3, lengths=Lengths(b=8))
     for i in range(3):
         alone = beam_search(
-            model, src[i : i + 1, : int(src[i].ne(PAD_ID).sum())], beam=3, nbest=3, max_len_b=8
+            model,
+            src[i : i + 1, : int(src[i].ne(PAD_ID).sum())],
+            beam=3,
+            nbest=3,
+            lengths=Lengths(b=8),
         )[0]
         assert [h.tokens for h in alone] == [h.tokens for h in together[i]]
         for a, t in zip(alone, together[i]):

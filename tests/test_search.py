@@ -11,7 +11,7 @@ import torch
 from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from rosetta.decode import beam_search, greedy_search, sample
-from rosetta.decode.common import length_penalty
+from rosetta.decode.common import Lengths, length_penalty
 from rosetta.decode.sampling import filter_logits
 from rosetta.model import build_model
 
@@ -54,7 +54,7 @@ def test_wide_beam_equals_exhaustive_search(alpha, seed):
 
     beam = len(words) ** (max_tokens - 1)  # holds every prefix
     found = beam_search(
-        model, src, beam=beam, alpha=alpha, nbest=5, max_len_a=0.0, max_len_b=max_tokens
+        model, src, beam=beam, alpha=alpha, nbest=5, lengths=Lengths(0.0, max_tokens)
     )[0]
     assert found[0].tokens == scored[0][1]
     assert found[0].score == pytest.approx(scored[0][0], abs=1e-4)
@@ -65,8 +65,8 @@ def test_beam_one_equals_greedy():
     model = make_model(30)
     src = torch.randint(4, 30, (6, 9), generator=torch.Generator().manual_seed(0))
     src[2, 5:] = PAD_ID
-    greedy = greedy_search(model, src, max_len_b=12)
-    beam = beam_search(model, src, beam=1, alpha=0.0, max_len_b=12)
+    greedy = greedy_search(model, src, lengths=Lengths(b=12))
+    beam = beam_search(model, src, beam=1, alpha=0.0, lengths=Lengths(b=12))
     assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in beam]
     for g, b in zip(greedy, beam):
         assert g.log_prob == pytest.approx(b[0].log_prob, abs=1e-4)
@@ -76,8 +76,8 @@ def test_greedy_without_scores_gives_the_same_tokens_and_nan_scores():
     model = make_model(30)
     src = torch.randint(4, 30, (6, 9), generator=torch.Generator().manual_seed(1))
     src[3, 4:] = PAD_ID
-    scored = greedy_search(model, src, max_len_b=12)
-    unscored = greedy_search(model, src, max_len_b=12, with_scores=False)
+    scored = greedy_search(model, src, lengths=Lengths(b=12))
+    unscored = greedy_search(model, src, lengths=Lengths(b=12), with_scores=False)
     assert [h.tokens for h in unscored] == [h.tokens for h in scored]
     assert all(math.isfinite(h.score) for h in scored)
     assert all(math.isnan(h.score) and math.isnan(h.log_prob) for h in unscored)
@@ -115,9 +115,9 @@ def test_nbest_is_sorted_and_distinct():
 def test_output_respects_the_length_budget():
     model = make_model(30, seed=5)
     src = torch.tensor([[5, 6, PAD_ID], [5, 6, 7]])
-    for hyp in greedy_search(model, src, max_len_a=1.0, max_len_b=2):
+    for hyp in greedy_search(model, src, lengths=Lengths(1.0, 2)):
         assert len(hyp.tokens) <= 4  # budget a*len+b counts <eos>: at most 4 tokens + <eos>
-    for hyps in beam_search(model, src, beam=3, max_len_a=0.0, max_len_b=3):
+    for hyps in beam_search(model, src, beam=3, lengths=Lengths(0.0, 3)):
         assert len(hyps[0].tokens) <= 2
 
 
@@ -152,7 +152,7 @@ def test_filter_logits_top_k_and_top_p():
 def test_min_len_forces_equal_output_lengths():
     model = make_model(30, seed=7)
     src = torch.randint(4, 30, (5, 6), generator=torch.Generator().manual_seed(3))
-    common = dict(max_len_a=0.0, max_len_b=9, min_len=8)
-    assert [len(h.tokens) for h in greedy_search(model, src, **common)] == [8] * 5
-    assert [len(h[0].tokens) for h in beam_search(model, src, beam=3, **common)] == [8] * 5
-    assert [len(h.tokens) for h in sample(model, src, **common)] == [8] * 5
+    lengths = Lengths(a=0.0, b=9, min_len=8)
+    assert [len(h.tokens) for h in greedy_search(model, src, lengths)] == [8] * 5
+    assert [len(h[0].tokens) for h in beam_search(model, src, beam=3, lengths=lengths)] == [8] * 5
+    assert [len(h.tokens) for h in sample(model, src, lengths=lengths)] == [8] * 5

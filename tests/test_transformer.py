@@ -9,6 +9,7 @@ import torch
 
 from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import BOS_ID, PAD_ID
+from rosetta.decode.common import Lengths
 from rosetta.model import build_model
 from rosetta.model.attention import SelfAttention
 
@@ -284,8 +285,8 @@ def test_fast_inference_path_decodes_like_the_plain_layers(large, monkeypatch):
     src, _ = random_batch(batch=12, src_len=9, seed=4)
     model.prepare_for_inference()
     for search in (
-        lambda m: [h.tokens for h in greedy_search(m, src, max_len_b=10)],
-        lambda m: [h[0].tokens for h in beam_search(m, src, beam=4, max_len_b=10)],
+        lambda m: [h.tokens for h in greedy_search(m, src, lengths=Lengths(b=10))],
+        lambda m: [h[0].tokens for h in beam_search(m, src, beam=4, lengths=Lengths(b=10))],
     ):
         assert search(model) == search(plain)
 
@@ -317,7 +318,9 @@ def test_an_attention_variant_reaches_cached_decoding_as_the_full_pass(monkeypat
                 logits = model.decode_step(tgt[:, t], state)
                 torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)
         model.train()
-    for hypothesis, row in zip(greedy_search(model.prepare_for_inference(), src, 1.5, 8, 64), src):
+    for hypothesis, row in zip(
+        greedy_search(model.prepare_for_inference(), src, Lengths(1.5, 8, 64)), src
+    ):
         tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]])
         logits = model(row[None], tgt_in)[0]
         logits[:, [PAD_ID, BOS_ID]] = float("-inf")  # as the search forbids them

@@ -20,14 +20,13 @@ import torch
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
+    DEFAULT_LENGTHS,
     DEFAULTS,
-    MAX_LEN,
     Hypothesis,
+    Lengths,
     forbid_tokens,
     force_eos,
     length_penalty,
-    max_lengths,
-    source_lengths,
 )
 from rosetta.model.interface import Seq2Seq
 
@@ -41,10 +40,7 @@ def beam_search(
     beam: int = DEFAULTS.beam,
     alpha: float = DEFAULTS.length_penalty,
     nbest: int = DEFAULTS.nbest,
-    max_len_a: float = DEFAULTS.max_len_a,
-    max_len_b: int = DEFAULTS.max_len_b,
-    max_len: int = MAX_LEN,
-    min_len: int = 0,
+    lengths: Lengths = DEFAULT_LENGTHS,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into ``nbest`` hypotheses per row,
     best first."""
@@ -52,7 +48,7 @@ def beam_search(
         raise ValueError(f"nbest must be between 1 and the beam size ({beam}), got {nbest}")
     device = src.device
     batch = src.size(0)
-    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)  # (batch,)
+    budget = lengths.per_source(src)  # (batch,)
     steps, first_budget = int(budget.max()), int(budget.min())
     state = model.init_state(model.encode(src))
     # The first step reads only <bos>, the same for a sentence's whole beam: it runs
@@ -86,7 +82,7 @@ def beam_search(
         else:
             logits = model.decode_step(tokens, state).float()  # (n * beam, vocab)
         normalizer = logits.logsumexp(dim=-1, keepdim=True)
-        logits = forbid_tokens(logits, step, min_len)
+        logits = forbid_tokens(logits, step, lengths.min_len)
         if step + 1 >= first_budget:  # some sentence may have reached its length budget
             row_budget = budget[active].repeat_interleave(beam)  # (n * beam,)
             logits = force_eos(logits, row_budget <= step + 1)

@@ -27,16 +27,30 @@ class Hypothesis:
     log_prob: float
 
 
-def max_lengths(
-    src_lengths: torch.Tensor, a: float, b: int, limit: int, min_len: int = 0
-) -> torch.Tensor:
-    """Per-sentence output budget ``a * src_len + b`` (tokens incl. <eos>), capped at
-    ``limit`` and never below ``min_len + 1``."""
-    return (src_lengths.float() * a + b).long().clamp(max=limit).clamp(min=min_len + 1)
+@dataclass(frozen=True)
+class Lengths:
+    """How long an output may be: ``a * source length + b`` tokens (<eos> included),
+    at most ``limit`` and at least ``min_len`` before <eos> (``min_len`` forces equal
+    output lengths when systems are timed against each other)."""
+
+    a: float = DEFAULTS.max_len_a
+    b: int = DEFAULTS.max_len_b
+    limit: int = MAX_LEN
+    min_len: int = 0
+
+    @classmethod
+    def of(cls, options: DecodeConfig, limit: int) -> Lengths:
+        """The budget a ``decode`` configuration sets, for a model of ``limit`` positions."""
+        return cls(options.max_len_a, options.max_len_b, limit)
+
+    def per_source(self, src: torch.Tensor) -> torch.Tensor:
+        """(batch,) budgets of a padded source batch (batch, src_len)."""
+        source_lengths = src.ne(PAD_ID).sum(dim=1)
+        budget = (source_lengths.float() * self.a + self.b).long()
+        return budget.clamp(max=self.limit).clamp(min=self.min_len + 1)
 
 
-def source_lengths(src: torch.Tensor) -> torch.Tensor:
-    return src.ne(PAD_ID).sum(dim=1)
+DEFAULT_LENGTHS = Lengths()
 
 
 _FORBIDDEN: dict[tuple[torch.device, bool], torch.Tensor] = {}

@@ -13,13 +13,11 @@ import torch
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
-    DEFAULTS,
-    MAX_LEN,
+    DEFAULT_LENGTHS,
     Hypothesis,
+    Lengths,
     forbid_tokens,
     force_eos,
-    max_lengths,
-    source_lengths,
 )
 from rosetta.model.interface import Seq2Seq
 
@@ -28,10 +26,7 @@ def decode_rows(
     model: Seq2Seq,
     src: torch.Tensor,
     choose: Callable[[torch.Tensor], torch.Tensor],
-    max_len_a: float,
-    max_len_b: int,
-    max_len: int,
-    min_len: int,
+    lengths: Lengths,
     with_scores: bool,
 ) -> list[Hypothesis]:
     """The loop of every one-hypothesis-per-row search: at each step ``choose`` picks a
@@ -43,7 +38,7 @@ def decode_rows(
     and ``score`` and ``log_prob`` are NaN.
     """
     batch = src.size(0)
-    budget = max_lengths(source_lengths(src), max_len_a, max_len_b, max_len, min_len)
+    budget = lengths.per_source(src)
     state = model.init_state(model.encode(src))
     device = src.device
     steps, first_budget = int(budget.max()), int(budget.min())
@@ -58,7 +53,7 @@ def decode_rows(
         logits = model.decode_step(tokens, state).float()
         # only the chosen token's log-probability is needed: logit - logsumexp
         normalizer = logits.logsumexp(dim=-1) if with_scores else None
-        logits = forbid_tokens(logits, step, min_len)
+        logits = forbid_tokens(logits, step, lengths.min_len)
         if step + 1 >= first_budget:  # some sentence may have reached its length budget
             logits = force_eos(logits, budget[alive] <= step + 1)
         tokens = choose(logits)
@@ -91,22 +86,10 @@ def decode_rows(
 def greedy_search(
     model: Seq2Seq,
     src: torch.Tensor,
-    max_len_a: float = DEFAULTS.max_len_a,
-    max_len_b: int = DEFAULTS.max_len_b,
-    max_len: int = MAX_LEN,
-    min_len: int = 0,
+    lengths: Lengths = DEFAULT_LENGTHS,
     with_scores: bool = True,
 ) -> list[Hypothesis]:
     """Decodes a padded source batch (batch, src_len) with the arg-max token at every
     step; returns one hypothesis per row. Callers that only want the tokens pass
     ``with_scores=False`` (as HF's ``generate`` and CTranslate2 do by default)."""
-    return decode_rows(
-        model,
-        src,
-        lambda logits: logits.argmax(dim=-1),
-        max_len_a,
-        max_len_b,
-        max_len,
-        min_len,
-        with_scores,
-    )
+    return decode_rows(model, src, lambda logits: logits.argmax(dim=-1), lengths, with_scores)

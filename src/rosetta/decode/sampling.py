@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rosetta.decode.common import DEFAULTS, MAX_LEN, Hypothesis
+from rosetta.decode.common import DEFAULT_LENGTHS, DEFAULTS, Hypothesis, Lengths
 from rosetta.decode.greedy import decode_rows
 from rosetta.model.interface import Seq2Seq
 
@@ -31,10 +31,7 @@ def sample(
     temperature: float = DEFAULTS.temperature,
     top_k: int = DEFAULTS.top_k,
     top_p: float = DEFAULTS.top_p,
-    max_len_a: float = DEFAULTS.max_len_a,
-    max_len_b: int = DEFAULTS.max_len_b,
-    max_len: int = MAX_LEN,
-    min_len: int = 0,
+    lengths: Lengths = DEFAULT_LENGTHS,
     generator: torch.Generator | None = None,
 ) -> list[Hypothesis]:
     """Draws one translation per source row.
@@ -51,4 +48,4 @@ def sample(
         probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return decode_rows(model, src, draw, max_len_a, max_len_b, max_len, min_len, True)
+    return decode_rows(model, src, draw, lengths, True)

@@ -37,7 +37,7 @@ from rosetta.data.batching import make_batches
 from rosetta.data.text import clean_line, one_line
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode.beam import beam_search
-from rosetta.decode.common import Hypothesis
+from rosetta.decode.common import Hypothesis, Lengths
 from rosetta.decode.greedy import greedy_search
 from rosetta.decode.sampling import sample
 from rosetta.model.interface import Seq2Seq
@@ -258,12 +258,10 @@ class TorchTranslator(Translator):
     def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options
         results: list[list[Hypothesis]] = [[] for _ in sources]
-        lengths = np.array([len(s) for s in sources])
+        sizes = np.array([len(s) for s in sources])
         generator = torch.Generator(device=self.device).manual_seed(opts.seed)
-        common = dict(
-            max_len_a=opts.max_len_a, max_len_b=opts.max_len_b, max_len=self.max_source_len
-        )
-        for rows in make_batches(lengths, lengths, opts.max_tokens, max_sentences=opts.batch_size):
+        lengths = Lengths.of(opts, self.max_source_len)
+        for rows in make_batches(sizes, sizes, opts.max_tokens, max_sentences=opts.batch_size):
             src = pad_batch([sources[i] for i in rows], self.device)
             if opts.sampling:  # nbest samples per source: its row repeated nbest times
                 drawn = sample(
@@ -272,16 +270,16 @@ class TorchTranslator(Translator):
                     opts.temperature,
                     opts.top_k,
                     opts.top_p,
-                    generator=generator,
-                    **common,
+                    lengths,
+                    generator,
                 )
                 found = [drawn[k : k + opts.nbest] for k in range(0, len(drawn), opts.nbest)]
             elif opts.beam == 1 and opts.nbest == 1:
-                hyps = greedy_search(self.model, src, **common, with_scores=opts.scores)
+                hyps = greedy_search(self.model, src, lengths, with_scores=opts.scores)
                 found = [[h] for h in hyps]
             else:
                 found = beam_search(
-                    self.model, src, opts.beam, opts.length_penalty, opts.nbest, **common
+                    self.model, src, opts.beam, opts.length_penalty, opts.nbest, lengths
                 )
             for row, hyps in zip(rows, found):
                 results[row] = hyps
