@@ -316,22 +316,13 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--sample", action="store_true", help="draw from the model instead of searching"
     )
-    group.add_argument(
-        "--temperature",
-        type=POSITIVE_FLOAT,
-        help="divide the logits by T before sampling: > 1 flatter, < 1 sharper (default 1)",
-    )
-    group.add_argument(
-        "--top-k", type=NON_NEGATIVE_INT, help="sample among the K likeliest tokens; 0 = all"
-    )
-    group.add_argument(
-        "--top-p",
-        type=PROBABILITY,
-        help="sample among the likeliest tokens holding probability P, in (0, 1] (default 1)",
-    )
-    group.add_argument(
-        "--seed", type=int, help="random seed of the samples (default 1; same seed, same output)"
-    )
+    for flag, kind, text in (
+        ("--temperature", POSITIVE_FLOAT, "divide the logits by T: > 1 flatter, < 1 sharper"),
+        ("--top-k", NON_NEGATIVE_INT, "sample among the K likeliest tokens; 0 = all"),
+        ("--top-p", PROBABILITY, "sample among the likeliest tokens holding probability P"),
+        ("--seed", int, "random seed of the samples (same seed, same output)"),
+    ):
+        group.add_argument(flag, type=kind, help=f"{text} (default: the model's decode section)")
     group = parser.add_argument_group("engine")
     _add_device_option(group)
     group.add_argument(

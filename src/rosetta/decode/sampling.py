@@ -28,11 +28,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample(
     model: Seq2Seq,
     src: torch.Tensor,
+    generator: torch.Generator | None = None,
     temperature: float = DEFAULTS.temperature,
     top_k: int = DEFAULTS.top_k,
     top_p: float = DEFAULTS.top_p,
     lengths: Lengths = DEFAULT_LENGTHS,
-    generator: torch.Generator | None = None,
 ) -> list[Hypothesis]:
     """Draws one translation per source row.
 

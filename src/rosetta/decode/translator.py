@@ -267,11 +267,11 @@ class TorchTranslator(Translator):
                 drawn = sample(
                     self.model,
                     src.repeat_interleave(opts.nbest, dim=0),
+                    generator,
                     opts.temperature,
                     opts.top_k,
                     opts.top_p,
                     lengths,
-                    generator,
                 )
                 found = [drawn[k : k + opts.nbest] for k in range(0, len(drawn), opts.nbest)]
             elif opts.beam == 1 and opts.nbest == 1:
