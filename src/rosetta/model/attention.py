@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from rosetta.model.linear import Linear, project
+from rosetta.model.layers import Block
+from rosetta.model.linear import Linear
 
 MATMUL_MIN_ROWS = 64  # query rows from which a search step attends by matrix products
 MATMUL_MAX_QUERIES = 16  # ... when each row asks from at most this many positions
@@ -51,11 +51,11 @@ def attention(
     """
     batch, heads, q_len, head_dim = q.shape
     by_matmul = (
-        not need_weights
-        and dropout == 0.0
-        and q.device.type == "cpu"
+        batch * q_len >= MATMUL_MIN_ROWS
         and q_len <= MATMUL_MAX_QUERIES
-        and batch * q_len >= MATMUL_MIN_ROWS
+        and not need_weights
+        and dropout == 0.0
+        and q.is_cpu
         and not torch.is_grad_enabled()
     )
     if not (need_weights or by_matmul):
@@ -170,7 +170,7 @@ class Memory:
         return Memory(self.keys.index_select(0, index), self.values.index_select(0, index), mask)
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(Block):
     """The shared core: split heads, attend, merge heads, apply W_O."""
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
@@ -228,7 +228,7 @@ class SelfAttention(MultiHeadAttention):
         real tokens, ``x`` and the output are their rows (tokens, d_model) and
         only the attention product sees the padded layout.
         """
-        qkv = project(self.qkv_proj, x)
+        qkv = self.qkv_proj(x)
         mask = None
         if padding is not None:
             qkv, mask = padding.unpack(qkv), padding.mask
@@ -237,18 +237,18 @@ class SelfAttention(MultiHeadAttention):
         context = self.merge_heads(context)
         if padding is not None:
             context = padding.pack(context)
-        return project(self.out_proj, context), weights
+        return self.out_proj(context), weights
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new position per row, x (batch, d_model), against the cached keys and
         values of the positions before it (which it joins) -> (batch, d_model)."""
         batch = x.size(0)
         # (batch, 3 * d_model) -> (batch, 1 position, q/k/v, heads, head_dim)
-        qkv = project(self.qkv_proj, x).view(batch, 1, 3, self.heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(batch, 1, 3, self.heads, self.head_dim)
         k, v = cache.append(qkv[:, :, 1:])
         q = qkv[:, :, 0].transpose(1, 2)  # (batch, heads, 1, head_dim)
         context, _ = self.attend(q, k, v)  # one query sees every cached key: no mask
-        return project(self.out_proj, context.view(batch, self.d_model))
+        return self.out_proj(context.view(batch, self.d_model))
 
 
 class CrossAttention(MultiHeadAttention):
@@ -264,9 +264,9 @@ class CrossAttention(MultiHeadAttention):
         batch; with a packing ``padding``, for the real tokens only (zero at padded
         positions, which the mask hides). Contiguous: every step reads them."""
         if padding is None:
-            kv, mask = project(self.kv_proj, memory), None
+            kv, mask = self.kv_proj(memory), None
         else:
-            kv = padding.unpack(project(self.kv_proj, padding.pack(memory)))
+            kv = padding.unpack(self.kv_proj(padding.pack(memory)))
             mask = padding.additive_mask(kv.dtype)
         k, v = (self.split_heads(t).contiguous() for t in kv.chunk(2, dim=-1))
         return Memory(k, v, mask)
@@ -279,13 +279,18 @@ class CrossAttention(MultiHeadAttention):
         sequence against its single copy of the memory."""
         batch, length, _ = x.shape
         queries = x.reshape(batch // group, group * length, self.d_model)
-        q = self.split_heads(project(self.q_proj, queries))
+        q = self.split_heads(self.q_proj(queries))
         context, weights = self.attend(
             q, memory.keys, memory.values, memory.mask, False, need_weights
         )
-        out = project(self.out_proj, self.merge_heads(context))
+        out = self.out_proj(self.merge_heads(context))
         return out.view(batch, length, self.d_model), weights
 
     def step(self, x: torch.Tensor, memory: Memory, group: int) -> torch.Tensor:
-        """One new position per row, x (batch, d_model) -> (batch, d_model)."""
-        return self.forward(x[:, None], memory, group)[0][:, 0]
+        """One new position per row, x (batch, d_model) -> (batch, d_model): as
+        ``forward`` with a sequence of one, a source's group as its queries."""
+        batch = x.size(0)
+        # (batch, d_model) -> (sources, heads, group, head_dim)
+        q = self.q_proj(x).view(-1, group, self.heads, self.head_dim).transpose(1, 2)
+        context, _ = self.attend(q, memory.keys, memory.values, memory.mask)
+        return self.out_proj(context.transpose(1, 2).reshape(batch, self.d_model))

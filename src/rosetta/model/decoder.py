@@ -13,10 +13,10 @@ from torch import nn
 
 from rosetta.config import TransformerConfig
 from rosetta.model.attention import CrossAttention, KVCache, Memory, SelfAttention
-from rosetta.model.layers import FeedForward, Residual, final_norm
+from rosetta.model.layers import Block, FeedForward, Residual, final_norm
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     """Causal self-attention, cross-attention (Q from the decoder, K/V from the
     encoder), feed-forward; each wrapped in a residual + LayerNorm."""
 
@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         return self.ff_residual.around(x, self.feed_forward.forward)
 
 
-class Decoder(nn.Module):
+class Decoder(Block):
     """A stack of decoder layers with the final LayerNorm of a pre-norm stack."""
 
     def __init__(self, cfg: TransformerConfig) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rosetta.data.tokenizer import PAD_ID
+from rosetta.model.layers import Block
 
 
 class TokenEmbedding(nn.Module):
@@ -70,7 +71,7 @@ class LearnedPositions(nn.Module):
         return self.table(positions)
 
 
-class EmbeddingBlock(nn.Module):
+class EmbeddingBlock(Block):
     """Token embedding + positional encoding + dropout: the input of a stack."""
 
     def __init__(self, tokens: TokenEmbedding, positions: nn.Module, dropout: float) -> None:

@@ -7,11 +7,11 @@ from torch import nn
 
 from rosetta.config import TransformerConfig
 from rosetta.model.attention import SelfAttention
-from rosetta.model.layers import FeedForward, Residual, final_norm
+from rosetta.model.layers import Block, FeedForward, Residual, final_norm
 from rosetta.model.packing import SourcePadding
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(Block):
     """Multi-head self-attention over the source, then the feed-forward network."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -38,7 +38,7 @@ class EncoderLayer(nn.Module):
         return self.ff_residual.around(x, self.feed_forward.forward), weights
 
 
-class Encoder(nn.Module):
+class Encoder(Block):
     """A stack of encoder layers; its output H_enc feeds every decoder layer."""
 
     def __init__(self, cfg: TransformerConfig) -> None:

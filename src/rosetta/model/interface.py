@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from rosetta.data.tokenizer import PAD_ID
+from rosetta.model.layers import Block
 
 
 @dataclass
@@ -136,7 +137,7 @@ class DecoderState:
         return int(next(_tensors(self.sources)).size(0))
 
 
-class Seq2Seq(nn.Module, ABC):
+class Seq2Seq(Block, ABC):
     """Base of every model family. Subclasses set ``cfg``, ``src_vocab_size``,
     ``tgt_vocab_size`` and ``output`` (the projection to the target vocabulary)."""
 

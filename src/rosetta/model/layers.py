@@ -14,12 +14,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rosetta.model.linear import Linear, project
+from rosetta.model.linear import Linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
-class FeedForward(nn.Module):
+class Block(nn.Module):
+    """An ``nn.Module`` whose submodules are also plain attributes of the instance.
+
+    ``nn.Module`` keeps submodules in its ``_modules`` dict and finds them through
+    ``__getattr__``, a fallback Python runs only after a failed normal lookup; a
+    decoding step reads ~50 submodules that way. A ``Block`` also puts each one in
+    its instance dict, where the normal lookup finds it at once. Registration is
+    unchanged (``_modules`` still drives ``state_dict``, ``parameters``, ``to``), and
+    ``nn.Module.__setattr__`` drops the instance-dict copy whenever the name is
+    assigned again, so the two never disagree.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._modules:
+            self.__dict__.pop(name, None)
+        super().__delattr__(name)
+
+
+class FeedForward(Block):
     """Position-wise FFN: Linear(d_model, d_ff) -> ReLU/GELU -> dropout -> Linear(d_ff, d_model).
 
     The dropout on the hidden activation is fairseq's ``activation_dropout``;
@@ -34,13 +57,13 @@ class FeedForward(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = ACTIVATIONS[self.activation](project(self.fc1, x))
+        hidden = ACTIVATIONS[self.activation](self.fc1(x))
         if self.dropout and self.training:
             hidden = F.dropout(hidden, self.dropout)
-        return project(self.fc2, hidden)
+        return self.fc2(hidden)
 
 
-class Residual(nn.Module):
+class Residual(Block):
     """Residual connection with LayerNorm around one sub-layer.
 
     ``post`` is the paper's LayerNorm(x + Dropout(sublayer(x))). ``pre`` is
@@ -54,17 +77,17 @@ class Residual(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = dropout
         self.pre = norm == "pre"
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.norm
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        # the LayerNorm's arguments as a plain attribute, read at every decoding step
+        # (parameters are updated in place, never replaced, so these stay current)
+        n = self.norm
+        self._norm_args = (n.normalized_shape, n.weight, n.bias, n.eps)
 
     def around(self, x: torch.Tensor, sublayer: Callable[..., torch.Tensor], *args) -> torch.Tensor:
         """The sub-layer ``sublayer(x, *args)`` with its residual and LayerNorm."""
-        out = sublayer(self.normalize(x) if self.pre else x, *args)
+        out = sublayer(F.layer_norm(x, *self._norm_args) if self.pre else x, *args)
         if self.dropout and self.training:
             out = F.dropout(out, self.dropout)
-        return x + out if self.pre else self.normalize(x + out)
+        return x + out if self.pre else F.layer_norm(x + out, *self._norm_args)
 
     forward = around
 

@@ -118,7 +118,7 @@ class InferenceWeights:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.size(0)
         if count == 1 and self.splittable and torch.get_num_threads() > 1:
-            return self.one_row()(rows)
+            return (self._one_row or self.one_row())(rows)
         if self.min_onednn_rows is not None and count >= self.min_onednn_rows:
             return torch.ops.mkldnn._linear_pointwise(
                 rows, self.packed(), self.bias, "none", [], ""
@@ -159,10 +159,9 @@ class Linear(nn.Linear):
         return {**super().__getstate__(), "inference": None}
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out); also callable as a plain method, without the
-        ``nn.Module`` call machinery, from the decoding step."""
+        """x (..., in) -> (..., out)."""
         inference = self.inference
-        if inference is None or torch.is_grad_enabled() or x.dtype != torch.float32:
+        if inference is None or x.dtype is not torch.float32 or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         if x.dim() == 2:
             return inference(x)
@@ -170,15 +169,11 @@ class Linear(nn.Linear):
         return out.view(*x.shape[:-1], out.size(-1))
 
     forward = project
-
-
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for the layers' plain-method paths: a rosetta ``Linear`` through
-    ``Linear.project`` (no module-call machinery), any other linear module
-    (``nn.Linear``, PyTorch's dynamically quantized one) through its own call."""
-    if type(layer) is Linear:
-        return layer.project(x)
-    return layer(x)
+    # Called straight, without the ``nn.Module`` call machinery (hooks are not run):
+    # a decoding step makes ~20 of these calls, and the machinery costs more than
+    # some of the products. Other linear modules (``nn.Linear``, PyTorch's dynamically
+    # quantized one) keep their usual call.
+    __call__ = project
 
 
 def as_plain_linear(model: nn.Module) -> nn.Module:

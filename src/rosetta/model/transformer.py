@@ -24,7 +24,7 @@ from rosetta.model.embeddings import (
 )
 from rosetta.model.encoder import Encoder
 from rosetta.model.interface import DecoderState, EncoderOutput, Seq2Seq
-from rosetta.model.linear import Linear, project
+from rosetta.model.linear import Linear
 from rosetta.model.packing import SourcePadding
 
 
@@ -103,4 +103,4 @@ class Transformer(Seq2Seq):
         x = self.tgt_embed(tokens[:, None], offset=state.step)[:, 0]  # (batch, d_model)
         state.step += 1
         x = self.decoder.step(x, state.tensors["caches"], state.sources["memory"], state.group)
-        return project(self.output, x)
+        return self.output(x)
