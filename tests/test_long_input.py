@@ -127,3 +127,16 @@ def test_the_real_translator_never_gives_the_model_more_than_it_takes(untrained_
     assert max(map(len, seen)) <= 23
     total = len(translator.tokenizer.encode_source([long_line])[0])
     assert sum(map(len, seen)) == total + len(translator.tokenizer.encode_source(["a dog."])[0])
+
+
+def test_a_translator_shared_by_threads_gives_what_it_gives_alone(untrained_model_dir):
+    """``Translator`` calls run one at a time under its lock: concurrent callers get
+    exactly the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    translator = Translator.load(untrained_model_dir, beam=2, max_len_b=3)
+    batches = [[f"the dog sees {n} cats ."] * (n + 1) for n in range(8)]
+    alone = [[t.text for t in translator.translate(batch)] for batch in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda b: [t.text for t in translator.translate(b)], batches))
+    assert together == alone

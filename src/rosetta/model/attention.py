@@ -59,10 +59,8 @@ def attention(
         and not torch.is_grad_enabled()
     )
     if not (need_weights or by_matmul):
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
-        )
-        return context, None
+        # positional arguments: keyword parsing costs a little at every decoding step
+        return F.scaled_dot_product_attention(q, k, v, mask, dropout, causal), None
     k_len = k.size(2)
     # (batch * heads, q_len, head_dim) @ (batch * heads, head_dim, k_len)
     scores = torch.bmm(q.reshape(-1, q_len, head_dim), k.flatten(0, 1).transpose(1, 2))
@@ -143,8 +141,8 @@ class KVCache:
             self._spare = torch.empty_like(self._memory)
         buffer = self._spare[: math.prod(shape)].view(shape)
         # one gather of whole (heads * head_dim) rows along dim 0 of the flattened used
-        # block, keys and values at once: 1.4-1.8x faster than index_select along the
-        # batch dimension, and half the calls of separate key and value buffers
+        # block, keys and values at once: contiguous rows, and half the calls of
+        # separate key and value buffers (figures: benchmarks/results/kernel_notes.md)
         blocks = torch.arange(2 * self.length, device=index.device)  # (position, k/v) pairs
         rows = (blocks[:, None] * batch + index).view(-1)
         source = self.buffer[: self.length].view(-1, heads * head_dim)

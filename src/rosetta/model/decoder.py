@@ -9,11 +9,12 @@ same sub-layers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rosetta.config import TransformerConfig
 from rosetta.model.attention import CrossAttention, KVCache, Memory, SelfAttention
-from rosetta.model.layers import Block, FeedForward, Residual, final_norm
+from rosetta.model.layers import Block, FeedForward, Residual, final_norm, layer_norm_args
 
 
 class DecoderLayer(Block):
@@ -63,6 +64,7 @@ class Decoder(Block):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.final_norm = final_norm(cfg)
+        self._final_norm_args = layer_norm_args(self.final_norm)
 
     def forward(
         self, x: torch.Tensor, memories: list[Memory], need_weights: bool = False
@@ -81,4 +83,6 @@ class Decoder(Block):
         """The stack's one-step form: x (batch, d_model) -> (batch, d_model)."""
         for layer, cache, memory in zip(self.layers, caches, memories):
             x = layer.step(x, cache, memory, group)
-        return self.final_norm(x)
+        if self._final_norm_args is None:
+            return x
+        return F.layer_norm(x, *self._final_norm_args)

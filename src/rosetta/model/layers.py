@@ -53,11 +53,11 @@ class FeedForward(Block):
         super().__init__()
         self.fc1 = Linear(d_model, d_ff)
         self.fc2 = Linear(d_ff, d_model)
-        self.activation = activation
+        self.activation = ACTIVATIONS[activation]
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = ACTIVATIONS[self.activation](self.fc1(x))
+        hidden = self.activation(self.fc1(x))
         if self.dropout and self.training:
             hidden = F.dropout(hidden, self.dropout)
         return self.fc2(hidden)
@@ -77,10 +77,7 @@ class Residual(Block):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = dropout
         self.pre = norm == "pre"
-        # the LayerNorm's arguments as a plain attribute, read at every decoding step
-        # (parameters are updated in place, never replaced, so these stay current)
-        n = self.norm
-        self._norm_args = (n.normalized_shape, n.weight, n.bias, n.eps)
+        self._norm_args = layer_norm_args(self.norm)
 
     def around(self, x: torch.Tensor, sublayer: Callable[..., torch.Tensor], *args) -> torch.Tensor:
         """The sub-layer ``sublayer(x, *args)`` with its residual and LayerNorm."""
@@ -100,3 +97,12 @@ class Residual(Block):
 def final_norm(cfg) -> nn.Module:
     """The LayerNorm a pre-norm stack ends with (a post-norm one has none)."""
     return nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+
+
+def layer_norm_args(norm: nn.Module) -> tuple | None:
+    """A LayerNorm's arguments to ``F.layer_norm`` after the input, to keep as a plain
+    attribute for calls at every decoding step (parameters are updated in place,
+    never replaced, so these stay current); None for ``nn.Identity``."""
+    if isinstance(norm, nn.LayerNorm):
+        return (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return None
