@@ -196,9 +196,14 @@ def main() -> None:
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    # the best repeat of each version too: this machine's noise only ever slows a run
+    bests = {
+        version: {s: max(r[s] for r in results) for s in SCENARIOS}
+        for version, results in runs.items()
+    }
     rows = [
         f"| {s} | {medians['base'][s]:,.0f} | {medians['new'][s]:,.0f} | "
-        f"{medians['new'][s] / medians['base'][s]:.3f} |"
+        f"{medians['new'][s] / medians['base'][s]:.3f} | {bests['new'][s] / bests['base'][s]:.3f} |"
         for s in SCENARIOS
     ]
     table = "\n".join(
@@ -206,14 +211,14 @@ def main() -> None:
             f"`{command}` ({args.preset}, {args.threads} threads, medians of {args.repeats} "
             f"alternating repeats; target tokens/s)",
             "",
-            f"| | {args.base} | {head} | new / base |",
-            "|---|---|---|---|",
+            f"| | {args.base} | {head} | new / base | best / best |",
+            "|---|---|---|---|---|",
             *rows,
             "",
         ]
     )
     results = {"command": command, "base": args.base, "new": head, "runs": runs}
-    write_results(f"compare_{args.preset}", {**results, "medians": medians}, table)
+    write_results(f"compare_{args.preset}", {**results, "medians": medians, "bests": bests}, table)
 
 
 if __name__ == "__main__":
