@@ -43,6 +43,7 @@ from torch import nn
 
 from rosetta.data.tokenizer import PAD_ID
 from rosetta.model.layers import Block
+from rosetta.train.loss import label_smoothed_nll
 
 
 @dataclass
@@ -164,8 +165,6 @@ class Seq2Seq(Block, ABC):
 
         Only the real (non-padding) positions are projected to the vocabulary.
         """
-        from rosetta.train.loss import label_smoothed_nll
-
         real = batch.tgt_out.ne(PAD_ID)  # (batch, tgt_len)
         states = self.hidden_states(batch.src, batch.tgt_in)[real]  # (tokens, d_model)
         loss, nll = label_smoothed_nll(self.output(states), batch.tgt_out[real], label_smoothing)
