@@ -105,7 +105,6 @@ class DecoderState:
     sources: dict[str, Any] = field(default_factory=dict)
     group: int = 1
     step: int = 0
-    fixed: dict[str, Any] = field(default_factory=dict)  # the same for the whole search
 
     def select(self, index: torch.Tensor) -> None:
         """Keeps hypothesis rows ``index`` (in that order, repeats allowed), in place.
