@@ -233,8 +233,15 @@ def prepare(config: ExperimentConfig, force: bool = False, log=print) -> dict:
     if trained and old is not None and old.get("settings") != settings:
         raise _refuse(exp, f"these settings differ: {describe_changes(old, settings, None)}")
     root = corpus_root(config)
+    corpus_files = [
+        path
+        for name in split_names(config).values()
+        for path in split_paths(root, name, config.data.src_lang, config.data.tgt_lang)
+    ]
     if config.data.toy is not None and (
-        old is None or old.get("settings") != settings or not _input_digests(config, root)
+        old is None
+        or old.get("settings") != settings
+        or not all(path.exists() for path in corpus_files)
     ):
         _write_toy_corpus(config)  # deterministic: rewritten only when its settings change
     inputs = _input_digests(config, root)
