@@ -111,6 +111,26 @@ class ModelSection(Section):
         return values
 
 
+class AttentionConfig(Section):
+    """Which self-attention a Transformer stack runs (``rosetta.model.efficient``).
+
+    ``full``: softmax over every position, O(n²·d). ``local``: each position
+    sees the ``radius`` positions on each side (in the decoder, the ``radius``
+    before it), O(n·r·d). ``linear``: kernelised attention with the feature map
+    ``feature_map`` (``elu``: elu(x)+1; ``favor``: Performer's positive random
+    features, ``features`` of them), O(n·d²), and a fixed-size decoding state.
+    ``lowrank``: Linformer, keys and values projected along the length to
+    ``rank`` rows, O(n·k·d), for the encoder only and for sources of at most
+    ``model.max_positions`` positions.
+    """
+
+    variant: Literal["full", "local", "linear", "lowrank"] = "full"
+    radius: int = Field(16, ge=1)
+    feature_map: Literal["elu", "favor"] = "elu"
+    features: int = Field(64, ge=1)
+    rank: int = Field(64, ge=1)
+
+
 class TransformerConfig(ModelSection):
     """``model.arch: transformer`` (the default)."""
 
@@ -122,11 +142,18 @@ class TransformerConfig(ModelSection):
     activation: Literal["relu", "gelu"] = "relu"
     norm: Literal["pre", "post"] = "pre"
     positional: Literal["sinusoidal", "learned"] = "sinusoidal"
+    encoder_attention: AttentionConfig = AttentionConfig()  # self-attention of the encoder
+    decoder_attention: AttentionConfig = AttentionConfig()  # ... and of the decoder
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TransformerConfig:
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        if self.decoder_attention.variant == "lowrank":
+            raise ValueError(
+                "decoder_attention.variant lowrank is not possible: Linformer's projection "
+                "along the length mixes future positions; use full, local or linear"
+            )
         return self
 
 

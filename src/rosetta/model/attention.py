@@ -10,9 +10,10 @@ the cache where it lies are faster than the fused kernel.
 
 The modules (``SelfAttention``, ``CrossAttention``) hold each form side by
 side: ``forward`` for a whole sequence and ``step`` for one new position
-against a cache. Both go through ``MultiHeadAttention.attend``, so an
-attention variant is one subclass overriding it (or the projections), and it
-reaches training and decoding alike.
+against a cache (``new_cache``). Both go through ``MultiHeadAttention.attend``,
+so an attention variant is one subclass overriding it (and the one-step form
+where its decoding state differs: ``rosetta.model.efficient_attention``), and
+it reaches training and decoding alike.
 
 Masks broadcast to (batch, heads, query_len, key_len). A boolean mask is True
 where attention is allowed; a float mask is added to the scores. Both follow
@@ -236,6 +237,10 @@ class SelfAttention(MultiHeadAttention):
         if padding is not None:
             context = padding.pack(context)
         return self.out_proj(context), weights
+
+    def new_cache(self) -> KVCache:
+        """The decoding state ``step`` carries (a variant keeps its own kind)."""
+        return KVCache()
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new position per row, x (batch, d_model), against the cached keys and

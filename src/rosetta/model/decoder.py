@@ -8,12 +8,15 @@ same sub-layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rosetta.config import TransformerConfig
-from rosetta.model.attention import CrossAttention, KVCache, Memory, SelfAttention
+from rosetta.model.attention import CrossAttention, Memory
+from rosetta.model.efficient_attention import self_attention
 from rosetta.model.layers import Block, FeedForward, Residual, final_norm, layer_norm_args
 
 
@@ -23,7 +26,7 @@ class DecoderLayer(Block):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.self_attn = self_attention(cfg, cfg.decoder_attention)
         self.cross_attn = CrossAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
         self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.self_residual = Residual.of(cfg)
@@ -49,9 +52,10 @@ class DecoderLayer(Block):
         x = self.cross_residual.around(x, cross_attend)
         return self.ff_residual.around(x, self.feed_forward.forward), weights
 
-    def step(self, x: torch.Tensor, cache: KVCache, memory: Memory, group: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: Any, memory: Memory, group: int) -> torch.Tensor:
         """One new position per hypothesis, x (batch, d_model) -> (batch, d_model);
-        ``group`` hypotheses per source in consecutive rows (the beam)."""
+        ``group`` hypotheses per source in consecutive rows (the beam). ``cache``
+        is what ``self_attn.new_cache()`` made (a ``KVCache`` for full attention)."""
         x = self.self_residual.around(x, self.self_attn.step, cache)
         x = self.cross_residual.around(x, self.cross_attn.step, memory, group)
         return self.ff_residual.around(x, self.feed_forward.forward)
@@ -78,7 +82,7 @@ class Decoder(Block):
         return self.final_norm(x), weights
 
     def step(
-        self, x: torch.Tensor, caches: list[KVCache], memories: list[Memory], group: int
+        self, x: torch.Tensor, caches: list[Any], memories: list[Memory], group: int
     ) -> torch.Tensor:
         """The stack's one-step form: x (batch, d_model) -> (batch, d_model)."""
         for layer, cache, memory in zip(self.layers, caches, memories):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rosetta.config import TransformerConfig
-from rosetta.model.attention import SelfAttention
+from rosetta.model.efficient_attention import self_attention
 from rosetta.model.layers import Block, FeedForward, Residual, final_norm
 from rosetta.model.packing import SourcePadding
 
@@ -16,7 +16,7 @@ class EncoderLayer(Block):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.self_attn = self_attention(cfg, cfg.encoder_attention)
         self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.attn_residual = Residual.of(cfg)
         self.ff_residual = Residual.of(cfg)

@@ -14,7 +14,6 @@ from torch import nn
 
 from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import PAD_ID
-from rosetta.model.attention import KVCache
 from rosetta.model.decoder import Decoder
 from rosetta.model.embeddings import (
     EmbeddingBlock,
@@ -95,7 +94,7 @@ class Transformer(Seq2Seq):
             layer.cross_attn.project_memory(encoder_output.memory, encoder_output.padding)
             for layer in self.decoder.layers
         ]
-        caches = [KVCache() for _ in self.decoder.layers]
+        caches = [layer.self_attn.new_cache() for layer in self.decoder.layers]
         return DecoderState(tensors={"caches": caches}, sources={"memory": memories})
 
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:

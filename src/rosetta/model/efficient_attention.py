@@ -1,0 +1,376 @@
+"""Self-attention for long inputs: local, linear and low-rank (SPEC §3).
+
+Full attention costs O(n²·d) in the length n. Each variant here is one
+subclass of ``SelfAttention`` that overrides the attention product
+(``attend``) and, for the decoder, the one-step form (``new_cache``,
+``step``); the projections, heads and everything around them are the same
+code as full attention, so a variant reaches training, cached decoding, beam
+search and attention maps alike. ``self_attention`` picks one from the
+configuration (``model.encoder_attention`` / ``model.decoder_attention``).
+
+=============  ==========  ===========================  ======================
+variant        time        memory                       decoding step
+=============  ==========  ===========================  ======================
+full           O(n²·d)     O(n²) scores (SDPA: blocks)  O(t·d), cache grows
+local (r)      O(n·r·d)    O(n·r)                       O(r·d), ring of r + 1
+linear         O(n·d²)     O(n·d + d²)                  O(d²), fixed d×d state
+lowrank (k)    O(n·k·d)    O(n·k)                       (encoder only)
+=============  ==========  ===========================  ======================
+
+Why written here rather than with ``torch.nn.attention.flex_attention``: in
+the pinned PyTorch (2.13) flex attention has no backward pass on CPU, and its
+eager forward materialises the n×n scores; compiled, its CPU forward is fast
+but needs a C++ compiler and ~20 s of compilation per shape. The few lines
+below run on any device, eager, forward and backward (figures:
+``benchmarks/results/attention_cost.md``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rosetta.config import AttentionConfig, TransformerConfig
+from rosetta.model.attention import SelfAttention, attention
+
+MIN_BLOCK = 32  # local attention: query positions per block, at least
+LINEAR_CHUNK = 64  # causal linear attention: positions per chunk of the training form
+EPS = 1e-6  # linear attention: keeps the normaliser away from zero
+
+
+def self_attention(cfg: TransformerConfig, variant: AttentionConfig) -> SelfAttention:
+    """The self-attention module a stack's configuration asks for."""
+    args = (cfg.d_model, cfg.heads, cfg.attention_dropout)
+    if variant.variant == "local":
+        return LocalSelfAttention(*args, radius=variant.radius)
+    if variant.variant == "linear":
+        return LinearSelfAttention(
+            *args, feature_map=variant.feature_map, features=variant.features
+        )
+    if variant.variant == "lowrank":
+        return LowRankSelfAttention(*args, rank=variant.rank, max_length=cfg.max_positions)
+    return SelfAttention(*args)
+
+
+def _keep(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The boolean key mask (batch, 1, 1, len) of the encoder as (batch, len)."""
+    return None if mask is None else mask[:, 0, 0, :]
+
+
+# ---- local (sliding-window) attention ----------------------------------------------------
+
+
+def band(queries: torch.Tensor, keys: torch.Tensor, radius: int, causal: bool) -> torch.Tensor:
+    """(len(queries), len(keys)) booleans: key position within ``radius`` of the query
+    position (causal: at most ``radius`` before it, never after)."""
+    offset = queries[:, None] - keys[None, :]
+    if causal:
+        return (offset >= 0) & (offset <= radius)
+    return offset.abs() <= radius
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    radius: int,
+    keep: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each position attends to the positions within ``radius`` of it, in O(n·r).
+
+    q, k, v: (batch, heads, n, head_dim); ``keep`` (batch, n) is True on real
+    tokens. The sequence is cut into blocks of ``block`` queries; a block's keys
+    are a window of ``block + 2r`` positions around it (``block + r`` before and
+    up to it, causal), an overlapping view of k and v (``unfold``), and the band
+    mask within the window is the same for every block. A padded query also
+    sees itself, so that no row of the softmax is empty.
+
+    With ``need_weights`` or a sequence that one window covers, a band mask over
+    the n×n scores gives the same result at no greater cost.
+    """
+    batch, heads, n, head_dim = q.shape
+    block = max(radius, MIN_BLOCK)
+    before, after = radius, (0 if causal else radius)
+    positions = torch.arange(n, device=q.device)
+    if need_weights or n <= block + before + after:
+        allowed = band(positions, positions, radius, causal)  # (n, n)
+        if keep is not None:
+            itself = torch.eye(n, dtype=torch.bool, device=q.device)
+            allowed = allowed & (keep[:, None, None, :] | itself)  # (batch, 1, n, n)
+        return attention(q, k, v, allowed, False, dropout, need_weights)
+
+    blocks = -(-n // block)
+    tail = blocks * block - n  # positions added to fill the last block
+    window = block + before + after
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        # (batch, heads, n, head_dim) -> (batch, heads, blocks, window, head_dim), a view
+        padded = F.pad(t, (0, 0, before, tail + after))
+        return padded.unfold(2, window, block).transpose(-1, -2)
+
+    # (batch, heads, n, head_dim) -> (batch, heads, blocks, block, head_dim)
+    q_blocks = F.pad(q, (0, 0, 0, tail)).view(batch, heads, blocks, block, head_dim)
+    query_pos = torch.arange(block, device=q.device)
+    key_pos = torch.arange(window, device=q.device) - before  # relative to the block start
+    allowed = band(query_pos, key_pos, radius, causal)  # (block, window)
+    real = torch.ones(batch, n, dtype=torch.bool, device=q.device) if keep is None else keep
+    # (batch, blocks, window): the key is a real token (not padding, not outside)
+    real = F.pad(real, (before, tail + after), value=False).unfold(1, window, block)
+    itself = query_pos[:, None] == key_pos[None, :]
+    allowed = allowed & (real[:, None, :, None, :] | itself)  # (batch, 1, blocks, block, window)
+    context = F.scaled_dot_product_attention(q_blocks, windows(k), windows(v), allowed, dropout)
+    # (batch, heads, blocks, block, head_dim) -> (batch, heads, n, head_dim)
+    return context.reshape(batch, heads, blocks * block, head_dim)[:, :, :n], None
+
+
+class WindowCache:
+    """The keys and values of the last ``size`` positions, in a ring buffer
+    (batch, heads, size, head_dim): a step overwrites the oldest position, so
+    memory and time per step stay fixed however long the output grows. The
+    order of keys does not matter to attention (positions are in the vectors)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.length = 0  # positions seen
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds one position, k and v (batch, heads, head_dim); returns the window's
+        keys and values (batch, heads, min(length, size), head_dim)."""
+        if self.keys is None:
+            shape = (k.size(0), k.size(1), self.size, k.size(2))
+            self.keys, self.values = k.new_zeros(shape), v.new_zeros(shape)
+        elif torch.is_grad_enabled():  # writing in place would change what autograd saved
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        slot = self.length % self.size
+        self.keys[:, :, slot] = k
+        self.values[:, :, slot] = v
+        self.length += 1
+        used = min(self.length, self.size)
+        return self.keys[:, :, :used], self.values[:, :, :used]
+
+    def select_rows(self, index: torch.Tensor) -> WindowCache:
+        """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index)
+            self.values = self.values.index_select(0, index)
+        return self
+
+
+class LocalSelfAttention(SelfAttention):
+    """Sliding-window attention: a position sees ``radius`` positions on each side
+    (bidirectional, the encoder) or the ``radius`` before it (causal, the decoder)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, radius: int = 16) -> None:
+        super().__init__(d_model, heads, dropout)
+        self.radius = radius
+
+    def attend(self, q, k, v, mask=None, causal=False, need_weights=False):
+        dropout = self.dropout if self.training else 0.0
+        return local_attention(q, k, v, self.radius, _keep(mask), causal, dropout, need_weights)
+
+    def new_cache(self) -> WindowCache:
+        return WindowCache(self.radius + 1)  # the radius before, and the position itself
+
+    def step(self, x: torch.Tensor, cache: WindowCache) -> torch.Tensor:
+        batch = x.size(0)
+        # (batch, 3 * d_model) -> 3 x (batch, heads, head_dim)
+        q, k, v = self.qkv_proj(x).view(batch, 3, self.heads, self.head_dim).unbind(1)
+        keys, values = cache.append(k, v)
+        context, _ = attention(q[:, :, None], keys, values)  # (batch, heads, 1, head_dim)
+        return self.out_proj(context.view(batch, self.d_model))
+
+
+# ---- linear (kernelised) attention -------------------------------------------------------
+
+
+def orthogonal_features(count: int, dim: int, generator: torch.Generator | None = None):
+    """Performer's random projection (count, dim): blocks of orthogonal rows, each
+    row scaled to the norm of a Gaussian vector (Choromanski et al. 2021)."""
+    rows = []
+    for _ in range(-(-count // dim)):
+        square = torch.randn(dim, dim, generator=generator)
+        orthogonal, _ = torch.linalg.qr(square)
+        rows.append(orthogonal.T)
+    norms = torch.randn(count, dim, generator=generator).norm(dim=1, keepdim=True)
+    return torch.cat(rows)[:count] * norms
+
+
+class LinearSelfAttention(SelfAttention):
+    """Kernelised attention (Katharopoulos et al. 2020): softmax(q·k) is replaced by
+    φ(q)·φ(k), so that Σ_j φ(k_j) v_jᵀ is summed once and shared by every query.
+
+    ``feature_map`` ``elu`` is φ(x) = elu(x) + 1; ``favor`` is Performer's positive
+    random features, φ(x) = exp(w·x' - |x'|²/2) / sqrt(m) with x' = x / d^¼, whose
+    products approximate exp(q·k / sqrt(d)) itself. Computed in float32 (the sums
+    run over the whole sequence). Attention dropout does not apply: there is no
+    weight matrix to drop from.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        dropout: float = 0.0,
+        feature_map: str = "elu",
+        features: int = 64,
+    ) -> None:
+        super().__init__(d_model, heads, dropout)
+        self.feature_map = feature_map
+        if feature_map == "favor":
+            self.register_buffer("projection", orthogonal_features(features, self.head_dim))
+
+    def features(self, x: torch.Tensor, query: bool = False) -> torch.Tensor:
+        """φ(x): (..., head_dim) -> (..., features), float32 and positive."""
+        x = x.float()
+        if self.feature_map == "elu":
+            return F.elu(x) + 1.0
+        x = x * self.head_dim**-0.25
+        logits = x @ self.projection.T - x.pow(2).sum(-1, keepdim=True) / 2
+        if query:  # a per-query constant cancels in the normalisation: keeps exp in range
+            logits = logits - logits.amax(-1, keepdim=True).detach()
+        return logits.exp() * self.projection.size(0) ** -0.5
+
+    def attend(self, q, k, v, mask=None, causal=False, need_weights=False):
+        fq, fk, values = self.features(q, query=True), self.features(k), v.float()
+        keep = _keep(mask)
+        if keep is not None:
+            fk = fk * keep[:, None, :, None]  # padded keys add nothing to the sums
+        weights = None
+        if need_weights:  # the n×n weights the sums stand for, for attention maps only
+            scores = fq @ fk.transpose(-1, -2)  # (batch, heads, n, n)
+            if causal:
+                scores = scores.tril()
+            weights = scores / (scores.sum(-1, keepdim=True) + EPS)
+        if causal:
+            context = causal_linear_attention(fq, fk, values)
+        else:
+            summed = fk.transpose(-1, -2) @ values  # (batch, heads, features, head_dim)
+            normaliser = fq @ fk.sum(2).unsqueeze(-1)  # (batch, heads, n, 1)
+            context = (fq @ summed) / (normaliser + EPS)
+        return context.to(q.dtype), weights
+
+    def new_cache(self) -> LinearState:
+        return LinearState()
+
+    def step(self, x: torch.Tensor, cache: LinearState) -> torch.Tensor:
+        batch = x.size(0)
+        # (batch, 3 * d_model) -> 3 x (batch, heads, head_dim)
+        q, k, v = self.qkv_proj(x).view(batch, 3, self.heads, self.head_dim).unbind(1)
+        summed, key_sum = cache.add(self.features(k), v.float())
+        fq = self.features(q, query=True)  # (batch, heads, features)
+        numerator = (fq.unsqueeze(2) @ summed).squeeze(2)  # (batch, heads, head_dim)
+        normaliser = (fq * key_sum).sum(-1, keepdim=True)
+        context = (numerator / (normaliser + EPS)).to(x.dtype)
+        return self.out_proj(context.view(batch, self.d_model))
+
+
+def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out_i = Σ_{j<=i} (φq_i·φk_j) v_j / Σ_{j<=i} φq_i·φk_j, in O(n·(c + m)·d).
+
+    fq, fk: (batch, heads, n, m); v: (batch, heads, n, d). Chunks of c positions:
+    within a chunk, the c×c products under a causal mask; across chunks, the
+    running sums Σ φk_j v_jᵀ (m×d) and Σ φk_j of the chunks before, by a cumulative
+    sum over chunks. The memory is O(n·c + (n/c)·m·d), never n×m×d.
+    """
+    batch, heads, n, _ = fq.shape
+    d = v.size(-1)
+    chunk = min(LINEAR_CHUNK, n)
+    chunks = -(-n // chunk)
+    tail = chunks * chunk - n
+    # (batch, heads, n, x) -> (batch, heads, chunks, chunk, x); added positions are zero
+    fq, fk, v = (
+        F.pad(t, (0, 0, 0, tail)).view(batch, heads, chunks, chunk, -1) for t in (fq, fk, v)
+    )
+    within = (fq @ fk.transpose(-1, -2)).tril()  # (batch, heads, chunks, chunk, chunk)
+    numerator = within @ v
+    normaliser = within.sum(-1, keepdim=True)
+    # the sums of every chunk before: exclusive cumulative sums over the chunk axis
+    summed = F.pad((fk.transpose(-1, -2) @ v).cumsum(2), (0, 0, 0, 0, 1, -1))  # (..., m, d)
+    key_sum = F.pad(fk.sum(3).cumsum(2), (0, 0, 1, -1))  # (batch, heads, chunks, m)
+    numerator = numerator + fq @ summed
+    normaliser = normaliser + fq @ key_sum.unsqueeze(-1)
+    out = numerator / (normaliser + EPS)
+    return out.view(batch, heads, chunks * chunk, d)[:, :, :n]
+
+
+class LinearState:
+    """Causal linear attention's whole memory of the past: Σ φ(k_j) v_jᵀ (batch,
+    heads, features, head_dim) and Σ φ(k_j) (batch, heads, features), fixed in size."""
+
+    def __init__(self) -> None:
+        self.summed: torch.Tensor | None = None
+        self.key_sum: torch.Tensor | None = None
+
+    def add(self, fk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds one position, φ(k) (batch, heads, features) and v (batch, heads,
+        head_dim); returns the sums including it."""
+        outer = fk.unsqueeze(-1) * v.unsqueeze(-2)  # (batch, heads, features, head_dim)
+        if self.summed is None:
+            self.summed, self.key_sum = outer, fk
+        else:
+            self.summed, self.key_sum = self.summed + outer, self.key_sum + fk
+        return self.summed, self.key_sum
+
+    def select_rows(self, index: torch.Tensor) -> LinearState:
+        """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
+        if self.summed is not None:
+            self.summed = self.summed.index_select(0, index)
+            self.key_sum = self.key_sum.index_select(0, index)
+        return self
+
+
+# ---- low-rank (Linformer) attention ------------------------------------------------------
+
+
+class LowRankSelfAttention(SelfAttention):
+    """Linformer (Wang et al. 2020): keys and values are projected along the length
+    by learned E, F (rank, max_length) to ``rank`` rows, and every query attends
+    to those: O(n·k·d). One E and one F per layer, shared by the heads (the
+    paper's headwise sharing); a shorter input uses the first n columns.
+
+    Non-causal (a projected row mixes every position), so for the encoder only;
+    inputs longer than ``max_length`` (``model.max_positions``) are an error. The
+    attention maps are the effective weights on the source positions, A·F, which
+    need not be positive.
+    """
+
+    def __init__(
+        self, d_model: int, heads: int, dropout: float = 0.0, rank: int = 64, max_length: int = 1024
+    ) -> None:
+        super().__init__(d_model, heads, dropout)
+        self.max_length = max_length
+        bound = math.sqrt(6.0 / (rank + max_length))  # Xavier, as the other projections
+        self.key_length_proj = nn.Parameter(torch.empty(rank, max_length).uniform_(-bound, bound))
+        self.value_length_proj = nn.Parameter(torch.empty(rank, max_length).uniform_(-bound, bound))
+
+    def attend(self, q, k, v, mask=None, causal=False, need_weights=False):
+        n = k.size(2)
+        if causal:
+            raise ValueError("low-rank (Linformer) attention is not causal: encoder only")
+        if n > self.max_length:
+            raise ValueError(
+                f"low-rank (Linformer) attention holds at most {self.max_length} positions "
+                f"(model.max_positions); this input has {n}"
+            )
+        keep = _keep(mask)
+        if keep is not None:  # padded positions add nothing to the projected rows
+            k, v = (t.masked_fill(~keep[:, None, :, None], 0.0) for t in (k, v))
+        key_proj, value_proj = self.key_length_proj[:, :n], self.value_length_proj[:, :n]
+        # (rank, n) @ (batch, heads, n, head_dim) -> (batch, heads, rank, head_dim)
+        k_low, v_low = key_proj.to(k.dtype) @ k, value_proj.to(v.dtype) @ v
+        dropout = self.dropout if self.training else 0.0
+        context, weights = attention(q, k_low, v_low, None, False, dropout, need_weights)
+        if weights is not None:
+            weights = weights @ value_proj  # (batch, heads, n, rank) -> (batch, heads, n, n)
+        return context, weights
+
+    def new_cache(self):
+        raise ValueError("low-rank (Linformer) attention is not causal: encoder only")
