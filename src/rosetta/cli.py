@@ -216,7 +216,10 @@ def cmd_data(args: argparse.Namespace) -> None:
     else:
         from rosetta.data.toy import write_corpus
 
-        paths = write_corpus(args.dest, seed=args.seed)
+        fewest, most = args.sentences
+        if not 1 <= fewest <= most:
+            raise ValueError(f"--sentences {fewest} {most}: expected 1 <= FEWEST <= MOST")
+        paths = write_corpus(args.dest, seed=args.seed, sentences=(fewest, most))
     for split, files in paths.items():
         print(f"{split}: {', '.join(str(f) for f in files)}")
 
@@ -477,6 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("dest", help="folder to write the corpus to")
     sub.add_argument("--from", dest="from_dir", help="copy Multi30k from a local folder")
     sub.add_argument("--seed", type=int, default=1, help="toy corpus seed")
+    sub.add_argument(
+        "--sentences",
+        nargs=2,
+        type=POSITIVE_INT,
+        default=(1, 1),
+        metavar=("FEWEST", "MOST"),
+        help="toy: consecutive sentences per line, e.g. 16 130 for the long-input task "
+        "(default 1 1)",
+    )
     sub.set_defaults(func=cmd_data)
 
     sub = with_config(

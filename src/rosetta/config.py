@@ -42,6 +42,19 @@ class ToyData(Section):
     train_size: int = Field(20000, gt=0)
     valid_size: int = Field(500, gt=0)
     test_size: int = Field(500, gt=0)
+    # each line holds a run of consecutive sentences, [fewest, most]: [1, 1] is the
+    # sentence task; e.g. [16, 130] the long-input task (documents of 200-2,000 subwords)
+    sentences: tuple[int, int] = (1, 1)
+
+    @model_validator(mode="after")
+    def _sentences_range(self) -> ToyData:
+        fewest, most = self.sentences
+        if not 1 <= fewest <= most:
+            raise ValueError(
+                f"sentences must be [fewest, most] with 1 <= fewest <= most, "
+                f"got {list(self.sentences)}"
+            )
+        return self
 
 
 class DataConfig(Section):

@@ -99,11 +99,14 @@ class PrepareError(ValueError):
 
 
 def _settings(config: ExperimentConfig) -> dict:
-    """Every setting that changes the tokenizer or the id arrays (not where the files are)."""
-    return {
-        "data": config.data.model_dump(mode="json", exclude={"root"}),
-        "tokenizer": config.tokenizer.model_dump(mode="json"),
-    }
+    """Every setting that changes the tokenizer or the id arrays (not where the files are).
+
+    ``data.toy.sentences`` came later than the rest: at its default it is left out,
+    so that experiments prepared before it existed stay up to date."""
+    data = config.data.model_dump(mode="json", exclude={"root"})
+    if data["toy"] is not None and tuple(data["toy"]["sentences"]) == (1, 1):
+        del data["toy"]["sentences"]
+    return {"data": data, "tokenizer": config.tokenizer.model_dump(mode="json")}
 
 
 def _input_digests(config: ExperimentConfig, root: Path) -> dict[str, str]:
@@ -332,6 +335,7 @@ def _write_toy_corpus(config: ExperimentConfig) -> None:
         sizes,
         config.data.src_lang,
         config.data.tgt_lang,
+        toy.sentences,
     )
 
 

@@ -20,6 +20,11 @@ Example::
 
 The generator is deterministic for a seed, so the corpus never needs to be
 shipped: ``write_corpus`` regenerates it anywhere.
+
+**The long-input task** puts a run of consecutive sentences on each line (a
+"document"; ``sentences=(16, 130)`` gives 200 to 2,000 subwords): its
+translation is the sentences' translations in the same order, so reordering
+stays inside sentence boundaries while the input is as long as asked.
 """
 
 from __future__ import annotations
@@ -122,12 +127,23 @@ def generate_pair(rng: random.Random) -> tuple[str, str]:
     return " ".join(english) + ".", " ".join(zeta) + "."
 
 
-def generate_corpus(
-    seed: int = 1, sizes: ToySplits = ToySplits()
-) -> dict[str, list[tuple[str, str]]]:
-    """Train/valid/test pairs, deterministic for ``seed``.
+def generate_document(rng: random.Random, sentences: tuple[int, int]) -> tuple[str, str]:
+    """Between ``sentences[0]`` and ``sentences[1]`` consecutive sentence pairs, each
+    side joined by spaces; one sentence (the sentence task) at (1, 1)."""
+    fewest, most = sentences
+    if most == 1:
+        return generate_pair(rng)  # draws exactly what the sentence task always drew
+    pairs = [generate_pair(rng) for _ in range(rng.randint(fewest, most))]
+    return " ".join(s for s, _ in pairs), " ".join(t for _, t in pairs)
 
-    Valid and test hold only sentences that appear in no other split, so the
+
+def generate_corpus(
+    seed: int = 1, sizes: ToySplits = ToySplits(), sentences: tuple[int, int] = (1, 1)
+) -> dict[str, list[tuple[str, str]]]:
+    """Train/valid/test pairs, deterministic for ``seed``; each pair a run of
+    ``sentences`` (fewest, most) consecutive sentences.
+
+    Valid and test hold only lines that appear in no other split, so the
     scores measure generalisation rather than memory.
     """
     rng = random.Random(seed)
@@ -136,7 +152,7 @@ def generate_corpus(
     for split in ("valid", "test", "train"):
         wanted, pairs = getattr(sizes, split), []
         while len(pairs) < wanted:
-            source, target = generate_pair(rng)
+            source, target = generate_document(rng, sentences)
             if source in held_out:
                 continue
             if split != "train":
@@ -152,12 +168,13 @@ def write_corpus(
     sizes: ToySplits = ToySplits(),
     src_lang: str = "en",
     tgt_lang: str = "zeta",
+    sentences: tuple[int, int] = (1, 1),
 ) -> dict[str, tuple[Path, Path]]:
     """Writes ``dest/{train,valid,test}.{src_lang,tgt_lang}``; returns the paths."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, pairs in generate_corpus(seed, sizes).items():
+    for split, pairs in generate_corpus(seed, sizes, sentences).items():
         src_path, tgt_path = dest / f"{split}.{src_lang}", dest / f"{split}.{tgt_lang}"
         atomic_write_text(src_path, "".join(s + "\n" for s, _ in pairs))
         atomic_write_text(tgt_path, "".join(t + "\n" for _, t in pairs))
