@@ -21,17 +21,20 @@ growing n once one call takes longer than --point-limit seconds.
 Prints and writes benchmarks/results/attention_cost.{json,md,png}: the tables,
 the crossover length from which each variant is faster than full attention,
 the measured time slopes (log-log, over n = 1,024 to 16,384) beside the
-complexity the notes give, and the plot. Also runs, once, what
-``torch.nn.attention.flex_attention`` does on this CPU (--flex).
+complexity the notes give, and the plot. Also checks what
+``torch.nn.attention.flex_attention`` does on this CPU (eager and compiled,
+forward and backward).
 
     python benchmarks/attention_cost.py                # ~15 minutes on 2 cores
     python benchmarks/attention_cost.py --max-n 1024 --repeats 1   # a quick look
+    python benchmarks/attention_cost.py --parts steps   # re-measure one part, keep the rest
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import platform
 import statistics
@@ -63,6 +66,7 @@ COMPLEXITY = {  # the notes' table (time per layer), and the slope in n it predi
 STEP_POSITIONS = [100, 250, 500, 1000, 2000, 4000, 8000]
 STEP_ROWS = 8
 STEPS_PER_SAMPLE = 20
+WARM_STEPS = 3
 MIN_SECONDS = 0.05  # one timed sample repeats the call until it takes this long
 
 
@@ -169,8 +173,11 @@ def measure_steps(args) -> list[dict]:
                     order = CAUSAL[round_ % 4 :] + CAUSAL[: round_ % 4]
                     for name in order:
                         step = functools.partial(layers[name].step, x, caches[name])
+                        timed(step, WARM_STEPS)  # its weights back in the caches: the steady
+                        # state of a search, not the previous variant's (full's cache, grown
+                        # to tens of MB, evicts the others' weights)
                         samples[name].append(timed(step, STEPS_PER_SAMPLE))
-                position += STEPS_PER_SAMPLE * args.repeats * 3
+                position += (WARM_STEPS + STEPS_PER_SAMPLE) * args.repeats * 3
                 for name in CAUSAL:
                     seconds = statistics.median(samples[name])
                     rows.append(
@@ -417,14 +424,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--point-limit", type=float, default=20.0, help="seconds per call")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-flex", action="store_true", help="skip the flex_attention check")
     parser.add_argument("--name", default="attention_cost")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["layers", "steps", "flex"],
+        default=["layers", "steps", "flex"],
+        help="measure only these; the others are taken from the last results file",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    layers = measure_layers(args)
-    steps = measure_steps(args)
+    earlier = {}
+    if set(args.parts) != {"layers", "steps", "flex"}:
+        earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
+    layers = measure_layers(args) if "layers" in args.parts else earlier["layers"]
+    steps = measure_steps(args) if "steps" in args.parts else earlier["steps"]
     summary, table = summarise(layers, steps, args)
-    flex = None if args.no_flex else check_flex()
+    flex = check_flex() if "flex" in args.parts else earlier.get("flex")
     if flex is not None:
         table += "\n## torch.nn.attention.flex_attention on this CPU (n = 8192, r = 64)\n\n"
         table += "\n".join(f"- {key}: {value}" for key, value in flex.items()) + "\n"

@@ -172,7 +172,15 @@ class LocalSelfAttention(SelfAttention):
         super().__init__(d_model, heads, dropout)
         self.radius = radius
 
-    def attend(self, q, k, v, mask=None, causal=False, need_weights=False):
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dropout = self.dropout if self.training else 0.0
         return local_attention(q, k, v, self.radius, _keep(mask), causal, dropout, need_weights)
 
@@ -238,7 +246,15 @@ class LinearSelfAttention(SelfAttention):
             logits = logits - logits.amax(-1, keepdim=True).detach()
         return logits.exp() * self.projection.size(0) ** -0.5
 
-    def attend(self, q, k, v, mask=None, causal=False, need_weights=False):
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         fq, fk, values = self.features(q, query=True), self.features(k), v.float()
         keep = _keep(mask)
         if keep is not None:
@@ -351,7 +367,15 @@ class LowRankSelfAttention(SelfAttention):
         self.key_length_proj = nn.Parameter(torch.empty(rank, max_length).uniform_(-bound, bound))
         self.value_length_proj = nn.Parameter(torch.empty(rank, max_length).uniform_(-bound, bound))
 
-    def attend(self, q, k, v, mask=None, causal=False, need_weights=False):
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = k.size(2)
         if causal:
             raise ValueError("low-rank (Linformer) attention is not causal: encoder only")
@@ -372,5 +396,5 @@ class LowRankSelfAttention(SelfAttention):
             weights = weights @ value_proj  # (batch, heads, n, rank) -> (batch, heads, n, n)
         return context, weights
 
-    def new_cache(self):
+    def new_cache(self) -> None:
         raise ValueError("low-rank (Linformer) attention is not causal: encoder only")

@@ -1,0 +1,224 @@
+"""What the efficient attention variants cost in translation quality.
+
+Two measurements, each variant trained for the same number of updates as full
+attention with everything else equal (a budget in updates, not minutes, so
+the comparison does not depend on how busy the machine is):
+
+* ``multi30k``: the Multi30k En->De recipe (configs/multi30k_en_de.yaml)
+  for --steps updates, with the encoder and decoder self-attention swapped;
+  test2016 BLEU, beam 5, the recipe's length penalty, sacreBLEU signature.
+* ``long``: the long-input toy task (documents of consecutive toy sentences,
+  ``data.toy.sentences``); trained on documents of --train-sentences, then
+  greedy BLEU on held-out documents in buckets of source length up to 2,000
+  subwords and beyond, so that translating at length is measured, including
+  past the lengths seen in training.
+
+    python benchmarks/attention_quality.py multi30k --steps 700
+    python benchmarks/attention_quality.py long --steps 600
+
+Results: benchmarks/results/attention_quality_{multi30k,long}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from results_io import write_results
+from rosetta.config import ExperimentConfig, load_config, packaged_config
+from rosetta.data.prepare import corpus_root, prepare
+from rosetta.data.tokenizer import Tokenizer
+from rosetta.data.toy import generate_document
+from rosetta.decode.translator import Translator
+from rosetta.evaluate import evaluate_files
+from rosetta.evaluate.metrics import bleu
+from rosetta.modeldir import read_metadata
+from rosetta.train.trainer import train
+
+# (encoder self-attention, decoder self-attention) for each system compared
+MULTI30K_SYSTEMS = {
+    "full": ({}, {}),
+    "local r=8": ({"variant": "local", "radius": 8}, {"variant": "local", "radius": 8}),
+    "linear (elu+1)": ({"variant": "linear"}, {"variant": "linear"}),
+    "lowrank k=32 (encoder)": ({"variant": "lowrank", "rank": 32}, {}),
+}
+LONG_SYSTEMS = {
+    "full": ({}, {}),
+    "local r=32": ({"variant": "local", "radius": 32}, {"variant": "local", "radius": 32}),
+    "linear (elu+1)": ({"variant": "linear"}, {"variant": "linear"}),
+    "lowrank k=64 (encoder)": ({"variant": "lowrank", "rank": 64}, {}),
+}
+# test documents: sentences per document for each bucket's pool, and the buckets
+# of source length (subwords) they are sorted into
+LONG_POOLS = [(2, 20), (20, 60), (60, 130), (130, 260)]
+LONG_BUCKETS = [(0, 200), (200, 500), (500, 1000), (1000, 2000), (2000, 4000)]
+LONG_PER_BUCKET = 24
+
+
+def overrides(encoder: dict, decoder: dict) -> list[str]:
+    sets = [f"model.encoder_attention.{k}={v}" for k, v in encoder.items()]
+    return sets + [f"model.decoder_attention.{k}={v}" for k, v in decoder.items()]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def train_system(config_path: Path, sets: list[str]) -> tuple[ExperimentConfig, dict]:
+    config = load_config(config_path, sets)
+    if (config.experiment_dir / "model").exists():
+        print(f"{config.experiment_dir}/model exists: evaluating it")
+    else:
+        prepare(config)
+        train(config)
+    return config, read_metadata(config.experiment_dir / "model")
+
+
+def run_multi30k(args) -> None:
+    results: dict = {"steps": args.steps, "systems": {}}
+    rows = []
+    for name, (encoder, decoder) in MULTI30K_SYSTEMS.items():
+        sets = [
+            f"experiment_dir={args.root}/multi30k/{slug(name)}",
+            f"train.max_steps={args.steps}",
+            "train.max_time=null",
+            f"train.valid_every={max(1, args.steps // 4)}",
+            *overrides(encoder, decoder),
+        ]
+        start = time.monotonic()
+        config, metadata = train_system(Path(args.config), sets)
+        minutes = (time.monotonic() - start) / 60
+        root = corpus_root(config)
+        split = config.data.test
+        translator = Translator.load(config.experiment_dir / "model", beam=5)
+        scores = evaluate_files(
+            translator,
+            root / f"{split}.{config.data.src_lang}",
+            root / f"{split}.{config.data.tgt_lang}",
+        )
+        scores.pop("hypotheses")
+        results["systems"][name] = dict(
+            overrides=sets, metadata=metadata, scores=scores, wall_minutes=minutes
+        )
+        rows.append(
+            f"| {name} | {scores['bleu']:.1f} | {scores['chrf']:.1f} | "
+            f"{metadata.get('training_minutes')} | {metadata.get('weights')} |"
+        )
+        print(f"{name}: {scores['bleu_text']}", flush=True)
+    signature = scores["bleu_signature"]
+    table = (
+        f"`{args.command}`\n\nMulti30k En->De, configs/multi30k_en_de.yaml, {args.steps} updates "
+        f"for every system (the recipe unchanged otherwise), {args.machine}. test2016, beam 5, "
+        f"length penalty from the config.\n\n"
+        "| self-attention | test2016 BLEU | chrF | training minutes | weights |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + f"\n\nBLEU signature: `{signature}`\n"
+    )
+    write_results("attention_quality_multi30k", results, table)
+
+
+def long_test_set(tokenizer: Tokenizer, seed: int) -> dict[tuple[int, int], list[tuple[str, str]]]:
+    """Held-out documents (a seed the training corpus never used), bucketed by
+    source length in subwords."""
+    rng = random.Random(seed)
+    buckets: dict[tuple[int, int], list[tuple[str, str]]] = {b: [] for b in LONG_BUCKETS}
+    for pool in LONG_POOLS:
+        for _ in range(4 * LONG_PER_BUCKET):
+            source, target = generate_document(rng, pool)
+            length = len(tokenizer.encode_source([source])[0])
+            for low, high in LONG_BUCKETS:
+                if low <= length < high and len(buckets[low, high]) < LONG_PER_BUCKET:
+                    buckets[low, high].append((source, target))
+    return buckets
+
+
+def run_long(args) -> None:
+    fewest, most = args.train_sentences
+    results: dict = {"steps": args.steps, "train_sentences": [fewest, most], "systems": {}}
+    header = " | ".join(f"{low}-{high}" for low, high in LONG_BUCKETS)
+    rows = []
+    buckets = None
+    for name, (encoder, decoder) in LONG_SYSTEMS.items():
+        sets = [
+            f"experiment_dir={args.root}/long/{slug(name)}",
+            f"data.toy.sentences=[{fewest},{most}]",
+            "data.toy.train_size=6000",
+            "data.toy.valid_size=100",
+            "data.toy.test_size=100",
+            "data.max_len=1000",
+            "model.max_positions=4096",
+            "train.max_tokens=6000",
+            f"train.max_steps={args.steps}",
+            "train.max_time=null",
+            f"train.valid_every={max(1, args.steps // 3)}",
+            "train.valid_bleu_size=20",
+            *overrides(encoder, decoder),
+        ]
+        config, metadata = train_system(packaged_config("toy.yaml"), sets)
+        model_dir = config.experiment_dir / "model"
+        translator = Translator.load(model_dir, beam=1, max_tokens=16000, batch_size=8)
+        if buckets is None:  # one test set for all: the tokenizers are trained alike
+            buckets = long_test_set(Tokenizer.load(model_dir), args.seed)
+            results["bucket_sizes"] = {f"{lo}-{hi}": len(b) for (lo, hi), b in buckets.items()}
+        scores = {}
+        for (low, high), pairs in buckets.items():
+            if not pairs:
+                continue
+            start = time.monotonic()
+            outputs = [t.text for t in translator.translate([s for s, _ in pairs])]
+            score = bleu(outputs, [t for _, t in pairs])
+            scores[f"{low}-{high}"] = dict(
+                bleu=score.score, text=score.text, seconds=time.monotonic() - start
+            )
+            print(f"{name} {low}-{high}: {score.text}", flush=True)
+        results["systems"][name] = dict(overrides=sets, metadata=metadata, scores=scores)
+        results["signature"] = score.signature
+        cells = [
+            f"{scores[k]['bleu']:.1f}" if k in scores else "–"
+            for k in (f"{lo}-{hi}" for lo, hi in LONG_BUCKETS)
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {metadata.get('training_minutes')} |")
+    sizes = ", ".join(f"{k}: {v}" for k, v in results["bucket_sizes"].items())
+    table = (
+        f"`{args.command}`\n\nThe long-input toy task: the toy config (d_model 128, 2+2 layers), "
+        f"trained {args.steps} updates on documents of {fewest}-{most} consecutive sentences, "
+        f"{args.machine}; greedy BLEU on held-out documents by source length in subwords "
+        f"(documents per bucket: {sizes}).\n\n"
+        f"| self-attention | {header} | training minutes |\n"
+        f"|---|{'---|' * len(LONG_BUCKETS)}---|\n"
+        + "\n".join(rows)
+        + f"\n\nBLEU signature: `{results['signature']}`\n"
+    )
+    write_results("attention_quality_long", results, table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["multi30k", "long"])
+    parser.add_argument("--steps", type=int, default=700, help="updates for every system")
+    parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
+    parser.add_argument("--root", default="experiments/attention_quality")
+    parser.add_argument(
+        "--train-sentences", type=int, nargs=2, default=(4, 40), metavar=("FEWEST", "MOST")
+    )
+    parser.add_argument("--seed", type=int, default=1001, help="seed of the long test documents")
+    args = parser.parse_args()
+    args.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    args.machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
+    if args.part == "multi30k":
+        run_multi30k(args)
+    else:
+        run_long(args)
+
+
+if __name__ == "__main__":
+    main()
