@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=POSITIVE_INT,
         default=(1, 1),
         metavar=("FEWEST", "MOST"),
-        help="toy: consecutive sentences per line, e.g. 16 130 for the long-input task "
+        help="toy: consecutive sentences per line, e.g. 25 250 for the long-input task "
         "(default 1 1)",
     )
     sub.set_defaults(func=cmd_data)

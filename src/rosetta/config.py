@@ -43,7 +43,7 @@ class ToyData(Section):
     valid_size: int = Field(500, gt=0)
     test_size: int = Field(500, gt=0)
     # each line holds a run of consecutive sentences, [fewest, most]: [1, 1] is the
-    # sentence task; e.g. [16, 130] the long-input task (documents of 200-2,000 subwords)
+    # sentence task; e.g. [25, 250] the long-input task (~200-2,000 subwords per line)
     sentences: tuple[int, int] = (1, 1)
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ The generator is deterministic for a seed, so the corpus never needs to be
 shipped: ``write_corpus`` regenerates it anywhere.
 
 **The long-input task** puts a run of consecutive sentences on each line (a
-"document"; ``sentences=(16, 130)`` gives 200 to 2,000 subwords): its
+"document"; ``sentences=(25, 250)`` gives ~200 to 2,000 subwords): its
 translation is the sentences' translations in the same order, so reordering
 stays inside sentence boundaries while the input is as long as asked.
 """
