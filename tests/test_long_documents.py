@@ -58,3 +58,15 @@ def test_each_attention_variant_learns_the_long_input_task(variant, tmp_path):
     translator = Translator.load(model_dir, beam=1)
     outputs = [t.text for t in translator.translate(sources)]
     assert bleu(outputs, references).score > 70, variant  # an untrained model scores ~0
+
+
+def test_experiments_prepared_before_the_option_existed_stay_up_to_date(tmp_path):
+    """The option is left out of the data fingerprint at its default, so the
+    settings of a sentence-task experiment are what they were before it existed."""
+    from conftest import toy_config
+    from rosetta.data.prepare import _settings
+
+    config = toy_config(tmp_path / "exp")
+    assert "sentences" not in _settings(config)["data"]["toy"]
+    config.data.toy.sentences = (2, 3)
+    assert _settings(config)["data"]["toy"]["sentences"] == [2, 3]
