@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from conftest import learning_config
-from rosetta.data.prepare import prepare
-from rosetta.data.toy import generate_corpus, generate_document, generate_pair
+from conftest import learning_config, toy_config
+from rosetta.data.prepare import _settings, prepare
+from rosetta.data.toy import ToySplits, generate_corpus, generate_document, generate_pair
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu
 from rosetta.train.trainer import train
@@ -28,8 +28,6 @@ def test_a_document_is_consecutive_sentences_translated_in_order():
 
 def test_the_sentence_task_is_unchanged_by_the_document_option():
     sizes = dict(train=30, valid=5, test=5)
-    from rosetta.data.toy import ToySplits
-
     assert generate_corpus(3, ToySplits(**sizes)) == generate_corpus(3, ToySplits(**sizes), (1, 1))
     documents = generate_corpus(3, ToySplits(**sizes), (2, 4))
     assert all(2 <= s.count(".") <= 4 for s, _ in documents["train"])
@@ -63,9 +61,6 @@ def test_each_attention_variant_learns_the_long_input_task(variant, tmp_path):
 def test_experiments_prepared_before_the_option_existed_stay_up_to_date(tmp_path):
     """The option is left out of the data fingerprint at its default, so the
     settings of a sentence-task experiment are what they were before it existed."""
-    from conftest import toy_config
-    from rosetta.data.prepare import _settings
-
     config = toy_config(tmp_path / "exp")
     assert "sentences" not in _settings(config)["data"]["toy"]
     config.data.toy.sentences = (2, 3)
