@@ -13,7 +13,7 @@ the comparison does not depend on how busy the machine is):
   subwords, beyond the lengths seen in training, so that translating at length is measured.
 
     python benchmarks/attention_quality.py multi30k --steps 700
-    python benchmarks/attention_quality.py long --steps 600
+    python benchmarks/attention_quality.py long --steps 800 --per-bucket 8
 
 Results: benchmarks/results/attention_quality_{multi30k,long}.{json,md}.
 """
@@ -156,6 +156,7 @@ def run_long(args) -> None:
             "train.max_tokens=6000",
             f"train.max_steps={args.steps}",
             "train.max_time=null",
+            "train.warmup=100",  # toy.yaml's 300 is for its 400-step run of short sentences
             f"train.valid_every={max(1, args.steps // 3)}",
             "train.valid_bleu_size=20",
             *overrides(encoder, decoder),
