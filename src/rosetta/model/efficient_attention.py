@@ -55,6 +55,12 @@ def self_attention(cfg: TransformerConfig, variant: AttentionConfig) -> SelfAtte
     return SelfAttention(*args)
 
 
+def _step_qkv(module: SelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One position's queries, keys and values, x (batch, d_model) -> 3 x (batch,
+    heads, head_dim), from the fused projection."""
+    return module.qkv_proj(x).view(x.size(0), 3, module.heads, module.head_dim).unbind(1)
+
+
 def _keep(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The boolean key mask (batch, 1, 1, len) of the encoder as (batch, len)."""
     return None if mask is None else mask[:, 0, 0, :]
@@ -189,8 +195,7 @@ class LocalSelfAttention(SelfAttention):
 
     def step(self, x: torch.Tensor, cache: WindowCache) -> torch.Tensor:
         batch = x.size(0)
-        # (batch, 3 * d_model) -> 3 x (batch, heads, head_dim)
-        q, k, v = self.qkv_proj(x).view(batch, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = _step_qkv(self, x)
         keys, values = cache.append(k, v)
         context, _ = attention(q[:, :, None], keys, values)  # (batch, heads, 1, head_dim)
         return self.out_proj(context.view(batch, self.d_model))
@@ -278,8 +283,7 @@ class LinearSelfAttention(SelfAttention):
 
     def step(self, x: torch.Tensor, cache: LinearState) -> torch.Tensor:
         batch = x.size(0)
-        # (batch, 3 * d_model) -> 3 x (batch, heads, head_dim)
-        q, k, v = self.qkv_proj(x).view(batch, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = _step_qkv(self, x)
         summed, key_sum = cache.add(self.features(k), v.float())
         fq = self.features(q, query=True)  # (batch, heads, features)
         numerator = (fq.unsqueeze(2) @ summed).squeeze(2)  # (batch, heads, head_dim)
