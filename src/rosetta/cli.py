@@ -7,6 +7,8 @@
     rosetta average CONFIG --last N   average checkpoints into EXP/model
     rosetta attention MODEL_DIR --src TEXT -o out.png   attention heat map (or --format json)
     rosetta export MODEL_DIR OUT --format ctranslate2   for `translate --engine ctranslate2`
+    rosetta serve MODEL_DIR [--port 8000]   HTTP API, LibreTranslate API and the web page
+    rosetta plot EXP [-o curves.png]  training curves from EXP/metrics.jsonl
     rosetta data multi30k DEST        download (or --from DIR) Multi30k En-De
     rosetta data toy DEST             write the built-in toy corpus
     rosetta demo                      toy task end to end: train, translate, BLEU
@@ -206,6 +208,60 @@ def cmd_export(args: argparse.Namespace) -> None:
     quantization = None if args.quantization == "none" else args.quantization
     path = export_ctranslate2(args.model_dir, args.output, quantization)
     print(f"exported {args.model_dir} to {path} (CTranslate2, {args.quantization})")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Loads the model, then serves until SIGTERM or Ctrl-C (both finish the queued
+    requests first). The port is bound before the model loads, so a port in use is
+    a one-line error at once."""
+    import socket
+
+    import torch
+    import uvicorn
+
+    from rosetta.config import ServeConfig
+    from rosetta.serve.app import create_app
+    from rosetta.serve.service import TranslationService
+
+    limits = {name: getattr(args, name) for name in ServeConfig.model_fields}
+    try:
+        config = ServeConfig(**{k: v for k, v in limits.items() if v is not None})
+    except ValueError as error:  # pydantic's ValidationError
+        raise ConfigError(f"invalid serve settings: {error}") from None
+    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as error:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)  # CTranslate2 takes the same count
+    service = TranslationService.load(args.model_dir, args.engine, args.device, config)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {args.host}: anyone who can reach it may translate "
+              "(there is no authentication)", file=sys.stderr)  # fmt: skip
+    print(f"serving {args.model_dir} ({args.engine}) at http://{args.host}:{args.port}/",
+          file=sys.stderr)  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service),
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(config.timeout_s) + 5,
+        )
+    )
+    server.run(sockets=[listener])
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    """Draws the training curves of an experiment (the path written is printed)."""
+    from rosetta.curves import metrics_file, plot_curves
+    from rosetta.data.text import check_output
+    from rosetta.plotting import png_path
+
+    metrics = metrics_file(args.exp)
+    output = png_path(args.output or metrics.parent / "curves.png")
+    check_output(output, [metrics])
+    print(f"wrote {plot_curves(metrics, output, args.x)}")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -469,6 +525,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight type of the exported model (default none: float32)",
     )
     sub.set_defaults(func=cmd_export)
+
+    sub = verb(
+        "serve",
+        "serve a model over HTTP, with a web page",
+        "Serve MODEL_DIR: a JSON API (/v1/translate, /v1/model), LibreTranslate's API "
+        "(/translate, /languages), /health and /ready, the OpenAPI docs (/docs) and a "
+        "page (/) that shows the translation's attention and search. Concurrent requests "
+        "are batched together; SIGTERM finishes the queued requests, then exits.",
+    )
+    sub.add_argument("model_dir", help="a model directory, or a `rosetta export` folder")
+    sub.add_argument(
+        "--engine",
+        choices=["torch", "ctranslate2"],
+        default="torch",
+        help="torch: rosetta's own search, with attention and search views (default); "
+        "ctranslate2: MODEL_DIR is a `rosetta export` folder",
+    )
+    _add_device_option(sub)
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    sub.add_argument("--port", type=NON_NEGATIVE_INT, default=8000, help="port (8000)")
+    sub.add_argument("--threads", type=POSITIVE_INT, help="CPU threads of the model")
+    sub.add_argument(
+        "--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info"
+    )
+    from rosetta.config import ServeConfig
+
+    group = sub.add_argument_group("batching and limits")
+    for name, field in ServeConfig.model_fields.items():
+        kind = float if field.annotation in (float, "float") else int
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            help=f"{field.description} (default {field.default})",
+        )
+    sub.set_defaults(func=cmd_serve)
+
+    sub = verb(
+        "plot",
+        "training curves from an experiment's metrics.jsonl",
+        "Draw training loss and NLL with validation NLL, validation BLEU, the learning "
+        "rate and target tokens/s from EXP/metrics.jsonl as a PNG.",
+    )
+    sub.add_argument("exp", help="an experiment directory or a metrics.jsonl file")
+    sub.add_argument(
+        "-o",
+        "--output",
+        help="PNG to write (default EXP/curves.png; a name without a suffix gets .png)",
+    )
+    sub.add_argument(
+        "--x",
+        choices=["step", "time"],
+        default="step",
+        help="x axis: step (default) or time (minutes of training)",
+    )
+    sub.set_defaults(func=cmd_plot)
 
     sub = verb(
         "data",

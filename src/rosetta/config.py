@@ -322,6 +322,23 @@ class DecodeConfig(Section):
             raise ConfigError(f"invalid search options:\n{_format_error(error)}") from None
 
 
+class ServeConfig(Section):
+    """``rosetta serve``: how requests are batched and what one may ask for. Every
+    limit a request breaks is answered with a JSON error that names it."""
+
+    max_texts: int = Field(64, ge=1, description="texts per request (413)")
+    max_chars: int = Field(2000, ge=1, description="characters per text (413)")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="request body (413)")
+    max_beam: int = Field(16, ge=1, description="beam size and n-best (422)")
+    max_queue: int = Field(65536, ge=1, description="source subwords waiting (503 beyond)")
+    batch_tokens: int = Field(4000, ge=1, description="source subwords decoded together at most")
+    max_wait_ms: float = Field(
+        10.0, ge=0.0, description="how long the first request waits for others"
+    )
+    timeout_s: float = Field(30.0, gt=0.0, description="how long a request may wait in all (504)")
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503")
+
+
 class ExperimentConfig(Section):
     """One experiment: data, tokenizer, model, training and decoding."""
 

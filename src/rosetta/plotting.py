@@ -1,8 +1,8 @@
 """Attention heat maps (SPEC §3): what each generated word looked at.
 
-``compute_attention`` translates one sentence and runs the model once more,
-teacher-forced on its own output, to collect every layer's and head's weights
-(the Transformer) or the alignment matrix α (the RNN). ``plot_attention`` draws
+``compute_attention`` translates one sentence and collects every layer's and
+head's weights (the Transformer) or the alignment matrix α (the RNN) with
+``rosetta.decode.explain.attention_weights``. ``plot_attention`` draws
 them with matplotlib: source subwords on the x axis, generated subwords on the
 y axis, a colour bar, and one panel per head in a grid when asked.
 """
@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rosetta.data.text import clean_line
-from rosetta.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from rosetta.decode.explain import KINDS, Pieces, attention_weights
 from rosetta.decode.translator import TorchTranslator
 from rosetta.safeio import atomic_write_bytes
 
-KINDS = ("cross", "encoder_self", "decoder_self")
 DPI = 100
 CELL_INCHES = 0.42  # one attention cell
 MARGIN_INCHES = (2.2, 1.8)  # room for labels and the colour bar (width, height)
@@ -73,35 +71,22 @@ def compute_attention(translator: TorchTranslator, sentence: str, kind: str = "c
     """Translates ``sentence`` with the translator's search and returns its attention."""
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
-    tokenizer: Tokenizer = translator.tokenizer
     sentence = clean_line(sentence)
     if not sentence:
         raise ValueError("the source sentence is empty")
-    src_ids = tokenizer.encode_source([sentence])[0]
-    if len(src_ids) > translator.max_source_len:
+    source = translator.encode([sentence])[0]
+    if len(source.ids) > translator.max_source_len:
         raise ValueError(
-            f"the sentence has {len(src_ids)} subwords; the model takes at most "
+            f"the sentence has {len(source.ids)} subwords; the model takes at most "
             f"{translator.max_source_len} in one piece, so its attention cannot be drawn"
         )
-    result = translator.translate([sentence])[0]
+    result = translator.translate_encoded([source])[0]
     output = result.hypotheses[0][1].tokens
-    device = translator.device
-    src = torch.tensor([src_ids], device=device)
-    tgt_in = torch.tensor([[BOS_ID, *output]], device=device)
-    maps = translator.model.attention_maps(src, tgt_in)[kind]
-    if not maps:
+    weights = attention_weights(translator, source.ids, output, (kind,))
+    if kind not in weights:
         raise ValueError(f"this model has no {kind.replace('_', ' ')} attention")
-    # (layers, heads, rows, cols) for the single sentence
-    weights = torch.stack([m[0] for m in maps]).float().cpu().numpy()
-    source = tokenizer.source_pieces(src_ids)
-    produced = tokenizer.target_pieces([*output, EOS_ID])  # row i is the step producing it
-    decoder_inputs = tokenizer.target_pieces([BOS_ID, *output])
-    queries, keys = {
-        "cross": (produced, source),
-        "encoder_self": (source, source),
-        "decoder_self": (produced, decoder_inputs),
-    }[kind]
-    return Attention(kind, queries, keys, weights, result.text)
+    queries, keys = Pieces.of(translator, source.ids, output).axes(kind)
+    return Attention(kind, queries, keys, weights[kind], result.text)
 
 
 def figure_size(rows: int, cols: int, panels: int) -> tuple[float, float, int, int]:

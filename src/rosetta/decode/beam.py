@@ -16,6 +16,9 @@ sequence as exhaustive search (see the tests).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -33,6 +36,90 @@ from rosetta.model.interface import Seq2Seq
 NEG_INF = float("-inf")
 
 
+@dataclass
+class BeamTrace:
+    """What a beam search considered, kept and dropped: one tree per source row, for
+    people who want to see why the search chose what it chose (the service's search
+    view; Seq2Seq-Vis, Strobelt et al. 2018).
+
+    ``nodes[row]`` lists dicts ``{id, parent, step, token, log_prob, status}``: node 0
+    is the root (<bos>); each step adds the ``2 * beam`` best continuations of the
+    live hypotheses, each marked ``alive`` (kept in the beam), ``pruned`` (not kept),
+    ``finished`` (ended in <eos> and is among the best ``beam`` finished; it also has
+    ``score``, its length-normalised score) or ``finished_dropped`` (ended, then was
+    pushed out by better finished ones). ``chosen[row]`` holds the node ids of the
+    returned n-best, best first; parents lead from each back to the root.
+
+    Recording costs a host sync per step: pass a trace only when it is wanted.
+    """
+
+    nodes: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    chosen: dict[int, list[int]] = field(default_factory=dict)
+    _alive: dict[int, list[int | None]] = field(default_factory=dict)
+    _finished: dict[int, list[int | None]] = field(default_factory=dict)
+
+    def start(self, batch: int, beam: int) -> None:
+        for row in range(batch):
+            root = {"id": 0, "parent": None, "step": 0, "token": BOS_ID, "log_prob": 0.0}
+            self.nodes[row] = [{**root, "status": "root"}]
+            self._alive[row] = [0] + [None] * (beam - 1)
+            self._finished[row] = [None] * beam
+
+    def step(
+        self,
+        step: int,
+        active: torch.Tensor,
+        candidates: dict[str, torch.Tensor],
+        pick: torch.Tensor,
+        picked_scores: torch.Tensor,
+        keep: torch.Tensor,
+        kept_scores: torch.Tensor,
+    ) -> None:
+        """Records one step for the ``active`` rows. ``candidates`` holds (n, 2 * beam)
+        ``origin``, ``token``, ``log_prob``, ``score`` (finished ones); ``pick`` the
+        finished n-best drawn from [previous finished; candidates] and
+        ``picked_scores`` their scores (-inf: an empty slot), ``keep`` the candidates
+        kept alive and ``kept_scores`` theirs."""
+        columns = {name: values.tolist() for name, values in candidates.items()}
+        for i, row in enumerate(active.tolist()):
+            nodes, alive = self.nodes[row], self._alive[row]
+            made: list[int | None] = []
+            for origin, token, log_prob, score in zip(
+                *(columns[name][i] for name in ("origin", "token", "log_prob", "score"))
+            ):
+                if log_prob == NEG_INF or alive[origin] is None:
+                    made.append(None)
+                    continue
+                node = {"id": len(nodes), "parent": alive[origin], "step": step + 1}
+                node |= {"token": token, "log_prob": log_prob, "status": "pruned"}
+                if token == EOS_ID:
+                    node |= {"status": "finished_dropped", "score": score}
+                nodes.append(node)
+                made.append(node["id"])
+            pool = self._finished[row] + made
+            finished = [
+                pool[j] if score != NEG_INF else None
+                for j, score in zip(pick[i].tolist(), picked_scores[i].tolist())
+            ]
+            for node_id in set(self._finished[row]) - set(finished) - {None}:
+                nodes[node_id]["status"] = "finished_dropped"
+            for node_id in finished:
+                if node_id is not None:
+                    nodes[node_id]["status"] = "finished"
+            self._finished[row] = finished
+            self._alive[row] = [
+                made[j] if score != NEG_INF else None
+                for j, score in zip(keep[i].tolist(), kept_scores[i].tolist())
+            ]
+            for node_id in self._alive[row]:
+                if node_id is not None:
+                    nodes[node_id]["status"] = "alive"
+
+    def finish(self, rows: torch.Tensor, nbest: int) -> None:
+        for row in rows.tolist():
+            self.chosen[row] = [n for n in self._finished[row][:nbest] if n is not None]
+
+
 @torch.inference_mode()
 def beam_search(
     model: Seq2Seq,
@@ -41,9 +128,10 @@ def beam_search(
     alpha: float = DEFAULTS.length_penalty,
     nbest: int = DEFAULTS.nbest,
     lengths: Lengths = DEFAULT_LENGTHS,
+    trace: BeamTrace | None = None,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into ``nbest`` hypotheses per row,
-    best first."""
+    best first; ``trace`` records the search tree of every row."""
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest must be between 1 and the beam size ({beam}), got {nbest}")
     device = src.device
@@ -74,6 +162,8 @@ def beam_search(
     fin_scores = torch.full((batch, beam), NEG_INF, device=device)
     fin_log_probs = torch.full((batch, beam), NEG_INF, device=device)
     fin_tokens = torch.full((batch, beam, steps), PAD_ID, dtype=torch.long, device=device)
+    if trace is not None:
+        trace.start(batch, beam)
 
     for step in range(steps):
         n = len(active)
@@ -96,10 +186,14 @@ def beam_search(
         origin = top_index // width  # (n, 2 * beam): the hypothesis each one extends
         token = row_tokens.view(n, beam * width).gather(1, top_index)
         ends = token.eq(EOS_ID)
+        if trace is not None:
+            considered = {"origin": origin, "token": token, "log_prob": top_scores}
 
         # Finished: merge this step's <eos> candidates into the n-best so far.
         penalty = length_penalty(torch.tensor(step + 1, device=device), alpha)
         new_fin = torch.where(ends, top_scores / penalty, NEG_INF)
+        if trace is not None:
+            considered["score"] = new_fin
         prefix = alive.gather(1, origin[..., None].expand(-1, -1, step))  # (n, 2b, step)
         prefix = torch.nn.functional.pad(prefix, (0, steps - step), value=PAD_ID)
         fin_scores, pick = torch.cat([fin_scores, new_fin], dim=1).topk(beam, dim=1)
@@ -115,6 +209,8 @@ def beam_search(
         )
         offsets = (torch.arange(n, device=device) * beam)[:, None]  # (n, 1)
         state.select((origin + offsets).view(-1))
+        if trace is not None:
+            trace.step(step, active, considered, pick, fin_scores, keep, scores)
         tokens = token.view(-1)
 
         best_reachable = scores.max(dim=1).values / length_penalty(budget[active], alpha)
@@ -124,6 +220,8 @@ def beam_search(
         if bool(done.any()):
             # store the finished sentences' n-best and drop them from the working set
             rows = active[done]
+            if trace is not None:
+                trace.finish(rows, nbest)
             out_scores[rows], out_log_probs[rows] = fin_scores[done], fin_log_probs[done]
             out_tokens[rows] = fin_tokens[done]
             if bool(done.all()):

@@ -20,6 +20,7 @@ the batch it landed in (padding is masked everywhere).
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import warnings
@@ -42,6 +43,14 @@ from rosetta.decode.greedy import greedy_search
 from rosetta.decode.sampling import sample
 from rosetta.model.interface import Seq2Seq
 from rosetta.model.linear import as_plain_linear
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input ready for search: its cleaned text and its source subword ids."""
+
+    text: str
+    ids: list[int]
 
 
 @dataclass
@@ -193,17 +202,35 @@ class Translator(ABC):
             results[index] = join_hypotheses(found[span.start : span.stop])
         return results
 
+    def with_options(self, **search: Any) -> Translator:
+        """The same engine and model with other search settings (``beam=4``, ...; None
+        keeps one): a shallow copy, sharing the model, its memory and the lock."""
+        configured = copy.copy(self)
+        configured.options = self.options.with_overrides(**search)
+        return configured
+
+    def encode(self, sentences: list[str]) -> list[Source]:
+        """Cleans and tokenises raw sentences (cheap, and needs no lock): what
+        ``translate_encoded`` takes, and what a caller can measure first."""
+        cleaned = [clean_line(s) for s in sentences]
+        return [
+            Source(text, ids) for text, ids in zip(cleaned, self.tokenizer.encode_source(cleaned))
+        ]
+
+    def translate_encoded(self, sources: list[Source]) -> list[Translation]:
+        """Translates encoded sentences: one ``Translation`` per source, each text one line."""
+        with self._lock:
+            found = self.search_ids([source.ids for source in sources])
+        return [self.translation(source, hyps) for source, hyps in zip(sources, found)]
+
+    def translation(self, source: Source, hypotheses: list[Hypothesis]) -> Translation:
+        """The ``Translation`` of ``source`` from its hypotheses (detokenised, one line each)."""
+        detokenise = self.tokenizer.decode_target
+        return Translation(source.text, [(one_line(detokenise(h.tokens)), h) for h in hypotheses])
+
     def translate(self, sentences: list[str]) -> list[Translation]:
         """Translates raw sentences: one ``Translation`` per sentence, each text one line."""
-        cleaned = [clean_line(s) for s in sentences]
-        with self._lock:
-            found = self.search_ids(self.tokenizer.encode_source(cleaned))
-        return [
-            Translation(
-                source, [(one_line(self.tokenizer.decode_target(h.tokens)), h) for h in hyps]
-            )
-            for source, hyps in zip(cleaned, found)
-        ]
+        return self.translate_encoded(self.encode(sentences))
 
     def translate_stream(self, lines: Iterable[str], chunk: int = 1000) -> Iterator[Translation]:
         """Translates a long stream ``chunk`` lines at a time (each chunk is

@@ -1,0 +1,277 @@
+"""The HTTP side of the service: FastAPI routes, limits, errors and the page.
+
+Routes:
+
+- ``GET /``: the page (``static/``: plain HTML, CSS and JS, nothing fetched from
+  elsewhere) where a person translates and sees attention and the search;
+- ``POST /v1/translate``, ``GET /v1/model``: rosetta's JSON API;
+- ``POST /translate``, ``GET /languages``: LibreTranslate's API, so its clients
+  and browser extensions work unchanged (JSON or form bodies; its errors are 400);
+- ``GET /health`` (the process answers) and ``GET /ready`` (the worker runs and
+  the queue has room);
+- ``/docs`` and ``/openapi.json`` from FastAPI.
+
+Every error is JSON ``{"error": message, "status": code}``, with ``limit`` and
+``value`` when a configured limit was broken: 413 (texts per request,
+characters per text, body bytes), 422 (a body that does not validate), 503
+with ``Retry-After`` (queue full), 504 (a request that waited past
+``timeout_s``). A request whose client disconnects is taken out of the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rosetta import __version__
+from rosetta.serve.batcher import Job
+from rosetta.serve.schemas import Error, LibreTranslateRequest, TranslateRequest, TranslateResponse
+from rosetta.serve.service import LANGUAGE_NAMES, RequestError, TranslationService
+
+STATIC = resources.files("rosetta.serve") / "static"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Error, "description": text}
+    for code, text in {
+        400: "a bad request (LibreTranslate's code for every invalid request)",
+        413: "over a limit: texts per request, characters per text, or body bytes",
+        422: "a body that does not validate, or search settings that conflict",
+        503: "the queue is full (see Retry-After) or the server is shutting down",
+        504: "the request waited longer than the server's timeout_s",
+    }.items()
+}
+
+
+def error_response(
+    status: int, message: str, limit: str | None = None, value: Any = None, **headers: str
+) -> JSONResponse:
+    body = {"error": message, "status": status}
+    if limit is not None:
+        body |= {"limit": limit, "value": value}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is a 413, whether its
+    Content-Length says so up front or a chunked body grows past it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = RequestError(
+            413, f"the request body is over max_body_bytes ({self.limit:,} bytes)",
+            "max_body_bytes", self.limit,
+        )  # fmt: skip
+        refusal = error_response(error.status, str(error), error.limit, error.value)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await refusal(scope, receive, send)
+            return
+        received, refused = 0, False
+
+        async def counted() -> Message:
+            # past the limit: answer 413 here, and tell the app the client has gone
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    refused = True
+                    await refusal(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(service: TranslationService) -> FastAPI:
+    """The ASGI app serving ``service``; its worker starts and stops with the app."""
+    config = service.config
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.batcher.start()
+        yield
+        # uvicorn has stopped accepting and answered the requests in flight
+        await asyncio.to_thread(service.batcher.stop)
+
+    app = FastAPI(
+        title="rosetta",
+        version=__version__,
+        summary="Neural machine translation, with the attention and the search made visible.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    # ---- errors, all JSON ----------------------------------------------------------------
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, error: RequestError) -> JSONResponse:
+        headers = {"Retry-After": str(config.retry_after_s)} if error.status == 503 else {}
+        return error_response(error.status, str(error), error.limit, error.value, **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+        return error_response(422, f"invalid request: {where}: {first['msg']}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(_: Request, error: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(error).__name__}: {error}")
+
+    async def result_of(request: Request, job: Job) -> Any:
+        """The job's result; 504 past the timeout; the job leaves the queue either way
+        when the client disconnects or times out."""
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        waited = asyncio.get_running_loop().time() - job.arrived
+        try:
+            done, _ = await asyncio.wait(
+                {result, gone}, timeout=max(0.0, config.timeout_s - waited),
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+        finally:
+            gone.cancel()
+        if result in done:
+            return result.result()
+        service.batcher.cancel(job)
+        raise RequestError(
+            504, f"the request waited over timeout_s ({config.timeout_s:g} s)",
+            "timeout_s", config.timeout_s,
+        )  # fmt: skip
+
+    # ---- rosetta's API -----------------------------------------------------------------------
+    @app.post("/v1/translate", response_model=TranslateResponse, responses=ERRORS)
+    async def translate(body: TranslateRequest, request: Request) -> JSONResponse:
+        """Translates one text or a list; optionally with attention and the search."""
+        job = service.submit(body)
+        translations = await result_of(request, job)
+        search = job.payload.translator.options.model_dump()
+        return JSONResponse(
+            {"translations": translations, "engine": service.engine, "search": search}
+        )
+
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        """The model: languages, architecture, sizes, validation scores, search, limits."""
+        return service.info()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": Error}})
+    async def ready() -> JSONResponse:
+        """Readiness: the worker runs and the queue has room."""
+        batcher = service.batcher
+        if not batcher.alive:
+            return error_response(503, "the translation worker is not running")
+        if batcher.queued >= config.max_queue:
+            return error_response(503, "the queue is full", "max_queue", config.max_queue)
+        return JSONResponse({"status": "ready", "queued": batcher.queued})
+
+    # ---- LibreTranslate's API --------------------------------------------------------------
+    source_language, target_language = service.languages
+
+    @app.get("/languages")
+    async def languages() -> list[dict[str, Any]]:
+        """LibreTranslate's language list: the one pair this model serves."""
+        return [
+            {"code": code, "name": LANGUAGE_NAMES.get(code, code), "targets": targets}
+            for code, targets in ((source_language, [target_language]), (target_language, []))
+        ]
+
+    libre_body = {
+        "required": True,
+        "content": {
+            kind: {"schema": LibreTranslateRequest.model_json_schema()}
+            for kind in ("application/json", "application/x-www-form-urlencoded")
+        },
+    }
+
+    @app.post("/translate", openapi_extra={"requestBody": libre_body}, responses=ERRORS)
+    async def libre_translate(request: Request) -> JSONResponse:
+        """LibreTranslate's ``/translate``: ``q`` (a string or a list), ``source``
+        (this model's or ``auto``), ``target``, ``format: text``, ``alternatives``."""
+        body = await _libre_body(request)
+        pair = f"{source_language}->{target_language}"
+        if body.source not in (source_language, "auto") or body.target != target_language:
+            raise RequestError(
+                400, f"this server translates {pair} only, not {body.source}->{body.target}"
+            )
+        if body.format != "text":
+            raise RequestError(400, "only format text is supported")
+        default_beam = service.translator.options.beam
+        nbest = 1 + body.alternatives
+        beam = max(default_beam, nbest)
+        if beam > config.max_beam:
+            raise RequestError(
+                400, f"{body.alternatives} alternatives need a beam over max_beam "
+                f"({config.max_beam})", "max_beam", config.max_beam,
+            )  # fmt: skip
+        request_body = TranslateRequest(text=body.q, beam=beam, nbest=nbest, scores=False)
+        results = await result_of(request, service.submit(request_body))
+        texts = [result["text"] for result in results]
+        others = [[h["text"] for h in result["hypotheses"][1:]] for result in results]
+        single = isinstance(body.q, str)
+        answer: dict[str, Any] = {"translatedText": texts[0] if single else texts}
+        if body.alternatives:
+            answer["alternatives"] = others[0] if single else others
+        return JSONResponse(answer)
+
+    # ---- the page ------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html; charset=utf-8")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    return app
+
+
+async def _libre_body(request: Request) -> LibreTranslateRequest:
+    """A LibreTranslate request from JSON or a form; anything else is a 400."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            data: Any = dict((await request.form()).items())
+        else:
+            data = json.loads(await request.body())
+        return LibreTranslateRequest.model_validate(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        if isinstance(error, RequestError):
+            raise
+        if isinstance(error, ValidationError):
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise RequestError(400, f"invalid request: {where}: {first['msg']}") from None
+        raise RequestError(400, "invalid request: the body is not JSON or a form") from None

@@ -1,0 +1,127 @@
+"""The service's JSON shapes (pydantic): what a request may hold, what comes back.
+
+FastAPI validates every body against these and publishes them in the OpenAPI
+schema (``/openapi.json``, browsable at ``/docs``). Numbers are finite, unknown
+keys are errors (a misspelt option must not be ignored silently), and bounds
+that depend on the server's settings (``max_beam``, ``max_texts``, ...) are
+checked by the service, which names the setting in its error.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AttentionKind = Literal["cross", "encoder_self", "decoder_self"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Sampling(Strict):
+    """Draw the output instead of searching: ``nbest`` samples per text."""
+
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = Field(1, ge=0, le=2**32 - 1)
+
+
+class TranslateRequest(Strict):
+    """``POST /v1/translate``. Search settings left out keep the model's defaults
+    (``GET /v1/model`` lists them)."""
+
+    text: str | list[str] = Field(description="one text, or a list (one translation each)")
+    beam: int | None = Field(None, ge=1, description="beam size; 1 = greedy search")
+    nbest: int | None = Field(None, ge=1, description="hypotheses per text (<= beam)")
+    length_penalty: float | None = Field(None, ge=0.0, le=10.0, description="GNMT alpha")
+    sampling: Sampling | None = None
+    scores: bool = Field(True, description="each hypothesis's log-probability")
+    return_attention: bool = False
+    attention_kinds: list[AttentionKind] = Field(default_factory=lambda: ["cross"], max_length=3)
+    return_search: bool = Field(
+        False, description="top-k candidates per position and, for beam search, the tree"
+    )
+    candidates: int = Field(5, ge=1, le=20, description="k of the top-k candidates")
+
+
+class Hypothesis(BaseModel):
+    text: str
+    score: float | None = Field(description="length-normalised, what the search ranks by")
+    log_prob: float | None = Field(description="total log-probability, <eos> included")
+
+
+class Attention(BaseModel):
+    """Weights (layers, heads, rows, columns); rows and columns are pieces."""
+
+    source_pieces: list[str]
+    target_pieces: list[str] = Field(description="the piece each step produced; ends in </s>")
+    decoder_inputs: list[str] = Field(description="what each step read; starts with <s>")
+    cross: list[list[list[list[float]]]] | None = None
+    encoder_self: list[list[list[list[float]]]] | None = None
+    decoder_self: list[list[list[list[float]]]] | None = None
+
+
+class Candidate(BaseModel):
+    piece: str
+    prob: float
+
+
+class SearchNode(BaseModel):
+    id: int
+    parent: int | None
+    step: int
+    piece: str
+    log_prob: float
+    status: Literal["root", "alive", "pruned", "finished", "finished_dropped"]
+    score: float | None = None
+
+
+class BeamTree(BaseModel):
+    size: int
+    length_penalty: float
+    nodes: list[SearchNode]
+    chosen: list[int] = Field(description="the finished node of each returned hypothesis")
+
+
+class Search(BaseModel):
+    candidates: list[list[Candidate]] = Field(description="one list per target piece")
+    beam: BeamTree | None = Field(description="null for greedy search and sampling")
+
+
+class Translation(BaseModel):
+    source: str = Field(description="the text as translated (cleaned)")
+    text: str
+    hypotheses: list[Hypothesis]
+    attention: Attention | None = None
+    search: Search | None = None
+
+
+class TranslateResponse(BaseModel):
+    translations: list[Translation]
+    engine: str
+    search: dict = Field(description="the search settings used")
+
+
+class Error(BaseModel):
+    """Every error: a one-line message; ``limit`` and ``value`` name a limit broken."""
+
+    error: str
+    status: int
+    limit: str | None = None
+    value: int | float | None = None
+
+
+class LibreTranslateRequest(BaseModel):
+    """``POST /translate``, as LibreTranslate takes it (JSON or a form)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    q: str | list[str]
+    source: str = "auto"
+    target: str
+    format: Literal["text", "html"] = "text"
+    alternatives: int = Field(0, ge=0)
+    api_key: str | None = None

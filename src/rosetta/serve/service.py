@@ -1,0 +1,288 @@
+"""The translation service without HTTP: requests in, JSON-ready results out.
+
+``TranslationService`` owns a ``Translator`` (either engine) and a ``Batcher``
+whose one worker thread is the only user of the model. ``submit`` checks a
+request against the limits (``ServeConfig``), tokenises it and queues it;
+requests with the same search settings are decoded together, through the same
+``Translator.translate_encoded`` as offline translation, so an answer does not
+depend on what it was batched with. Requests that want to see inside the model
+(attention, candidates, the beam tree: ``rosetta.decode.explain``) get it from
+the worker too, after their search.
+
+Errors a client can cause are ``RequestError`` with the HTTP status and the
+name of the limit; anything else would be a bug.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rosetta.config import ConfigError, ServeConfig, load_config
+from rosetta.decode.explain import Pieces, attention_weights, candidates, traced_beam_search
+from rosetta.decode.translator import Source, TorchTranslator, Translation, Translator
+from rosetta.modeldir import CONFIG, read_metadata
+from rosetta.serve.batcher import Batcher, Job, QueueFull
+from rosetta.serve.schemas import TranslateRequest
+
+LANGUAGE_NAMES = {
+    "ar": "Arabic", "cs": "Czech", "de": "German", "en": "English", "es": "Spanish",
+    "fr": "French", "it": "Italian", "ja": "Japanese", "nl": "Dutch", "pl": "Polish",
+    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "tr": "Turkish", "uk": "Ukrainian",
+    "zh": "Chinese",
+}  # fmt: skip
+WEIGHT_DIGITS = 4  # attention weights and probabilities in responses
+
+
+class RequestError(ValueError):
+    """A request the service refuses: HTTP ``status``, and the ``limit`` it broke."""
+
+    def __init__(
+        self, status: int, message: str, limit: str | None = None, value: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.limit, self.value = status, limit, value
+
+
+@dataclass
+class Work:
+    """One request as the worker sees it."""
+
+    translator: Translator
+    sources: list[Source]
+    attention: tuple[str, ...]  # kinds to return; empty: none
+    candidates: int  # top-k per position; 0: no search view
+    tree: bool  # record the beam search's tree
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class TranslationService:
+    """A model behind a queue: ``submit`` requests, await their jobs' futures."""
+
+    def __init__(
+        self, translator: Translator, model_dir: str | Path, engine: str, config: ServeConfig
+    ):
+        self.translator = translator
+        self.engine = engine
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.experiment = load_config(self.model_dir / CONFIG)
+        self.metadata = read_metadata(self.model_dir)
+        self.batcher = Batcher(
+            self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue
+        )
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, engine: str = "torch", device: str = "cpu",
+        config: ServeConfig | None = None,
+    ) -> TranslationService:  # fmt: skip
+        """Loads a model directory (or a CTranslate2 export with ``engine="ctranslate2"``)."""
+        translator = Translator.load(model_dir, engine=engine, device=device)
+        return cls(translator, model_dir, engine, config or ServeConfig())
+
+    # ---- what is served --------------------------------------------------------------
+    @property
+    def languages(self) -> tuple[str, str]:
+        return self.experiment.data.src_lang, self.experiment.data.tgt_lang
+
+    @property
+    def explains(self) -> bool:
+        """Whether attention and the search can be shown (rosetta's own engine)."""
+        return isinstance(self.translator, TorchTranslator)
+
+    def info(self) -> dict[str, Any]:
+        """``GET /v1/model``: what the model is, how it searches, what it may be asked."""
+        model = self.experiment.model
+        rnn = model.arch == "rnn"
+        shape = {
+            "encoder_layers": model.encoder_layers,
+            "decoder_layers": model.decoder_layers,
+            "heads": 1 if rnn else model.heads,
+            "d_model": model.d_model,
+        }
+        kinds = ["cross"] if rnn else ["cross", "encoder_self", "decoder_self"]
+        return {
+            "name": self.model_dir.name,
+            "engine": self.engine,
+            "arch": model.arch,
+            "source_language": self.languages[0],
+            "target_language": self.languages[1],
+            "parameters": self.metadata.get("parameters"),
+            "shape": shape,
+            "max_source_pieces": self.translator.max_source_len,
+            "training": {key: self.metadata.get(key) for key in ("steps", "weights")},
+            "validation": self.metadata.get("validation"),
+            "search": self.translator.options.model_dump(),
+            "limits": self.config.model_dump(),
+            "features": {
+                "attention": self.explains,
+                "search": self.explains,
+                "attention_kinds": kinds if self.explains else [],
+            },
+        }
+
+    # ---- requests ----------------------------------------------------------------------
+    def check_texts(self, texts: list[str]) -> None:
+        """The per-request limits on texts (413), and text that is not Unicode (422)."""
+        limits = self.config
+        if len(texts) > limits.max_texts:
+            raise RequestError(
+                413, f"{len(texts)} texts in one request; at most {limits.max_texts}",
+                "max_texts", limits.max_texts,
+            )  # fmt: skip
+        for index, text in enumerate(texts):
+            if len(text) > limits.max_chars:
+                raise RequestError(
+                    413, f"text {index} has {len(text):,} characters; at most {limits.max_chars:,}",
+                    "max_chars", limits.max_chars,
+                )  # fmt: skip
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    422, f"text {index} is not valid Unicode (it holds a lone surrogate)"
+                ) from None
+
+    def configured(self, request: TranslateRequest) -> Translator:
+        """The translator with the request's search settings (422 when they conflict)."""
+        limit = self.config.max_beam
+        for name in ("beam", "nbest"):
+            value = getattr(request, name)
+            if value is not None and value > limit:
+                raise RequestError(
+                    422, f"{name} {value} is over max_beam {limit}", "max_beam", limit
+                )
+        search: dict[str, Any] = {
+            "beam": request.beam,
+            "nbest": request.nbest,
+            "length_penalty": request.length_penalty,
+            "scores": request.scores,
+            "sampling": request.sampling is not None,
+        }
+        if request.sampling is not None:
+            search |= request.sampling.model_dump()
+        try:
+            return self.translator.with_options(**search)
+        except ConfigError as error:
+            raise RequestError(422, " ".join(str(error).split())) from None
+
+    def submit(self, request: TranslateRequest) -> Job:
+        """Checks and queues a request; its job's future gives ``list[dict]``, one
+        ``Translation`` (``rosetta.serve.schemas``) per text."""
+        texts = [request.text] if isinstance(request.text, str) else request.text
+        self.check_texts(texts)
+        translator = self.configured(request)
+        explain = request.return_attention or request.return_search
+        if explain and not self.explains:
+            raise RequestError(
+                422, "return_attention and return_search need rosetta's own engine "
+                "(rosetta serve --engine torch)",
+            )  # fmt: skip
+        sources = translator.encode(texts)
+        if explain:
+            limit = translator.max_source_len
+            for index, source in enumerate(sources):
+                if len(source.ids) > limit:
+                    raise RequestError(
+                        422, f"text {index} has {len(source.ids)} subwords; attention and the "
+                        f"search are shown for at most {limit}", "max_source_pieces", limit,
+                    )  # fmt: skip
+        options = translator.options
+        tree = request.return_search and options.beam > 1 and not options.sampling
+        work = Work(
+            translator,
+            sources,
+            tuple(dict.fromkeys(request.attention_kinds)) if request.return_attention else (),
+            request.candidates if request.return_search else 0,
+            tree,
+        )
+        key = (options.model_dump_json(), tree)
+        size = max(1, sum(len(source.ids) for source in sources))
+        try:
+            return self.batcher.submit(key, size, work)
+        except QueueFull as error:
+            raise RequestError(
+                503, f"the server is busy: {error}", "max_queue", self.config.max_queue
+            ) from None
+        except RuntimeError as error:
+            raise RequestError(503, str(error)) from None
+
+    # ---- the worker ---------------------------------------------------------------------
+    def _process(self, group: list[Work]) -> list[list[dict[str, Any]]]:
+        """Decodes one group (same search settings) together; runs on the worker."""
+        translator = group[0].translator
+        sources = [source for work in group for source in work.sources]
+        trees: list[dict | None] = [None] * len(sources)
+        if group[0].tree:  # traced search, sentence by sentence
+            assert isinstance(translator, TorchTranslator)
+            translations = []
+            for index, source in enumerate(sources):
+                if not source.ids:
+                    translations += translator.translate_encoded([source])
+                    continue
+                hyps, trees[index] = traced_beam_search(translator, source.ids)
+                translations.append(translator.translation(source, hyps))
+        else:
+            translations = translator.translate_encoded(sources)
+        results, start = [], 0
+        for work in group:
+            span = range(start, start + len(work.sources))
+            start = span.stop
+            results.append(
+                [self._result(work, translations[i], sources[i], trees[i]) for i in span]
+            )
+        return results
+
+    def _result(
+        self, work: Work, translation: Translation, source: Source, tree: dict | None
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "source": translation.source,
+            "text": translation.text,
+            "hypotheses": [
+                {"text": text, "score": _finite(h.score), "log_prob": _finite(h.log_prob)}
+                for text, h in translation.hypotheses
+            ],
+            "attention": None,
+            "search": None,
+        }
+        if not source.ids or not (work.attention or work.candidates):
+            return result
+        translator = work.translator
+        assert isinstance(translator, TorchTranslator)
+        output = translation.hypotheses[0][1].tokens
+        pieces = Pieces.of(translator, source.ids, output)
+        if work.attention:
+            weights = attention_weights(translator, source.ids, output, work.attention)
+            result["attention"] = {
+                "source_pieces": pieces.source,
+                "target_pieces": pieces.produced,
+                "decoder_inputs": pieces.decoder_inputs,
+                **{kind: np.round(w, WEIGHT_DIGITS).tolist() for kind, w in weights.items()},
+            }
+        if work.candidates:
+            top = candidates(translator, source.ids, output, work.candidates)
+            pieces_of = translator.tokenizer.target_pieces
+            shown = [
+                [
+                    {"piece": p, "prob": round(prob, WEIGHT_DIGITS)}
+                    for p, (_, prob) in zip(names, row)
+                ]
+                for names, row in ((pieces_of([token for token, _ in row]), row) for row in top)
+            ]
+            beam = None
+            if tree is not None:
+                options = translator.options
+                nodes = [{k: v for k, v in node.items() if k != "token"} for node in tree["nodes"]]
+                beam = {"size": options.beam, "length_penalty": options.length_penalty}
+                beam |= {"nodes": nodes, "chosen": tree["chosen"]}
+            result["search"] = {"candidates": shown, "beam": beam}
+        return result
