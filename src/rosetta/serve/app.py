@@ -211,10 +211,13 @@ def create_app(service: TranslationService) -> FastAPI:
             for code, targets in ((source_language, [target_language]), (target_language, []))
         ]
 
+    libre_schema = LibreTranslateRequest.model_json_schema()
+    libre_schema["properties"]["source"] |= {"enum": [source_language, "auto"]}
+    libre_schema["properties"]["target"] |= {"enum": [target_language]}
     libre_body = {
         "required": True,
         "content": {
-            kind: {"schema": LibreTranslateRequest.model_json_schema()}
+            kind: {"schema": libre_schema}
             for kind in ("application/json", "application/x-www-form-urlencoded")
         },
     }
@@ -231,9 +234,8 @@ def create_app(service: TranslationService) -> FastAPI:
             )
         if body.format != "text":
             raise RequestError(400, "only format text is supported")
-        default_beam = service.translator.options.beam
         nbest = 1 + body.alternatives
-        beam = max(default_beam, nbest)
+        beam = max(min(service.translator.options.beam, config.max_beam), nbest)
         if beam > config.max_beam:
             raise RequestError(
                 400, f"{body.alternatives} alternatives need a beam over max_beam "

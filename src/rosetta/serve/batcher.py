@@ -72,15 +72,22 @@ class Batcher:
         self._queued = 0  # subwords waiting
         self._changed = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="rosetta-batcher", daemon=True)
+        self._thread: threading.Thread | None = None
 
     # ---- the event loop's side ----------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Starts the worker (again, after ``stop``: an app may be started more than
+        once, as test clients do); a no-op while it runs."""
+        with self._changed:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="rosetta-batcher", daemon=True)
+            self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     @property
     def queued(self) -> int:
@@ -122,7 +129,7 @@ class Batcher:
         with self._changed:
             self._stopping = True
             self._changed.notify()
-        if self._thread.is_alive():
+        if self._thread is not None:
             self._thread.join(timeout)
 
     # ---- the worker's side ------------------------------------------------------------
