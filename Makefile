@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   train on the built-in toy task, translate, report BLEU
 #   make test   lint with ruff + the whole test suite
+#   (make chromium installs Debian's Chromium for the page's browser tests)
 # Both create .venv on first use and reuse it afterwards.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 # declares a range (torch>=2.3) that this build satisfies, so pip adds no CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint chromium clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +31,13 @@ lint: venv
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium, for the web page's browser tests (Playwright drives it; it
+# cannot download browsers here). Without it those tests are skipped.
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -385,26 +385,31 @@ def test_sigterm_finishes_queued_requests_then_exits(toy_model_dir):
     import httpx
 
     port = free_port()
-    process = serve(toy_model_dir, port, "--max-wait-ms", "1500", "--threads", "2")
+    process = serve(toy_model_dir, port, "--threads", "2")
     try:
         wait_until_up(port, process)
         url = f"http://127.0.0.1:{port}/v1/translate"
         results: dict[int, httpx.Response] = {}
+        busy = {"text": [" ".join(SENTENCES * 3)] * 64, "beam": 16}  # keeps the worker busy
 
         def ask(i: int) -> None:
-            results[i] = httpx.post(url, json={"text": SENTENCES[i]}, timeout=60)
+            body = busy if i < 0 else {"text": SENTENCES[i]}
+            results[i] = httpx.post(url, json=body, timeout=120)
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(SENTENCES))]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(-1, len(SENTENCES))]
         for thread in threads:
             thread.start()
-        time.sleep(0.7)  # the requests wait in the queue (max_wait 1.5 s)
+            time.sleep(0.1)
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready").json()
+        assert ready["queued"] > 0  # the small requests wait behind the big one
         process.send_signal(signal.SIGTERM)
         for thread in threads:
-            thread.join(60)
+            thread.join(120)
         # uvicorn ends by re-raising the signal once the requests are answered
         assert process.wait(60) in (0, -signal.SIGTERM)
     finally:
         process.kill()
+    assert len(results[-1].json()["translations"]) == 64
     got = [results[i].json()["translations"][0]["text"] for i in range(len(SENTENCES))]
     assert got == offline(toy_model_dir, SENTENCES)
     with pytest.raises(httpx.TransportError):

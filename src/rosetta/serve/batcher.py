@@ -3,11 +3,17 @@
 Requests arrive on the server's event loop; the model lives on one worker
 thread. ``Batcher.submit`` puts a ``Job`` (a request's texts, its search key and
 its size in source subwords) in the queue and returns at once; the worker
-takes the oldest job, waits at most ``max_wait`` seconds for more jobs with the
-same key (so different search settings are never mixed) until ``batch_tokens``
-subwords are waiting, and hands the group to ``process``, which decodes them
+takes the oldest job and groups it with the queued jobs of the same key (so
+different search settings are never mixed), up to ``batch_tokens`` subwords,
+and hands the group to ``process``, which decodes them
 together and returns one result per job. Each result goes back through the
 job's ``concurrent.futures.Future``, which the request awaits.
+
+Waiting for company costs latency, so the worker waits (at most ``max_wait``
+seconds after the oldest job arrived, or until ``batch_tokens`` subwords are
+queued) only under concurrency: when its previous group held several jobs. A
+lone client never waits; under load, what arrives while a group is decoded
+forms the next group, and the short wait evens out the groups.
 
 Bounded by construction: at most ``max_queue`` subwords wait (``submit``
 raises ``QueueFull`` beyond), a job cancelled before it starts (its request
@@ -73,6 +79,7 @@ class Batcher:
         self._changed = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._busy = False  # the last group held several jobs: more are likely to come
 
     # ---- the event loop's side ----------------------------------------------------
     def start(self) -> None:
@@ -144,7 +151,7 @@ class Batcher:
                 first = self._queue[0]
                 same = sum(job.size for job in self._queue if job.key == first.key)
                 wait = first.arrived + self.max_wait - time.monotonic()
-                if self._stopping or same >= self.batch_tokens or wait <= 0:
+                if self._stopping or same >= self.batch_tokens or wait <= 0 or not self._busy:
                     break
                 self._changed.wait(wait)  # more jobs may come, or the first be cancelled
             group, size = [], 0
@@ -156,6 +163,7 @@ class Batcher:
                 size += job.size
                 if job.future.set_running_or_notify_cancel():
                     group.append(job)
+            self._busy = len(group) > 1
             return group
 
     def _work(self) -> None:
