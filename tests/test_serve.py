@@ -394,7 +394,10 @@ def test_sigterm_finishes_queued_requests_then_exits(toy_model_dir):
 
         def ask(i: int) -> None:
             body = busy if i < 0 else {"text": SENTENCES[i]}
-            results[i] = httpx.post(url, json=body, timeout=120)
+            try:
+                results[i] = httpx.post(url, json=body, timeout=120)
+            except httpx.HTTPError as error:  # reported by the assertions below
+                results[i] = error
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(-1, len(SENTENCES))]
         for thread in threads:
@@ -409,6 +412,7 @@ def test_sigterm_finishes_queued_requests_then_exits(toy_model_dir):
         assert process.wait(60) in (0, -signal.SIGTERM)
     finally:
         process.kill()
+    assert all(isinstance(r, httpx.Response) for r in results.values()), results
     assert len(results[-1].json()["translations"]) == 64
     got = [results[i].json()["translations"][0]["text"] for i in range(len(SENTENCES))]
     assert got == offline(toy_model_dir, SENTENCES)

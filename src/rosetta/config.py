@@ -333,7 +333,7 @@ class ServeConfig(Section):
     max_queue: int = Field(65536, ge=1, description="source subwords waiting (503 beyond)")
     batch_tokens: int = Field(4000, ge=1, description="source subwords decoded together at most")
     max_wait_ms: float = Field(
-        10.0, ge=0.0, description="how long the first request waits for others"
+        20.0, ge=0.0, description="how long a group waits for requests still coming"
     )
     timeout_s: float = Field(30.0, gt=0.0, description="how long a request may wait in all (504)")
     retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503")

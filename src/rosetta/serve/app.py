@@ -192,13 +192,18 @@ def create_app(service: TranslationService) -> FastAPI:
 
     @app.get("/ready", responses={503: {"model": Error}})
     async def ready() -> JSONResponse:
-        """Readiness: the worker runs and the queue has room."""
+        """Readiness: the worker runs and the queue has room; with what it has done
+        (groups decoded, requests in them, the largest group)."""
         batcher = service.batcher
         if not batcher.alive:
             return error_response(503, "the translation worker is not running")
         if batcher.queued >= config.max_queue:
             return error_response(503, "the queue is full", "max_queue", config.max_queue)
-        return JSONResponse({"status": "ready", "queued": batcher.queued})
+        stats = batcher.stats
+        return JSONResponse(
+            {"status": "ready", "queued": batcher.queued, "batches": stats.batches,
+             "requests_batched": stats.jobs, "largest_batch": stats.largest}
+        )  # fmt: skip
 
     # ---- LibreTranslate's API --------------------------------------------------------------
     source_language, target_language = service.languages

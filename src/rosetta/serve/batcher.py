@@ -10,10 +10,12 @@ together and returns one result per job. Each result goes back through the
 job's ``concurrent.futures.Future``, which the request awaits.
 
 Waiting for company costs latency, so the worker waits (at most ``max_wait``
-seconds after the oldest job arrived, or until ``batch_tokens`` subwords are
-queued) only under concurrency: when its previous group held several jobs. A
-lone client never waits; under load, what arrives while a group is decoded
-forms the next group, and the short wait evens out the groups.
+seconds after it became free or the oldest job arrived, whichever is later, or
+until ``batch_tokens`` subwords are queued) only under concurrency: when its
+previous group held several jobs. A lone client never waits. Under load the
+wait lets the clients just answered send their next requests in time to join
+the group: without it, N busy clients settle into two alternating groups of
+N/2 (one decoded while the other gathers), and small groups decode slower.
 
 Bounded by construction: at most ``max_queue`` subwords wait (``submit``
 raises ``QueueFull`` beyond), a job cancelled before it starts (its request
@@ -23,6 +25,7 @@ finishes what is queued before the worker ends (graceful shutdown).
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
@@ -34,6 +37,33 @@ from typing import Any
 
 class QueueFull(RuntimeError):
     """The queue holds ``max_queue`` subwords already; the caller should retry later."""
+
+
+class ModelThread:
+    """One daemon thread that runs the callables given to ``submit`` in order: the
+    thread that loads a model and then runs it. PyTorch's OpenMP threads serve the
+    first thread that used them best (small matrix products ran at half speed from
+    a second thread here). Unlike a ``ThreadPoolExecutor``'s, it never holds up the
+    interpreter's exit."""
+
+    def __init__(self, name: str = "rosetta-model") -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, function, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, function, args = self._tasks.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # the caller gets it from the future
+                future.set_exception(error)
 
 
 @dataclass(eq=False)
@@ -66,9 +96,11 @@ class Batcher:
         batch_tokens: int = 2048,
         max_wait: float = 0.01,
         max_queue: int = 16384,
+        thread: ModelThread | None = None,
     ) -> None:
         """``process`` maps the payloads of one group to their results, in order
-        (an exception fails every job of the group)."""
+        (an exception fails every job of the group). ``thread``: where the worker
+        runs (default: a thread of its own); give the one the model was loaded on."""
         self.process = process
         self.batch_tokens = batch_tokens
         self.max_wait = max_wait
@@ -78,23 +110,25 @@ class Batcher:
         self._queued = 0  # subwords waiting
         self._changed = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._busy = False  # the last group held several jobs: more are likely to come
+        self._thread = thread or ModelThread("rosetta-worker")
+        self._running: Future | None = None
+        self._in_flight = 0  # jobs queued or being decoded
+        self._peak = 0  # the most in flight at once since the last group was formed
+        self._free_since = 0.0  # when the worker finished its last group
 
     # ---- the event loop's side ----------------------------------------------------
     def start(self) -> None:
         """Starts the worker (again, after ``stop``: an app may be started more than
         once, as test clients do); a no-op while it runs."""
         with self._changed:
-            if self._thread is not None and self._thread.is_alive():
+            if self._running is not None and not self._running.done():
                 return
             self._stopping = False
-            self._thread = threading.Thread(target=self._work, name="rosetta-batcher", daemon=True)
-            self._thread.start()
+            self._running = self._thread.submit(self._work)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._running is not None and not self._running.done() and not self._stopping
 
     @property
     def queued(self) -> int:
@@ -114,6 +148,8 @@ class Batcher:
                 )
             self._queue.append(job)
             self._queued += size
+            self._in_flight += 1
+            self._peak = max(self._peak, self._in_flight)
             self._changed.notify()
         return job
 
@@ -126,6 +162,7 @@ class Batcher:
             try:
                 self._queue.remove(job)
                 self._queued -= job.size
+                self._in_flight -= 1
             except ValueError:
                 pass  # the worker took it and will skip it
             self._changed.notify()
@@ -136,8 +173,8 @@ class Batcher:
         with self._changed:
             self._stopping = True
             self._changed.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._running is not None:
+            self._running.result(timeout)
 
     # ---- the worker's side ------------------------------------------------------------
     def _next_group(self) -> list[Job] | None:
@@ -149,11 +186,17 @@ class Batcher:
                 if not self._queue:
                     return None
                 first = self._queue[0]
-                same = sum(job.size for job in self._queue if job.key == first.key)
-                wait = first.arrived + self.max_wait - time.monotonic()
-                if self._stopping or same >= self.batch_tokens or wait <= 0 or not self._busy:
+                same = [job for job in self._queue if job.key == first.key]
+                start = max(first.arrived, self._free_since)
+                left = start + self.max_wait - time.monotonic()
+                # wait for as many requests as were in the server at once lately (all
+                # of them, when the clients are waiting on each other's group)
+                enough = (
+                    len(same) >= self._peak or sum(job.size for job in same) >= self.batch_tokens
+                )
+                if self._stopping or enough or left <= 0:
                     break
-                self._changed.wait(wait)  # more jobs may come, or the first be cancelled
+                self._changed.wait(left)  # more jobs may come, or the first be cancelled
             group, size = [], 0
             for job in list(self._queue):
                 if job.key != first.key or (group and size + job.size > self.batch_tokens):
@@ -163,7 +206,9 @@ class Batcher:
                 size += job.size
                 if job.future.set_running_or_notify_cancel():
                     group.append(job)
-            self._busy = len(group) > 1
+                else:
+                    self._in_flight -= 1
+            self._peak = self._in_flight  # counted again until the next group
             return group
 
     def _work(self) -> None:
@@ -176,8 +221,14 @@ class Batcher:
             try:
                 results = self.process([job.payload for job in group])
             except Exception as error:  # each request reports it; the worker goes on
-                for job in group:
-                    job.future.set_exception(error)
-                continue
-            for job, result in zip(group, results):
-                job.future.set_result(result)
+                results, failure = [], error
+            # out of flight before the answers go back: a client that answers at once
+            # must not find its previous request still counted
+            with self._changed:
+                self._in_flight -= len(group)
+                self._free_since = time.monotonic()
+            for index, job in enumerate(group):
+                if results:
+                    job.future.set_result(results[index])
+                else:
+                    job.future.set_exception(failure)

@@ -26,7 +26,7 @@ from rosetta.config import ConfigError, ServeConfig, load_config
 from rosetta.decode.explain import Pieces, attention_weights, candidates, traced_beam_search
 from rosetta.decode.translator import Source, TorchTranslator, Translation, Translator
 from rosetta.modeldir import CONFIG, read_metadata
-from rosetta.serve.batcher import Batcher, Job, QueueFull
+from rosetta.serve.batcher import Batcher, Job, ModelThread, QueueFull
 from rosetta.serve.schemas import TranslateRequest
 
 LANGUAGE_NAMES = {
@@ -67,8 +67,15 @@ class TranslationService:
     """A model behind a queue: ``submit`` requests, await their jobs' futures."""
 
     def __init__(
-        self, translator: Translator, model_dir: str | Path, engine: str, config: ServeConfig
-    ):
+        self,
+        translator: Translator,
+        model_dir: str | Path,
+        engine: str,
+        config: ServeConfig,
+        thread: ModelThread | None = None,
+    ) -> None:
+        """``thread``: the ``ModelThread`` ``translator`` was loaded on, which then
+        runs it; by default the batcher's own."""
         self.translator = translator
         self.engine = engine
         self.config = config
@@ -76,7 +83,7 @@ class TranslationService:
         self.experiment = load_config(self.model_dir / CONFIG)
         self.metadata = read_metadata(self.model_dir)
         self.batcher = Batcher(
-            self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue
+            self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue, thread
         )
 
     @classmethod
@@ -84,9 +91,11 @@ class TranslationService:
         cls, model_dir: str | Path, engine: str = "torch", device: str = "cpu",
         config: ServeConfig | None = None,
     ) -> TranslationService:  # fmt: skip
-        """Loads a model directory (or a CTranslate2 export with ``engine="ctranslate2"``)."""
-        translator = Translator.load(model_dir, engine=engine, device=device)
-        return cls(translator, model_dir, engine, config or ServeConfig())
+        """Loads a model directory (or a CTranslate2 export with ``engine="ctranslate2"``)
+        on the thread that will run it."""
+        thread = ModelThread()
+        translator = thread.submit(Translator.load, model_dir, engine, device).result()
+        return cls(translator, model_dir, engine, config or ServeConfig(), thread)
 
     # ---- what is served --------------------------------------------------------------
     @property

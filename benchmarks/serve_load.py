@@ -1,0 +1,402 @@
+"""Load on ``rosetta serve``: throughput, latency, errors and memory under concurrent
+clients, beside offline translation with the same engine.
+
+For each engine (rosetta's own ``torch`` search and ``ctranslate2`` on an export
+of the same model):
+
+1. offline, in a process of its own: ``Translator.translate`` of the sentences
+   in one call (length-sorted batches: the best an engine does) and one sentence
+   at a time (the latency floor of a lone request; measured in rounds that
+   alternate with the one-client rounds against the server);
+2. the server, started as ``rosetta serve`` in its own process on 127.0.0.1 with
+   the same thread count; N concurrent clients (1, 8, 32, 128, each a closed loop
+   of single-sentence ``POST /v1/translate`` requests, ``"scores": false`` like
+   the offline call) for a bounded number of requests per level: sentences/s,
+   p50/p95/p99 latency, failed requests (an error, or an answer that is not the
+   offline translation of its sentence: a lost or swapped answer);
+3. the server's RSS (from /proc) before the load, every second during it, after
+   the first 1,000 and after 10,000 requests of 32 clients.
+
+The clients run in this process (asyncio + httpx), on the same 2 cores as the
+server: the figures include their cost, as a real deployment's would not.
+
+Bars (the issue's): at 32 clients, throughput >= 0.8x offline batched with the
+same engine; at 1 client, p50 latency <= offline single-sentence latency + 5 ms;
+no failed or lost request; RSS after 10,000 requests <= 1.10x RSS after 1,000.
+
+    python benchmarks/serve_load.py --model experiments/multi30k/model   # ~15 min
+    python benchmarks/serve_load.py --model MODEL --requests 200 --rss-requests 2000  # a look
+
+Writes benchmarks/results/serve_load.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import httpx
+import torch
+
+from results_io import write_results
+from rosetta.decode.translator import Translator
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SOURCES = ROOT.parent / "shared" / "data" / "multi30k" / "test2016.en"
+CLIENTS = (1, 8, 32, 128)
+
+
+# ---- offline ---------------------------------------------------------------------------
+# In a process of its own (two engines' thread pools in one process slow each other
+# down), kept alive so that its single-sentence latency can be measured in rounds
+# that alternate with the server's: the machine's speed drifts within minutes.
+_translator: Translator | None = None
+
+
+def _load(model: Path, engine: str, threads: int) -> None:
+    global _translator
+    torch.set_num_threads(threads)
+    _translator = Translator.load(model, engine=engine)
+
+
+def offline_batched(sentences: list[str]) -> tuple[list[str], float]:
+    """The translations, and sentences/s of one call (length-sorted batches: the best
+    an engine does)."""
+    assert _translator is not None
+    _translator.translate(sentences[:16])  # warm-up
+    start = time.perf_counter()
+    texts = [t.text for t in _translator.translate(sentences)]
+    return texts, len(sentences) / (time.perf_counter() - start)
+
+
+def offline_single(sentences: list[str]) -> list[float]:
+    """Seconds per sentence, translated one at a time."""
+    assert _translator is not None
+    latencies = []
+    for sentence in sentences:
+        start = time.perf_counter()
+        _translator.translate([sentence])
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+# ---- the server ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Server:
+    """``rosetta serve`` in a child process."""
+
+    def __init__(self, model: Path, engine: str, threads: int, options: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "rosetta.cli", "serve", str(model), "--engine", engine]
+        command += ["--port", str(self.port), "--threads", str(threads), "--log-level", "error"]
+        command += options
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server failed: {self.process.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise RuntimeError("the server did not start")
+
+    def rss(self) -> float:
+        return rss_mib(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+async def load(url: str, sentences: list[str], expected: list[str], clients: int, total: int):
+    """``clients`` closed loops sending ``total`` requests in all; returns (wall seconds,
+    latencies in s, failures: [(index, what)])."""
+    latencies: list[float] = []
+    failures: list[tuple[int, str]] = []
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for number in counter:
+            index = number % len(sentences)
+            body = {"text": sentences[index], "scores": False}
+            start = time.perf_counter()
+            try:
+                response = await http.post(url + "/v1/translate", json=body)
+            except httpx.HTTPError as error:
+                failures.append((index, f"{type(error).__name__}"))
+                continue
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                failures.append((index, f"HTTP {response.status_code}: {response.text[:100]}"))
+            elif response.json()["translations"][0]["text"] != expected[index]:
+                failures.append((index, "not the offline translation of its sentence"))
+
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return wall, latencies, failures
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def measure_engine(args, engine: str, model: Path, sentences: list[str]) -> dict:
+    print(f"== {engine}", flush=True)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, spawn, _load, (model, engine, args.threads)) as child:
+        expected, batched = child.submit(offline_batched, sentences).result()
+        print(f"offline: batched {batched:.1f} sent/s", flush=True)
+        server = Server(model, engine, args.threads, args.serve_options)
+        try:
+            asyncio.run(load(server.url, sentences, expected, 4, 32))  # warm-up
+            levels: dict[int, dict] = {}
+            single, levels[1] = lone_client(args, child, server, sentences, expected)
+            for clients in [c for c in args.clients if c != 1]:
+                levels[clients] = level(server, sentences, expected, clients, args.requests)
+            memory = rss_under_load(args, server, sentences, expected)
+        finally:
+            server.stop()
+    base = {
+        "batched_sentences_per_s": batched,
+        "single_p50_ms": 1000 * statistics.median(single),
+        "single_sentences_per_s": len(single) / sum(single),
+    }
+    print(f"offline: single p50 {base['single_p50_ms']:.1f} ms", flush=True)
+    return {"offline": base, "levels": dict(sorted(levels.items())), "memory": memory}
+
+
+def level(server: Server, sentences, expected, clients: int, total: int, quiet=False) -> dict:
+    """``total`` requests from ``clients`` closed loops."""
+    total = max(total, 4 * clients)
+    before = httpx.get(server.url + "/ready").json()
+    wall, latencies, failures = asyncio.run(load(server.url, sentences, expected, clients, total))
+    after = httpx.get(server.url + "/ready").json()
+    batches = after["batches"] - before["batches"]
+    batched = after["requests_batched"] - before["requests_batched"]
+    row = {
+        "requests": total,
+        "sentences_per_s": total / wall,
+        "latencies": latencies,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p95_ms": 1000 * percentile(latencies, 95),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "requests_per_batch": batched / max(batches, 1),
+    }
+    if not quiet:
+        report(clients, row)
+    return row
+
+
+def report(clients: int, row: dict) -> None:
+    print(
+        f"{clients:>4} clients: {row['sentences_per_s']:.1f} sent/s, p50 {row['p50_ms']:.1f} "
+        f"ms, p99 {row['p99_ms']:.1f} ms, {row['failed']} failed, "
+        f"{row['requests_per_batch']:.1f} requests per batch",
+        flush=True,
+    )
+
+
+def lone_client(args, child, server: Server, sentences, expected) -> tuple[list[float], dict]:
+    """One client against offline one-at-a-time, in alternating rounds of the same
+    sentences: (offline seconds per sentence, the client's level)."""
+    rounds = 5
+    size = max(1, args.single // rounds)
+    offline_times: list[float] = []
+    rows = []
+    for r in range(rounds):
+        part, wanted = sentences[r * size : (r + 1) * size], expected[r * size : (r + 1) * size]
+        offline_times += child.submit(offline_single, part).result()
+        rows.append(level(server, part, wanted, 1, len(part), quiet=True))
+    latencies = [t for row in rows for t in row["latencies"]]
+    wall = sum(row["requests"] / row["sentences_per_s"] for row in rows)
+    merged = {
+        "requests": len(latencies),
+        "sentences_per_s": len(latencies) / wall,
+        "latencies": latencies,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p95_ms": 1000 * percentile(latencies, 95),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "failed": sum(row["failed"] for row in rows),
+        "failures": [f for row in rows for f in row["failures"]][:5],
+        "requests_per_batch": statistics.mean(row["requests_per_batch"] for row in rows),
+    }
+    report(1, merged)
+    return offline_times, merged
+
+
+def rss_under_load(args, server: Server, sentences: list[str], expected: list[str]) -> dict:
+    """RSS before, every second during, after the first 1,000 and after all
+    ``--rss-requests`` requests of 32 clients."""
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            samples.append(server.rss())
+
+    before = server.rss()
+    first = min(1000, args.rss_requests)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, _, failed_first = asyncio.run(load(server.url, sentences, expected, 32, first))
+    after_first = server.rss()
+    rest = args.rss_requests - first
+    _, _, failed_rest = asyncio.run(load(server.url, sentences, expected, 32, rest))
+    after_all = server.rss()
+    done.set()
+    sampler.join()
+    memory = {
+        "requests": args.rss_requests,
+        "before_mib": before,
+        "after_1000_mib": after_first,
+        "after_all_mib": after_all,
+        "peak_during_mib": max(samples, default=after_all),
+        "growth": after_all / after_first - 1,
+        "failed": len(failed_first) + len(failed_rest),
+    }
+    print(
+        f"RSS: {before:.0f} MiB before, {after_first:.0f} after {first:,}, "
+        f"{after_all:.0f} after {args.rss_requests:,} ({100 * memory['growth']:+.1f}%), "
+        f"peak {memory['peak_during_mib']:.0f}; {memory['failed']} failed",
+        flush=True,
+    )
+    return memory
+
+
+# ---- report ----------------------------------------------------------------------------
+def bars(result: dict) -> dict[str, bool]:
+    base, levels, memory = result["offline"], result["levels"], result["memory"]
+    checks = {}
+    if 32 in levels:
+        ratio = levels[32]["sentences_per_s"] / base["batched_sentences_per_s"]
+        checks[f"32 clients >= 0.8x offline batched ({ratio:.2f}x)"] = ratio >= 0.8
+    if 1 in levels:
+        extra = levels[1]["p50_ms"] - base["single_p50_ms"]
+        checks[f"1 client p50 <= offline single + 5 ms ({extra:+.1f} ms)"] = extra <= 5
+    failed = sum(level["failed"] for level in levels.values()) + memory["failed"]
+    checks[f"no failed or lost requests ({failed})"] = failed == 0
+    growth = 100 * memory["growth"]
+    checks[f"RSS growth after {memory['requests']:,} <= 10% ({growth:+.1f}%)"] = growth <= 10
+    return checks
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"Serving under load ({results['date']}, {results['machine']}, {results['threads']} "
+        f"threads, model {results['model']}, {results['sentences']} test2016 sentences, "
+        f"search: the model's own, beam {results['beam']})",
+        "",
+        "| engine | clients | sentences/s | vs offline batched | p50 ms | p95 ms | p99 ms "
+        "| failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for engine, result in results["engines"].items():
+        base = result["offline"]
+        batched = base["batched_sentences_per_s"]
+        lines.append(f"| {engine} | offline, batched | {batched:.1f} | 1.00 | | | | |")
+        lines.append(
+            f"| {engine} | offline, one at a time | {base['single_sentences_per_s']:.1f} | "
+            f"{base['single_sentences_per_s'] / base['batched_sentences_per_s']:.2f} | "
+            f"{base['single_p50_ms']:.1f} | | | |"
+        )
+        for clients, row in result["levels"].items():
+            ratio = row["sentences_per_s"] / base["batched_sentences_per_s"]
+            lines.append(
+                f"| {engine} | {clients} | {row['sentences_per_s']:.1f} | {ratio:.2f} | "
+                f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | "
+                f"{row['failed']} |"
+            )
+    lines += ["", "| engine | RSS before | after 1,000 | after all | peak | growth | requests |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    for engine, result in results["engines"].items():
+        m = result["memory"]
+        lines.append(
+            f"| {engine} | {m['before_mib']:.0f} MiB | {m['after_1000_mib']:.0f} MiB | "
+            f"{m['after_all_mib']:.0f} MiB | {m['peak_during_mib']:.0f} MiB | "
+            f"{100 * m['growth']:+.1f}% | {m['requests']:,} |"
+        )
+    lines.append("")
+    for engine, result in results["engines"].items():
+        for name, passed in result["bars"].items():
+            lines.append(f"- {engine}: {'PASS' if passed else 'FAIL'} {name}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a model directory")
+    parser.add_argument("--sources", type=Path, default=TEST_SOURCES, help="one sentence a line")
+    parser.add_argument("--engines", nargs="+", default=["torch", "ctranslate2"])
+    parser.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS))
+    parser.add_argument("--requests", type=int, default=1000, help="requests per level")
+    parser.add_argument("--single", type=int, default=200, help="requests of 1 client")
+    parser.add_argument("--rss-requests", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="serve_load")
+    parser.add_argument(
+        "--serve-options", nargs="*", default=[], help="for rosetta serve, e.g. --max-wait-ms=20"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sentences = args.sources.read_text(encoding="utf-8").splitlines()
+    results = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "threads": args.threads,
+        "model": str(args.model),
+        "sentences": len(sentences),
+        "beam": Translator.load(args.model).options.beam,
+        "engines": {},
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        for engine in args.engines:
+            model = args.model
+            if engine == "ctranslate2":
+                from rosetta.export.ctranslate2 import export_ctranslate2
+
+                model = export_ctranslate2(args.model, Path(scratch) / "ct2")
+            result = measure_engine(args, engine, model, sentences)
+            result["bars"] = bars(result)
+            results["engines"][engine] = result
+    for result in results["engines"].values():
+        for row in result["levels"].values():
+            row.pop("latencies")
+    write_results(args.name, results, table(results))
+
+
+if __name__ == "__main__":
+    main()
