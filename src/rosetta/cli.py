@@ -221,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from rosetta.config import ServeConfig
     from rosetta.serve.app import create_app
-    from rosetta.serve.service import TranslationService
+    from rosetta.serve.service import TranslationService, steady_memory
 
     limits = {name: getattr(args, name) for name in ServeConfig.model_fields}
     try:
@@ -239,6 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     if args.threads:
         torch.set_num_threads(args.threads)  # CTranslate2 takes the same count
+    steady_memory()
     service = TranslationService.load(args.model_dir, args.engine, args.device, config)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {args.host}: anyone who can reach it may translate "
