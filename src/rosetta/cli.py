@@ -551,7 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--port", type=NON_NEGATIVE_INT, default=8000, help="port (8000)")
     sub.add_argument("--threads", type=POSITIVE_INT, help="CPU threads of the model")
     sub.add_argument(
-        "--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info"
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="uvicorn's log level (info: one line per request)",
     )
     from rosetta.config import ServeConfig
 
