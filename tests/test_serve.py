@@ -431,3 +431,13 @@ def test_a_port_in_use_is_a_one_line_error(untrained_model_dir):
     assert stderr.strip().splitlines() == [
         f"rosetta serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_bad_serve_settings_are_a_one_line_error(untrained_model_dir, capsys):
+    from rosetta.cli import main
+
+    assert main(["serve", str(untrained_model_dir), "--max-texts", "0", "--max-wait-ms", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rosetta serve: error: --max-texts: Input should be greater than or equal to 1; "
+        "--max-wait-ms: Input should be greater than or equal to 0"
+    ]

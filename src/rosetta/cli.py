@@ -218,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import torch
     import uvicorn
+    from pydantic import ValidationError
 
     from rosetta.config import ServeConfig
     from rosetta.serve.app import create_app
@@ -226,8 +227,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = {name: getattr(args, name) for name in ServeConfig.model_fields}
     try:
         config = ServeConfig(**{k: v for k, v in limits.items() if v is not None})
-    except ValueError as error:  # pydantic's ValidationError
-        raise ConfigError(f"invalid serve settings: {error}") from None
+    except ValidationError as error:
+        problems = [f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in error.errors()]
+        raise ConfigError("; ".join(problems)) from None
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
     # TCP, and without it every response waits for a delayed ACK (~40 ms)
