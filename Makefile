@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   train on the built-in toy task, translate, report BLEU
 #   make test   lint with ruff + the whole test suite
-#   (make chromium installs Debian's Chromium for the page's browser tests)
+#   (make test also installs Debian's Chromium for the page's browser tests)
 # Both create .venv on first use and reuse it afterwards.
 
 PYTHON ?= python3
@@ -29,11 +29,11 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: lint
+test: lint chromium
 	$(BIN)/python -m pytest -q
 
 # Debian's Chromium, for the web page's browser tests (Playwright drives it; it
-# cannot download browsers here). Without it those tests are skipped.
+# cannot download browsers here); `make test` installs it when it is missing.
 chromium:
 	@test -x /usr/bin/chromium || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \

@@ -1,14 +1,13 @@
 """The web page in a real browser: Debian's headless Chromium, driven by Playwright,
 against ``rosetta serve``'s app on 127.0.0.1.
 
-Without /usr/bin/chromium the tests are skipped, unless ROSETTA_REQUIRE_BROWSER=1
-(set by ``.ci/run``, which installs Chromium), where its absence is a failure.
+``make test`` installs Chromium first (``make chromium``); without it these tests
+fail with the command that installs it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 from pathlib import Path
@@ -56,12 +55,10 @@ def server(toy_model_dir):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is not installed (apt-get install chromium)"
-        if os.environ.get("ROSETTA_REQUIRE_BROWSER") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as driver:
+        pytest.fail(f"{CHROMIUM} is not installed: make chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         yield browser
         browser.close()
