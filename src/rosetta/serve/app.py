@@ -136,9 +136,7 @@ def create_app(service: TranslationService) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
-        return error_response(422, f"invalid request: {where}: {first['msg']}")
+        return error_response(422, first_problem(error.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -274,11 +272,14 @@ async def _libre_body(request: Request) -> LibreTranslateRequest:
         else:
             data = json.loads(await request.body())
         return LibreTranslateRequest.model_validate(data)
-    except (ValueError, UnicodeDecodeError) as error:
-        if isinstance(error, RequestError):
-            raise
-        if isinstance(error, ValidationError):
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise RequestError(400, f"invalid request: {where}: {first['msg']}") from None
+    except ValidationError as error:
+        raise RequestError(400, first_problem(error.errors())) from None
+    except (ValueError, UnicodeDecodeError):  # not JSON, or not UTF-8
         raise RequestError(400, "invalid request: the body is not JSON or a form") from None
+
+
+def first_problem(errors: list[dict[str, Any]]) -> str:
+    """One line for a body that does not validate: where, and what is wrong."""
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+    return f"invalid request: {where}: {first['msg']}"
