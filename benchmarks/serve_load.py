@@ -5,7 +5,9 @@ For each engine (rosetta's own ``torch`` search and ``ctranslate2`` on an export
 of the same model):
 
 1. offline, in a process of its own: ``Translator.translate`` of the sentences
-   in one call (length-sorted batches: the best an engine does) and one sentence
+   in one call (length-sorted batches: the best an engine does), in consecutive
+   groups of 32 (the most a server's group can hold under 32 clients, in arrival
+   order: the ceiling of batching whole requests, before any HTTP) and one sentence
    at a time (the latency floor of a lone request; measured in rounds that
    alternate with the one-client rounds against the server);
 2. the server, started as ``rosetta serve`` in its own process on 127.0.0.1 with
@@ -58,6 +60,7 @@ from rosetta.decode.translator import Translator
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SOURCES = ROOT.parent / "shared" / "data" / "multi30k" / "test2016.en"
 CLIENTS = (1, 8, 32, 128)
+GROUP = 32  # the most a server's group can hold with 32 clients
 
 
 # ---- offline ---------------------------------------------------------------------------
@@ -81,6 +84,17 @@ def offline_batched(sentences: list[str]) -> tuple[list[str], float]:
     start = time.perf_counter()
     texts = [t.text for t in _translator.translate(sentences)]
     return texts, len(sentences) / (time.perf_counter() - start)
+
+
+def offline_groups(sentences: list[str], size: int) -> float:
+    """Sentences/s translating consecutive groups of ``size`` (each length-sorted
+    inside, none with the others): what a server whose groups hold ``size`` requests
+    in arrival order can reach at best, with no HTTP and no waiting at all."""
+    assert _translator is not None
+    start = time.perf_counter()
+    for i in range(0, len(sentences), size):
+        _translator.translate(sentences[i : i + size])
+    return len(sentences) / (time.perf_counter() - start)
 
 
 def offline_single(sentences: list[str]) -> list[float]:
@@ -185,7 +199,8 @@ def measure_engine(args, engine: str, model: Path, sentences: list[str]) -> dict
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, spawn, _load, (model, engine, args.threads)) as child:
         expected, batched = child.submit(offline_batched, sentences).result()
-        print(f"offline: batched {batched:.1f} sent/s", flush=True)
+        groups = child.submit(offline_groups, sentences, GROUP).result()
+        print(f"offline: batched {batched:.1f} sent/s, groups of {GROUP} {groups:.1f}", flush=True)
         server = Server(model, engine, args.threads, args.serve_options)
         try:
             asyncio.run(load(server.url, sentences, expected, 4, 32))  # warm-up
@@ -198,6 +213,7 @@ def measure_engine(args, engine: str, model: Path, sentences: list[str]) -> dict
             server.stop()
     base = {
         "batched_sentences_per_s": batched,
+        f"groups_of_{GROUP}_sentences_per_s": groups,
         "single_p50_ms": 1000 * statistics.median(single),
         "single_sentences_per_s": len(single) / sum(single),
     }
@@ -336,6 +352,11 @@ def table(results: dict) -> str:
         base = result["offline"]
         batched = base["batched_sentences_per_s"]
         lines.append(f"| {engine} | offline, batched | {batched:.1f} | 1.00 | | | | |")
+        groups = base[f"groups_of_{GROUP}_sentences_per_s"]
+        lines.append(
+            f"| {engine} | offline, groups of {GROUP} in arrival order | {groups:.1f} | "
+            f"{groups / batched:.2f} | | | | |"
+        )
         lines.append(
             f"| {engine} | offline, one at a time | {base['single_sentences_per_s']:.1f} | "
             f"{base['single_sentences_per_s'] / base['batched_sentences_per_s']:.2f} | "
