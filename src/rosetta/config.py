@@ -170,6 +170,28 @@ class TransformerConfig(ModelSection):
         return self
 
 
+class NATConfig(TransformerConfig):
+    """``model.arch: nat``: a non-autoregressive Transformer, a conditional masked
+    language model (CMLM, Ghazvininejad et al. 2019) over the encoder.
+
+    Its decoder reads ``<mask>`` at the positions it has to fill in and attends
+    to every position (no causal mask); the target length comes from a classifier
+    on the mean-pooled encoder output over offsets ``-max_length_offset ...
+    +max_length_offset`` from the source length, trained jointly with weight
+    ``length_loss_weight``. Training masks a uniformly drawn number of target
+    tokens and predicts them; ``glancing > 0`` trains instead with glancing
+    (GLAT, Qian et al. 2021): a first pass from all masks, then a share
+    ``glancing`` of its errors revealed as gold tokens, the loss on the rest.
+    Decoding: ``rosetta.decode.mask_predict`` (``decode.iterations``,
+    ``decode.length_beam``).
+    """
+
+    arch: Literal["nat"]  # type: ignore[assignment]
+    length_loss_weight: float = Field(0.1, ge=0.0)
+    max_length_offset: int = Field(32, ge=1)
+    glancing: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class RNNConfig(ModelSection):
     """``model.arch: rnn``: the bidirectional RNN encoder-decoder with attention."""
 
@@ -192,8 +214,12 @@ class RNNConfig(ModelSection):
 
 # The model section is one of the architectures, chosen by its ``arch`` key; each
 # checks its own keys, so an RNN key in a Transformer configuration is an error.
-ModelConfig = Annotated[TransformerConfig | RNNConfig, Field(discriminator="arch")]
-ARCHITECTURES: dict[str, type[ModelSection]] = {"transformer": TransformerConfig, "rnn": RNNConfig}
+ModelConfig = Annotated[TransformerConfig | NATConfig | RNNConfig, Field(discriminator="arch")]
+ARCHITECTURES: dict[str, type[ModelSection]] = {
+    "transformer": TransformerConfig,
+    "nat": NATConfig,
+    "rnn": RNNConfig,
+}
 
 # Until the model section was split by architecture, every configuration saved
 # (a model directory's config.yaml, a checkpoint) listed the other architecture's
@@ -230,7 +256,7 @@ def _model_section(values: Any) -> Any:
 _MODEL_ADAPTER: TypeAdapter = TypeAdapter(ModelConfig)
 
 
-def model_config(values: dict[str, Any]) -> TransformerConfig | RNNConfig:
+def model_config(values: dict[str, Any]) -> TransformerConfig | NATConfig | RNNConfig:
     """Validates a model section (as written in YAML or saved by any version)."""
     return _MODEL_ADAPTER.validate_python(_model_section(values))
 
@@ -304,6 +330,10 @@ class DecodeConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 1
     scores: bool = False
+    # a non-autoregressive model's search (mask-predict): refinement passes, and
+    # target lengths tried per source; the fields above about steps do not apply
+    iterations: int = Field(10, ge=1)
+    length_beam: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _nbest_within_beam(self) -> DecodeConfig:

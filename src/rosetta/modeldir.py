@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 
 from rosetta.config import ConfigError, ExperimentConfig, load_config, model_config
 from rosetta.data.tokenizer import Tokenizer
-from rosetta.model import build_model
+from rosetta.model import model_for
 from rosetta.safeio import atomic_write_text, replace_directory, sha256_file
 
 CONFIG, WEIGHTS, METADATA = "config.yaml", "model.safetensors", "metadata.json"
@@ -127,7 +127,7 @@ def load_model_dir(
             f"the SentencePiece model in {directory} ({', '.join(tokenizer.files()[:2])}) is "
             f"not the one {WEIGHTS} was trained with: its ids would mean other pieces"
         )
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model = model_for(config.model, tokenizer)
     _check_shapes(directory, model, shapes)
     try:
         load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))

@@ -31,6 +31,10 @@ import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
+# The input of a non-autoregressive decoder at the positions it has to fill in: a
+# control symbol, so no text ever encodes to it and decoding drops it. Tokenizers
+# trained before it existed have a plain piece at id 4 (``Tokenizer.has_mask``).
+MASK_ID, MASK_PIECE = 4, "<mask>"
 
 JOINT_MODEL = "spm.model"
 SOURCE_MODEL = "spm.src.model"
@@ -76,6 +80,7 @@ def train_sentencepiece(
                 unk_piece=SPECIAL_PIECES[UNK_ID],
                 bos_piece=SPECIAL_PIECES[BOS_ID],
                 eos_piece=SPECIAL_PIECES[EOS_ID],
+                control_symbols=[MASK_PIECE],
                 num_threads=2,
                 minloglevel=2,
             )
@@ -169,6 +174,12 @@ class Tokenizer:
         """Names of the files that make up this tokenizer (for copying it)."""
         names = [JOINT_MODEL] if self.joint else [SOURCE_MODEL, TARGET_MODEL]
         return names + [name.replace(".model", ".vocab") for name in names]
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the target model holds ``<mask>`` at ``MASK_ID`` (what a
+        non-autoregressive model needs)."""
+        return self.target.id_to_piece(MASK_ID) == MASK_PIECE
 
     @property
     def src_vocab_size(self) -> int:

@@ -40,6 +40,7 @@ from rosetta.data.tokenizer import PAD_ID, Tokenizer
 from rosetta.decode.beam import beam_search
 from rosetta.decode.common import Hypothesis, Lengths
 from rosetta.decode.greedy import greedy_search
+from rosetta.decode.mask_predict import mask_predict
 from rosetta.decode.sampling import sample
 from rosetta.model.interface import Seq2Seq
 from rosetta.model.linear import as_plain_linear
@@ -290,7 +291,11 @@ class TorchTranslator(Translator):
         lengths = Lengths.of(opts, self.max_source_len)
         for rows in make_batches(sizes, sizes, opts.max_tokens, max_sentences=opts.batch_size):
             src = pad_batch([sources[i] for i in rows], self.device)
-            if opts.sampling:  # nbest samples per source: its row repeated nbest times
+            if not getattr(self.model, "autoregressive", True):  # fills in all at once
+                found = mask_predict(
+                    self.model, src, opts.iterations, opts.length_beam, opts.nbest, lengths
+                )
+            elif opts.sampling:  # nbest samples per source: its row repeated nbest times
                 drawn = sample(
                     self.model,
                     src.repeat_interleave(opts.nbest, dim=0),

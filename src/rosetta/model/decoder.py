@@ -18,6 +18,7 @@ from rosetta.config import TransformerConfig
 from rosetta.model.attention import CrossAttention, Memory
 from rosetta.model.efficient_attention import self_attention
 from rosetta.model.layers import Block, FeedForward, Residual, final_norm, layer_norm_args
+from rosetta.model.packing import SourcePadding
 
 
 class DecoderLayer(Block):
@@ -34,14 +35,25 @@ class DecoderLayer(Block):
         self.ff_residual = Residual.of(cfg)
 
     def forward(
-        self, x: torch.Tensor, memory: Memory, need_weights: bool = False
+        self,
+        x: torch.Tensor,
+        memory: Memory,
+        need_weights: bool = False,
+        padding: SourcePadding | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         """A whole target sequence, x (batch, tgt_len, d_model) -> (batch, tgt_len,
-        d_model); and, if asked, the ``self`` and ``cross`` attention weights."""
+        d_model); and, if asked, the ``self`` and ``cross`` attention weights.
+
+        Without ``padding``, self-attention is causal (left to right; a position
+        never sees the padding after it). With ``padding`` (the target's, unpacked),
+        every position sees every real position: the non-autoregressive decoder."""
         weights: dict[str, torch.Tensor | None] = {}
+        causal = padding is None
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:
-            out, weights["self"] = self.self_attn.forward(h, causal=True, need_weights=need_weights)
+            out, weights["self"] = self.self_attn.forward(
+                h, padding, causal=causal, need_weights=need_weights
+            )
             return out
 
         def cross_attend(h: torch.Tensor) -> torch.Tensor:
@@ -71,13 +83,17 @@ class Decoder(Block):
         self._final_norm_args = layer_norm_args(self.final_norm)
 
     def forward(
-        self, x: torch.Tensor, memories: list[Memory], need_weights: bool = False
+        self,
+        x: torch.Tensor,
+        memories: list[Memory],
+        need_weights: bool = False,
+        padding: SourcePadding | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor | None]]]:
         """x: (batch, tgt_len, d_model) -> (batch, tgt_len, d_model), and each layer's
-        attention weights if asked."""
+        attention weights if asked; ``padding``: see ``DecoderLayer.forward``."""
         weights = []
         for layer, memory in zip(self.layers, memories):
-            x, layer_weights = layer(x, memory, need_weights)
+            x, layer_weights = layer(x, memory, need_weights, padding)
             weights.append(layer_weights)
         return self.final_norm(x), weights
 

@@ -145,6 +145,9 @@ class Seq2Seq(Block, ABC):
     src_vocab_size: int
     tgt_vocab_size: int
     output: nn.Module
+    # False for a family that fills in every target position at once (``nat``): it
+    # has no step-by-step interface, and search goes through its own generator
+    autoregressive: bool = True
 
     # ---- training ------------------------------------------------------------------
     @abstractmethod

@@ -20,9 +20,10 @@ MIN_PADDING = 0.1  # below this fraction of padded positions, packing is not wor
 
 
 class SourcePadding:
-    """The padding of a (batch, length) source batch; ``pad_mask`` is True on padding."""
+    """The padding of a (batch, length) source batch; ``pad_mask`` is True on padding.
+    ``pack=False``: the mask only, for a stack that keeps the padded layout."""
 
-    def __init__(self, pad_mask: torch.Tensor) -> None:
+    def __init__(self, pad_mask: torch.Tensor, pack: bool = True) -> None:
         self.pad_mask = pad_mask
         self.batch, self.length = pad_mask.shape
         flat = pad_mask.reshape(-1)
@@ -30,7 +31,7 @@ class SourcePadding:
         # (batch, 1, 1, src_len), True where attention is allowed; None without padding,
         # which lets SDPA run its faster unmasked kernels
         self.mask = ~pad_mask[:, None, None, :] if padded else None
-        self.packed = padded >= MIN_PADDING * flat.numel()
+        self.packed = pack and padded >= MIN_PADDING * flat.numel()
         if self.packed:
             self.index = flat.logical_not().nonzero().squeeze(1)  # flat positions of real tokens
             self.padding = flat.nonzero().squeeze(1)  # and of padding

@@ -14,6 +14,7 @@ from torch import nn
 
 from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import PAD_ID
+from rosetta.model.attention import Memory
 from rosetta.model.decoder import Decoder
 from rosetta.model.embeddings import (
     EmbeddingBlock,
@@ -62,8 +63,7 @@ class Transformer(Seq2Seq):
 
     # ---- teacher-forced pass ---------------------------------------------------------
     def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        state = self.init_state(self.encode(src))
-        x, _ = self.decoder(self.tgt_embed(tgt_in), state.sources["memory"])
+        x, _ = self.decoder(self.tgt_embed(tgt_in), self.memories(self.encode(src)))
         return x
 
     @torch.no_grad()
@@ -73,13 +73,19 @@ class Transformer(Seq2Seq):
         """Every head's weights for a teacher-forced pass (use the model's own output
         as ``tgt_in`` to see what it attended to while translating)."""
         encoded = self.encode(src, need_weights=True)
-        state = self.init_state(encoded)
-        _, weights = self.decoder(self.tgt_embed(tgt_in), state.sources["memory"], True)
+        _, weights = self.decoder(
+            self.tgt_embed(tgt_in), self.memories(encoded), True, self.target_padding(tgt_in)
+        )
         return {
             "encoder_self": encoded.attention,
             "decoder_self": [layer["self"] for layer in weights],
             "cross": [layer["cross"] for layer in weights],
         }
+
+    def target_padding(self, tgt_in: torch.Tensor) -> SourcePadding | None:
+        """What the decoder's self-attention is told about the target: nothing here
+        (causal); a non-autoregressive family gives its padding."""
+        return None
 
     # ---- incremental interface -----------------------------------------------------
     def encode(self, src: torch.Tensor, need_weights: bool = False) -> EncoderOutput:
@@ -88,14 +94,18 @@ class Transformer(Seq2Seq):
         memory, weights = self.encoder(self.src_embed(src), padding, need_weights)
         return EncoderOutput(memory, padding.pad_mask, padding=padding, attention=weights)
 
-    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
-        """Projects H_enc to every decoder layer's cross-attention K/V, once."""
-        memories = [
+    def memories(self, encoder_output: EncoderOutput) -> list[Memory]:
+        """H_enc projected to every decoder layer's cross-attention K/V, once."""
+        return [
             layer.cross_attn.project_memory(encoder_output.memory, encoder_output.padding)
             for layer in self.decoder.layers
         ]
+
+    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
         caches = [layer.self_attn.new_cache() for layer in self.decoder.layers]
-        return DecoderState(tensors={"caches": caches}, sources={"memory": memories})
+        return DecoderState(
+            tensors={"caches": caches}, sources={"memory": self.memories(encoder_output)}
+        )
 
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab)."""

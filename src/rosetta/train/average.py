@@ -38,7 +38,7 @@ def average_into_model_dir(
     and writes a model directory (default ``EXP/model``)."""
     from rosetta.data.prepare import binding, load_split
     from rosetta.data.tokenizer import Tokenizer
-    from rosetta.model import build_model
+    from rosetta.model import model_for
     from rosetta.modeldir import read_metadata, save_model_dir
     from rosetta.train.trainer import validation_bleu
 
@@ -47,7 +47,7 @@ def average_into_model_dir(
     exp = config.experiment_dir
     paths = step_checkpoints(exp / "checkpoints")[-last:]
     tokenizer = Tokenizer.load(exp / "tokenizer")
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model = model_for(config.model, tokenizer)
     model.load_state_dict(average_checkpoints(paths, binding(config)))
     valid = load_split(config, "valid")
     score = validation_bleu(model, tokenizer, valid, config, config.train.valid_bleu_size)[0]

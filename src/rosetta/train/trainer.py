@@ -40,7 +40,7 @@ from rosetta.data.prepare import TokenizedSplit, binding, load_split
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.translator import TorchTranslator
 from rosetta.evaluate.metrics import Score, bleu
-from rosetta.model import build_model
+from rosetta.model import model_for
 from rosetta.modeldir import check_finite, save_model_dir
 from rosetta.safeio import remove_stale_temporaries
 from rosetta.train import checkpoint
@@ -134,16 +134,23 @@ def _eta(seconds: float) -> str:
 @torch.no_grad()
 def validation_loss(
     model: torch.nn.Module, split: TokenizedSplit, max_tokens: int, device: torch.device
-) -> tuple[float, float]:
-    """Mean label-free NLL per target token and its perplexity."""
+) -> tuple[float, float, float | None]:
+    """Mean label-free NLL per target token and its perplexity; and, for a family
+    whose eval-mode loss counts ``length_correct`` of ``sentences`` (a
+    non-autoregressive model's length classifier), that accuracy."""
     model.eval()
     nll_sum, tokens = 0.0, 0
+    counts: dict[str, float] = {"length_correct": 0.0, "sentences": 0.0}
     for indices in make_batches(split.src_lengths, split.tgt_lengths, max_tokens):
         batch = collate(split, indices).to(device)
-        nll_sum += float(model.training_loss(batch, 0.0)["nll"])
+        terms = model.training_loss(batch, 0.0)
+        nll_sum += float(terms["nll"])
         tokens += batch.num_tgt_tokens
+        for name in counts:
+            counts[name] += float(terms.get(name, 0.0))
     nll = nll_sum / max(tokens, 1)
-    return nll, math.exp(min(nll, 50))
+    accuracy = counts["length_correct"] / counts["sentences"] if counts["sentences"] else None
+    return nll, math.exp(min(nll, 50)), accuracy
 
 
 def validation_bleu(
@@ -246,7 +253,7 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
     bound_to = binding(config)
     tokenizer = Tokenizer.load(exp / "tokenizer")
     train_split, valid_split = load_split(config, "train"), load_split(config, "valid")
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model = model_for(config.model, tokenizer)
     model.to(device)
     optimizer = build_optimizer(model, config, device)
     amp_dtype = autocast_dtype(tc.amp, device)
@@ -299,8 +306,10 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
 
     def validate() -> None:
         """Scores the model, saves checkpoints and counts validations without progress."""
-        nll, ppl = validation_loss(model, valid_split, tc.max_tokens, device)
+        nll, ppl, length_accuracy = validation_loss(model, valid_split, tc.max_tokens, device)
         record: dict[str, Any] = {"step": progress.step, "valid_nll": nll, "valid_ppl": ppl}
+        if length_accuracy is not None:
+            record["valid_length_accuracy"] = length_accuracy
         score = -nll
         if tc.valid_bleu:
             result, _ = validation_bleu(model, tokenizer, valid_split, config, tc.valid_bleu_size)

@@ -1,0 +1,88 @@
+"""Mask-predict: the search of a non-autoregressive model (Ghazvininejad et al. 2019).
+
+1. The length classifier proposes the ``length_beam`` most probable target
+   lengths of each source, distinct, from 1 to the output budget (``Lengths``,
+   less the <eos> it counts); every
+   (source, length) pair becomes one row of a batch, so all candidates of all
+   sources are decoded together.
+2. The first pass fills in every position from all ``<mask>`` inputs.
+3. Each of the ``iterations - 1`` further passes re-masks the least confident
+   tokens of each row, ``length * (iterations - t) / iterations`` of them at pass
+   ``t`` (a linear schedule), and fills those in again; a token keeps the
+   probability it had when it was last predicted.
+4. Each source keeps its candidates ranked by their average token
+   log-probability (the best first), which is also the ``score``.
+
+``iterations = 1`` is single-pass decoding. The decoder runs exactly
+``iterations`` times per batch, on ``sources x length_beam`` rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
+from rosetta.decode.common import DEFAULT_LENGTHS, DEFAULTS, Hypothesis, Lengths
+from rosetta.model.nat import NATransformer
+
+NEVER = (PAD_ID, BOS_ID, EOS_ID, MASK_ID)  # ids a filled-in position never takes
+
+
+@torch.inference_mode()
+def mask_predict(
+    model: NATransformer,
+    src: torch.Tensor,
+    iterations: int = DEFAULTS.iterations,
+    length_beam: int = DEFAULTS.length_beam,
+    nbest: int = DEFAULTS.nbest,
+    lengths: Lengths = DEFAULT_LENGTHS,
+) -> list[list[Hypothesis]]:
+    """Decodes a padded source batch (batch, src_len) into at most ``nbest``
+    hypotheses per row (one per possible length candidate), best first."""
+    if iterations < 1 or length_beam < 1:
+        raise ValueError("iterations and length_beam must be at least 1")
+    device, batch = src.device, src.size(0)
+    src_lengths = src.ne(PAD_ID).sum(1)
+    encoded = model.encode(src)
+    budget = (lengths.per_source(src) - 1).clamp(min=1)  # less the <eos> NAT does not emit
+    candidates, possible = model.predict_lengths(encoded, src_lengths, length_beam, budget)
+    beam = candidates.size(1)
+    rows = torch.arange(batch, device=device).repeat_interleave(beam)
+    memories = [memory.select_rows(rows) for memory in model.memories(encoded)]
+    target_lengths = candidates.reshape(-1)  # (batch * beam,)
+    width = int(target_lengths.max())
+    real = torch.arange(width, device=device)[None, :] < target_lengths[:, None]
+
+    tokens = torch.full(real.shape, MASK_ID, dtype=torch.long, device=device)
+    tokens.masked_fill_(~real, PAD_ID)
+    probs = torch.zeros(real.shape, device=device)  # log-probability of each token
+    masked = real.clone()
+    never = torch.tensor(NEVER, device=device)
+    for step in range(iterations):
+        log_probs = model.fill_in(memories, tokens).float().log_softmax(-1)
+        log_probs.index_fill_(-1, never, float("-inf"))
+        best, guess = log_probs.max(-1)
+        tokens = torch.where(masked, guess, tokens)
+        probs = torch.where(masked, best, probs)
+        if step == iterations - 1:
+            break
+        remask = (target_lengths.float() * (iterations - 1 - step) / iterations).long()
+        order = probs.masked_fill(~real, float("inf")).argsort(dim=1).argsort(dim=1)
+        masked = order < remask[:, None]  # the least confident real positions
+        tokens = tokens.masked_fill(masked, MASK_ID)
+
+    total = (probs * real).sum(1)
+    average = total / target_lengths
+    ranking = average.masked_fill(~possible.view(-1), float("-inf")).view(batch, beam)
+    ranked = ranking.argsort(dim=1, descending=True)
+    results = []
+    for row in range(batch):
+        hyps = []
+        for rank in ranked[row, :nbest].tolist():
+            if hyps and not possible[row, rank]:  # a stand-in: only when nothing else
+                break
+            k = row * beam + rank
+            length = int(target_lengths[k])
+            hyps.append(Hypothesis(tokens[k, :length].tolist(), float(average[k]), float(total[k])))
+        results.append(hyps)
+    return results

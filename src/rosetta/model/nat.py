@@ -1,0 +1,179 @@
+"""The non-autoregressive Transformer (``model.arch: nat``): a conditional masked
+language model over the Transformer's encoder (CMLM, Ghazvininejad et al. 2019).
+
+The decoder fills in every target position at once. Its input is the target
+with some tokens replaced by ``<mask>`` (all of them, for the first pass of
+decoding), its self-attention sees every real position of the target (no causal
+mask, never the padding), and its output at each position is a distribution
+over that position's token. How long the target is comes first, from a
+classifier on the mean-pooled encoder output: the offset of the target length
+from the source length, within ``±max_length_offset``.
+
+Training (``training_loss``) minimises the token loss on the positions to
+predict plus ``length_loss_weight`` times the length classifier's loss:
+
+- CMLM: a number of target tokens drawn uniformly from 1..length is masked and
+  predicted from the rest;
+- glancing (GLAT, Qian et al. 2021; ``glancing > 0``): a first pass predicts
+  every token from all masks (no gradient); a share ``glancing`` of its wrong
+  tokens' count is revealed as gold tokens at random positions, and the second
+  pass learns the rest. The better the model, the less it is shown, which is
+  what makes single-pass decoding good.
+
+Validation (eval mode) scores the single-pass case, every token from all masks
+at the gold length, which is deterministic, and counts the sentences whose
+length the classifier gets right. Search is ``rosetta.decode.mask_predict``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rosetta.config import NATConfig
+from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID
+from rosetta.model.attention import Memory
+from rosetta.model.interface import DecoderState, EncoderOutput
+from rosetta.model.linear import Linear
+from rosetta.model.packing import SourcePadding
+from rosetta.model.transformer import Transformer
+from rosetta.train.loss import label_smoothed_nll
+
+
+class NATransformer(Transformer):
+    """Encoder as the Transformer's; a decoder without the causal mask reading
+    ``<mask>`` tokens; a target-length classifier."""
+
+    autoregressive = False
+
+    def __init__(self, cfg: NATConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+        super().__init__(cfg, src_vocab_size, tgt_vocab_size)
+        self.max_offset = cfg.max_length_offset
+        self.length_head = Linear(cfg.d_model, 2 * cfg.max_length_offset + 1)
+
+    # ---- lengths ---------------------------------------------------------------------
+    def length_logits(self, encoder_output: EncoderOutput) -> torch.Tensor:
+        """(batch, 2 * max_length_offset + 1): scores of the target length minus the
+        source length, from -max_length_offset (class 0) up, over the mean of the
+        encoder output at the real source positions."""
+        real = (~encoder_output.pad_mask).unsqueeze(-1).to(encoder_output.memory.dtype)
+        pooled = (encoder_output.memory * real).sum(1) / real.sum(1).clamp(min=1.0)
+        return self.length_head(pooled)
+
+    def length_classes(self, tgt_lengths: torch.Tensor, src_lengths: torch.Tensor) -> torch.Tensor:
+        """The class of each target length (offsets beyond the range are clipped)."""
+        offset = (tgt_lengths - src_lengths).clamp(-self.max_offset, self.max_offset)
+        return offset + self.max_offset
+
+    def predict_lengths(
+        self,
+        encoder_output: EncoderOutput,
+        src_lengths: torch.Tensor,
+        candidates: int,
+        max_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``candidates`` most probable target lengths of each source among those
+        from 1 to its ``max_lengths``, best first: (batch, candidates) lengths, and
+        whether each is one (False where a source has fewer possible lengths; such
+        a length is a clipped stand-in, ranked last)."""
+        offsets = torch.arange(-self.max_offset, self.max_offset + 1, device=src_lengths.device)
+        lengths = src_lengths[:, None] + offsets  # (batch, classes)
+        possible = (lengths >= 1) & (lengths <= max_lengths[:, None])
+        scores = self.length_logits(encoder_output).float().masked_fill(~possible, float("-inf"))
+        top = scores.topk(min(candidates, scores.size(-1)), dim=-1)
+        chosen = lengths.gather(1, top.indices)
+        chosen = torch.minimum(chosen.clamp(min=1), max_lengths[:, None].clamp(min=1))
+        return chosen, top.values.isfinite()
+
+    # ---- the decoder -----------------------------------------------------------------
+    def target_padding(self, tgt_in: torch.Tensor) -> SourcePadding:
+        return SourcePadding(tgt_in.eq(PAD_ID), pack=False)
+
+    def fill_in(self, memories: list[Memory], tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, tgt_len, vocab) for every position of ``tokens`` (target
+        tokens, ``<mask>`` where unknown, ``<pad>`` past the length), one pass."""
+        x, _ = self.decoder(self.tgt_embed(tokens), memories, padding=self.target_padding(tokens))
+        return self.output(x)
+
+    def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """The decoder's states for the input ``tgt_in`` (masks and tokens, as
+        ``fill_in`` takes it; no ``<bos>``)."""
+        padding = self.target_padding(tgt_in)
+        x, _ = self.decoder(self.tgt_embed(tgt_in), self.memories(self.encode(src)), False, padding)
+        return x
+
+    # ---- training --------------------------------------------------------------------
+    def training_loss(self, batch, label_smoothing: float) -> dict[str, torch.Tensor]:
+        """``loss`` (tokens to predict + weighted length loss), ``nll`` (of the tokens
+        predicted), ``length_loss``; in eval mode also ``length_correct`` and
+        ``sentences``. Sums, as ``Seq2Seq.training_loss``."""
+        target = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS_ID), PAD_ID)  # no <eos>
+        real = target.ne(PAD_ID)
+        tgt_lengths = real.sum(1)
+        encoded = self.encode(batch.src)
+        memories = self.memories(encoded)
+        length_logits = self.length_logits(encoded)
+        classes = self.length_classes(tgt_lengths, batch.src_lengths)
+        length_loss = F.cross_entropy(length_logits.float(), classes, reduction="sum")
+
+        all_masked = target.masked_fill(real, MASK_ID)
+        if not self.training:
+            hidden = all_masked, real
+        elif self.cfg.glancing > 0:
+            hidden = self._glance(memories, target, real, all_masked)
+        else:
+            hidden = self._mask_uniformly(target, real)
+        decoder_in, predicted = hidden
+        x, _ = self.decoder(
+            self.tgt_embed(decoder_in), memories, padding=self.target_padding(decoder_in)
+        )
+        loss, nll = label_smoothed_nll(
+            self.output(x[predicted]), target[predicted], label_smoothing
+        )
+        terms = {"loss": loss + self.cfg.length_loss_weight * length_loss, "nll": nll}
+        terms["length_loss"] = length_loss.detach()
+        if not self.training:
+            terms["length_correct"] = length_logits.argmax(-1).eq(classes).sum()
+            terms["sentences"] = torch.tensor(target.size(0))
+        return terms
+
+    @staticmethod
+    def _random_order(real: torch.Tensor) -> torch.Tensor:
+        """Each real position's rank in a random order of its row's real positions
+        (padding ranks last)."""
+        noise = torch.rand(real.shape, device=real.device).masked_fill(~real, 2.0)
+        return noise.argsort(dim=1).argsort(dim=1)
+
+    def _mask_uniformly(
+        self, target: torch.Tensor, real: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CMLM: ``n ~ U{1..length}`` random real positions of each row masked."""
+        lengths = real.sum(1)
+        count = (torch.rand(lengths.shape, device=real.device) * lengths).long() + 1
+        masked = self._random_order(real) < count[:, None]
+        return target.masked_fill(masked, MASK_ID), masked
+
+    def _glance(
+        self,
+        memories: list[Memory],
+        target: torch.Tensor,
+        real: torch.Tensor,
+        all_masked: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLAT: reveal ``glancing`` x (wrong tokens of a first pass) gold tokens."""
+        with torch.no_grad():
+            guess = self.fill_in(memories, all_masked).argmax(-1)
+            wrong = (guess.ne(target) & real).sum(1)
+        reveal = (wrong.float() * self.cfg.glancing).long()
+        shown = self._random_order(real) < reveal[:, None]
+        return torch.where(shown, target, all_masked), real & ~shown
+
+    # ---- no step-by-step decoding ----------------------------------------------------
+    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
+        raise TypeError(
+            "a non-autoregressive model has no step-by-step decoding: "
+            "search it with rosetta.decode.mask_predict"
+        )
+
+    def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        raise TypeError("a non-autoregressive model has no step-by-step decoding")

@@ -1,0 +1,205 @@
+"""The non-autoregressive Transformer: length prediction, the unmasked decoder,
+the CMLM and glancing objectives, mask-predict, and a tiny model that learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import learning_config
+from rosetta.config import DecodeConfig, NATConfig, config_from_dict
+from rosetta.data.batching import Batch
+from rosetta.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, MASK_PIECE, PAD_ID
+from rosetta.decode.mask_predict import mask_predict
+from rosetta.model import NATransformer, build_model
+
+VOCAB = 40
+
+
+def tiny(**overrides) -> NATransformer:
+    torch.manual_seed(0)
+    cfg = NATConfig(
+        arch="nat", d_model=16, d_ff=32, heads=2, encoder_layers=1, decoder_layers=2,
+        dropout=0.0, max_positions=64, max_length_offset=4, **overrides,
+    )  # fmt: skip
+    model = build_model(cfg, VOCAB, VOCAB)
+    assert isinstance(model, NATransformer)
+    return model
+
+
+def batch_of(sources: list[list[int]], targets: list[list[int]]) -> Batch:
+    def pad(rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+
+    return Batch(
+        src=pad(sources),
+        src_lengths=torch.tensor([len(s) for s in sources]),
+        tgt_in=pad([[BOS_ID, *t] for t in targets]),
+        tgt_out=pad([[*t, EOS_ID] for t in targets]),
+        indices=torch.arange(len(sources)),
+    )
+
+
+SOURCES = [[5, 6, 7, 8, 9], [10, 11, 12]]
+TARGETS = [[13, 14, 15, 16, 17, 18], [19, 20]]
+
+
+def test_config_and_mask_token():
+    config = config_from_dict(
+        {"experiment_dir": "x", "data": {"toy": {}}, "model": {"arch": "nat", "glancing": 0.3}}
+    )
+    assert isinstance(config.model, NATConfig) and config.model.glancing == 0.3
+    assert MASK_ID == 4 and MASK_PIECE == "<mask>"
+    assert DecodeConfig().iterations == 10 and DecodeConfig().length_beam == 5
+
+
+def test_length_classifier_shapes_and_loss_by_hand():
+    model = tiny().eval()
+    batch = batch_of(SOURCES, TARGETS)
+    encoded = model.encode(batch.src)
+    logits = model.length_logits(encoded)
+    assert logits.shape == (2, 9)  # offsets -4..4
+    # the mean of the encoder output over the real source positions, then the head
+    pooled = torch.stack([encoded.memory[0, :5].mean(0), encoded.memory[1, :3].mean(0)])
+    torch.testing.assert_close(logits, model.length_head(pooled))
+    # target lengths 6 and 2 against sources of 5 and 3: offsets +1 and -1
+    classes = model.length_classes(torch.tensor([6, 2]), torch.tensor([5, 3]))
+    assert classes.tolist() == [5, 3]
+    assert model.length_classes(torch.tensor([20]), torch.tensor([3])).tolist() == [8]  # clipped
+    terms = model.training_loss(batch, 0.0)
+    torch.testing.assert_close(
+        terms["length_loss"], F.cross_entropy(logits, classes, reduction="sum")
+    )
+    assert int(terms["sentences"]) == 2
+    assert int(terms["length_correct"]) == int(logits.argmax(-1).eq(classes).sum())
+    # eval mode scores every token from all masks: the nll covers all 8 target tokens
+    tokens = torch.tensor([[MASK_ID] * 6, [MASK_ID] * 2 + [PAD_ID] * 4])
+    x = model.hidden_states(batch.src, tokens)
+    labels = torch.tensor([TARGETS[0], TARGETS[1] + [PAD_ID] * 4])
+    nll = F.cross_entropy(
+        model.output(x)[labels.ne(PAD_ID)], labels[labels.ne(PAD_ID)], reduction="sum"
+    )
+    torch.testing.assert_close(terms["nll"], nll)
+    torch.testing.assert_close(terms["loss"], nll + 0.1 * terms["length_loss"])
+
+
+def test_decoder_sees_every_position_and_never_padding():
+    model = tiny().eval()
+    src = torch.tensor(SOURCES[0])[None].repeat(2, 1)
+    tokens = torch.tensor(
+        [[MASK_ID, 21, MASK_ID, 22, MASK_ID], [MASK_ID, 23, PAD_ID, PAD_ID, PAD_ID]]
+    )
+    maps = model.attention_maps(src, tokens)
+    for weights in maps["decoder_self"]:  # (batch, heads, q, k)
+        assert (weights[0] > 0).all()  # later positions too: no causal mask
+        assert (weights[1, :, :2, 2:] == 0).all()  # padding is never attended to
+        torch.testing.assert_close(weights[1, :, :2, :2].sum(-1), torch.ones(2, 2))
+    # changing a later token changes an earlier position's output (no causal mask)
+    changed = tokens.clone()
+    changed[0, 4] = 30
+    first = model.fill_in(model.memories(model.encode(src)), tokens)[0, 0]
+    second = model.fill_in(model.memories(model.encode(src)), changed)[0, 0]
+    assert not torch.allclose(first, second)
+
+
+def test_cmlm_and_glancing_masks():
+    torch.manual_seed(1)
+    model = tiny()
+    target = torch.tensor([[13, 14, 15, 16, 17, 18], [19, 20, PAD_ID, PAD_ID, PAD_ID, PAD_ID]])
+    real = target.ne(PAD_ID)
+    for _ in range(20):
+        decoder_in, masked = model._mask_uniformly(target, real)
+        counts = masked.sum(1)
+        assert (counts >= 1).all() and (counts <= real.sum(1)).all()
+        assert not (masked & ~real).any()
+        assert (decoder_in[masked] == MASK_ID).all()
+        assert torch.equal(decoder_in[~masked], target[~masked])
+    memories = model.memories(model.encode(batch_of(SOURCES, TARGETS).src))
+    all_masked = target.masked_fill(real, MASK_ID)
+    glancing = tiny(glancing=1.0)
+    glancing.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        guess = model.fill_in(memories, all_masked).argmax(-1)
+    wrong = (guess.ne(target) & real).sum(1)
+    decoder_in, predicted = glancing._glance(memories, target, real, all_masked)
+    shown = real & ~predicted
+    assert shown.sum(1).tolist() == wrong.tolist()  # ratio 1: as many revealed as wrong
+    assert torch.equal(decoder_in[shown], target[shown])
+    assert (decoder_in[predicted] == MASK_ID).all()
+
+
+def test_training_steps_reduce_the_loss_with_both_objectives():
+    batch = batch_of(SOURCES, TARGETS)
+    for glancing in (0.0, 0.5):
+        model = tiny(glancing=glancing)
+        before = float(model.eval().training_loss(batch, 0.0)["loss"].detach())  # all masked
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.train()
+        for step in range(100):
+            torch.manual_seed(step)
+            loss = model.training_loss(batch, 0.0)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after = float(model.eval().training_loss(batch, 0.0)["loss"].detach())
+        assert after < 0.5 * before, (glancing, before, after)
+
+
+def test_mask_predict_calls_the_decoder_k_times_on_every_length_candidate():
+    model = tiny().eval()
+    src = torch.tensor([SOURCES[0], SOURCES[1] + [PAD_ID] * 2])
+    calls = []
+    fill_in = model.fill_in
+
+    def counting(memories, tokens):
+        calls.append(tokens.clone())
+        return fill_in(memories, tokens)
+
+    model.fill_in = counting
+    for iterations, length_beam in ((1, 1), (4, 3), (10, 5)):
+        calls.clear()
+        found = mask_predict(model, src, iterations, length_beam, nbest=length_beam)
+        assert len(calls) == iterations
+        assert all(tokens.size(0) == 2 * length_beam for tokens in calls)
+        assert (calls[0][calls[0].ne(PAD_ID)] == MASK_ID).all()  # the first pass: all masks
+        for source, hyps in zip(src, found):
+            # the source of 3 tokens has lengths 1..7 to choose from (offsets -4..+4)
+            assert len(hyps) == min(length_beam, 7 if source.ne(PAD_ID).sum() == 3 else 9)
+            assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+            assert len({len(h.tokens) for h in hyps}) == len(hyps)  # distinct lengths
+            for h in hyps:
+                assert not set(h.tokens) & {PAD_ID, BOS_ID, EOS_ID, MASK_ID}
+                assert h.score == pytest.approx(h.log_prob / len(h.tokens))
+        if iterations > 1:  # later passes re-mask fewer positions each time
+            masks = [int(t.eq(MASK_ID).sum()) for t in calls]
+            assert masks == sorted(masks, reverse=True) and masks[-1] < masks[0]
+
+
+def test_a_nat_model_has_no_step_by_step_decoding():
+    model = tiny().eval()
+    with pytest.raises(TypeError, match="non-autoregressive"):
+        model.init_state(model.encode(torch.tensor(SOURCES[:1])))
+
+
+@pytest.mark.slow
+def test_tiny_nat_learns_the_toy_task(tmp_path):
+    from rosetta.data.prepare import prepare
+    from rosetta.decode.translator import Translator
+    from rosetta.evaluate.metrics import bleu
+    from rosetta.train.trainer import train
+
+    config = learning_config(tmp_path / "exp", arch="nat", glancing=0.5)
+    prepare(config, log=lambda _: None)
+    model_dir = train(config, log=lambda _: None)
+    corpus = tmp_path / "exp" / "corpus"
+    sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()
+    references = (corpus / "test.zeta").read_text(encoding="utf-8").splitlines()
+    scores = {}
+    for iterations in (1, 4):
+        translator = Translator.load(model_dir, iterations=iterations, length_beam=3)
+        outputs = [t.text for t in translator.translate([*sources, ""])]
+        assert len(outputs) == len(sources) + 1  # N lines in, N out
+        scores[iterations] = bleu(outputs[:-1], references).score
+    assert scores[4] > 60, scores
