@@ -3,6 +3,8 @@ the CMLM and glancing objectives, mask-predict, and a tiny model that learns."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,16 +192,79 @@ def test_tiny_nat_learns_the_toy_task(tmp_path):
     from rosetta.evaluate.metrics import bleu
     from rosetta.train.trainer import train
 
-    config = learning_config(tmp_path / "exp", arch="nat", glancing=0.5)
+    config = learning_config(tmp_path / "exp", arch="nat")
+    train_section = config.train.model_copy(update={"max_steps": 600, "valid_every": 600})
+    config = config.model_copy(update={"train": train_section})
     prepare(config, log=lambda _: None)
     model_dir = train(config, log=lambda _: None)
+    history = [
+        json.loads(line)
+        for line in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()
+        if '"valid"' in line
+    ]
+    assert history[-1]["valid_length_accuracy"] > 0.8
     corpus = tmp_path / "exp" / "corpus"
     sources = (corpus / "test.en").read_text(encoding="utf-8").splitlines()
     references = (corpus / "test.zeta").read_text(encoding="utf-8").splitlines()
     scores = {}
-    for iterations in (1, 4):
+    for iterations in (1, 10):
         translator = Translator.load(model_dir, iterations=iterations, length_beam=3)
         outputs = [t.text for t in translator.translate([*sources, ""])]
-        assert len(outputs) == len(sources) + 1  # N lines in, N out
+        assert len(outputs) == len(sources) + 1 and outputs[-1] == ""  # N lines in, N out
         scores[iterations] = bleu(outputs[:-1], references).score
-    assert scores[4] > 60, scores
+    assert scores[1] > 75 and scores[10] > 85, scores
+    assert scores[10] >= scores[1], scores
+
+
+def test_distill_writes_the_teachers_translations_and_resumes(toy_model_dir, tmp_path):
+    from conftest import toy_config
+    from rosetta.cli import main
+    from rosetta.data.prepare import prepare
+    from rosetta.decode.distill import MANIFEST, DistillError, distill
+    from rosetta.decode.translator import Translator
+
+    config = toy_config(
+        tmp_path / "student",
+        data={"toy": {"seed": 3, "train_size": 120, "valid_size": 10, "test_size": 10}},
+    )
+    prepare(config, log=lambda _: None)
+    corpus = tmp_path / "student" / "corpus"
+    sources = (corpus / "train.en").read_text(encoding="utf-8").splitlines()
+    teacher = Translator.load(toy_model_dir, beam=2)
+    expected = [t.text for t in teacher.translate(sources)]
+
+    dest = tmp_path / "distilled"
+    distill(teacher, toy_model_dir, config, dest, chunk=50, log=lambda _: None)
+    assert (dest / "train.en").read_text(encoding="utf-8").splitlines() == sources
+    assert (dest / "train.zeta").read_text(encoding="utf-8").splitlines() == expected
+    for split in ("valid", "test"):  # real references, unchanged
+        for lang in ("en", "zeta"):
+            assert (dest / f"{split}.{lang}").read_bytes() == (
+                corpus / f"{split}.{lang}"
+            ).read_bytes()
+
+    # a run stopped after 70 lines and a torn 71st resumes from line 71
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / MANIFEST).write_text((dest / MANIFEST).read_text())
+    torn = "".join(line + "\n" for line in expected[:70]) + expected[70][:3]
+    (resumed / "train.zeta.partial").write_text(torn, encoding="utf-8")
+    translated = []
+    original = teacher.translate
+    teacher.translate = lambda batch: translated.extend(batch) or original(batch)
+    distill(teacher, toy_model_dir, config, resumed, chunk=50, log=lambda _: None)
+    assert translated == sources[70:]
+    assert (resumed / "train.zeta").read_text(encoding="utf-8").splitlines() == expected
+    assert not (resumed / "train.zeta.partial").exists()
+
+    # another teacher's search never continues this one's work
+    other = Translator.load(toy_model_dir, beam=1)
+    with pytest.raises(DistillError, match="another teacher"):
+        distill(other, toy_model_dir, config, dest, log=lambda _: None)
+
+    # the command line, into EXP/distilled
+    config_path = tmp_path / "student.yaml"
+    config_path.write_text(config.to_yaml())
+    assert main(["distill", str(config_path), str(toy_model_dir), "--beam", "2"]) == 0
+    out = tmp_path / "student" / "distilled" / "train.zeta"
+    assert out.read_text(encoding="utf-8").splitlines() == expected

@@ -74,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _search_overrides(args: argparse.Namespace) -> dict:
     """The search options given on the command line; None keeps the model's default."""
     names = ["beam", "nbest", "length_penalty", "batch_size", "max_tokens"]
+    names += ["iterations", "length_beam"]
     names += ["temperature", "top_k", "top_p", "seed"]
     overrides = {name: getattr(args, name, None) for name in names}
     overrides["sampling"] = getattr(args, "sample", False) or None
@@ -139,6 +140,18 @@ def cmd_translate(args: argparse.Namespace) -> None:
         else:
             for line in output_lines(results):
                 print(line)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from rosetta.data.prepare import prepare
+    from rosetta.decode.distill import distill
+    from rosetta.decode.translator import Translator
+
+    config = _config(args)
+    if config.data.toy is not None:
+        prepare(config)  # writes the generated toy corpus
+    teacher = Translator.load(args.teacher, device=args.device, beam=args.beam)
+    distill(teacher, Path(args.teacher), config, args.output or config.experiment_dir / "distilled")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -377,6 +390,9 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--batch-size", type=POSITIVE_INT, help="max sentences per batch")
     group.add_argument("--max-tokens", type=POSITIVE_INT, help="max padded source tokens per batch")
+    group = parser.add_argument_group("non-autoregressive models (model.arch nat): mask-predict")
+    group.add_argument("--iterations", type=POSITIVE_INT, help="refinement passes; 1 = single pass")
+    group.add_argument("--length-beam", type=POSITIVE_INT, help="target lengths tried per input")
     group = parser.add_argument_group("sampling")
     group.add_argument(
         "--sample", action="store_true", help="draw from the model instead of searching"
@@ -480,6 +496,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--last", type=POSITIVE_INT, default=5, help="how many (default 5)")
     sub.add_argument("-o", "--output", help="model directory to write (default EXP/model)")
     sub.set_defaults(func=cmd_average)
+
+    sub = with_config(
+        "distill",
+        "translate a corpus' training sources with a teacher (sequence-level distillation)",
+        description="Translate the training sources of CONFIG's corpus with the teacher "
+        "model's search into a corpus folder (train/valid/test; valid and test keep their "
+        "real references) that a student configuration names as data.root: the standard "
+        "training set of a non-autoregressive model. Progress is kept: a stopped run "
+        "resumes after its last complete line.",
+    )
+    sub.add_argument("teacher", help="the teacher's model directory (EXP/model)")
+    sub.add_argument("-o", "--output", type=Path, help="corpus folder (default EXP/distilled)")
+    sub.add_argument("--beam", type=POSITIVE_INT, help="the teacher's beam (default: its own)")
+    _add_device_option(sub)
+    sub.set_defaults(func=cmd_distill)
 
     sub = verb(
         "attention",
