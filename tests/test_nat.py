@@ -265,6 +265,13 @@ def test_distill_writes_the_teachers_translations_and_resumes(toy_model_dir, tmp
     # the command line, into EXP/distilled
     config_path = tmp_path / "student.yaml"
     config_path.write_text(config.to_yaml())
-    assert main(["distill", str(config_path), str(toy_model_dir), "--beam", "2"]) == 0
+    assert main(["distill", str(toy_model_dir), str(config_path), "--beam", "2"]) == 0
     out = tmp_path / "student" / "distilled" / "train.zeta"
     assert out.read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_ctranslate2_export_refuses_a_nat_model():
+    from rosetta.export.ctranslate2 import check_representable
+
+    with pytest.raises(ValueError, match="not 'nat'"):
+        check_representable(tiny())

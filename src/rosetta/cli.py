@@ -497,16 +497,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", help="model directory to write (default EXP/model)")
     sub.set_defaults(func=cmd_average)
 
-    sub = with_config(
+    sub = verb(
         "distill",
         "translate a corpus' training sources with a teacher (sequence-level distillation)",
-        description="Translate the training sources of CONFIG's corpus with the teacher "
+        "Translate the training sources of CONFIG's corpus with the teacher "
         "model's search into a corpus folder (train/valid/test; valid and test keep their "
         "real references) that a student configuration names as data.root: the standard "
         "training set of a non-autoregressive model. Progress is kept: a stopped run "
         "resumes after its last complete line.",
     )
     sub.add_argument("teacher", help="the teacher's model directory (EXP/model)")
+    sub.add_argument("config", help="the experiment YAML whose training set to distill")
+    sub.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. data.root=..."
+    )
     sub.add_argument("-o", "--output", type=Path, help="corpus folder (default EXP/distilled)")
     sub.add_argument("--beam", type=POSITIVE_INT, help="the teacher's beam (default: its own)")
     _add_device_option(sub)

@@ -66,6 +66,11 @@ def _teacher_forced(
     translator: TorchTranslator, src_ids: list[int], output: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(src, tgt_in) of one sentence, batch 1, on the model's device."""
+    if not translator.model.autoregressive:
+        raise ValueError(
+            "attention and the search are shown for left-to-right models; "
+            "a non-autoregressive model's are not built yet"
+        )
     if len(src_ids) > translator.max_source_len:
         raise ValueError(
             f"the sentence has {len(src_ids)} subwords; the model takes at most "

@@ -142,8 +142,10 @@ class TranslationService:
 
     @property
     def explains(self) -> bool:
-        """Whether attention and the search can be shown (rosetta's own engine)."""
-        return isinstance(self.translator, TorchTranslator)
+        """Whether attention and the search can be shown (rosetta's own engine, on a
+        left-to-right model)."""
+        translator = self.translator
+        return isinstance(translator, TorchTranslator) and translator.model.autoregressive
 
     def info(self) -> dict[str, Any]:
         """``GET /v1/model``: what the model is, how it searches, what it may be asked."""
@@ -231,7 +233,7 @@ class TranslationService:
         if explain and not self.explains:
             raise RequestError(
                 422, "return_attention and return_search need rosetta's own engine "
-                "(rosetta serve --engine torch)",
+                "(rosetta serve --engine torch) and a left-to-right model",
             )  # fmt: skip
         sources = translator.encode(texts)
         if explain:
