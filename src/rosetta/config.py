@@ -8,6 +8,7 @@ overrides from the command line before validation.
 
 from __future__ import annotations
 
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -261,6 +262,43 @@ def model_config(values: dict[str, Any]) -> TransformerConfig | NATConfig | RNNC
     return _MODEL_ADAPTER.validate_python(_model_section(values))
 
 
+class ScheduledSamplingConfig(Section):
+    """``train.scheduled_sampling``: feed the decoder some of its own predictions
+    during training (Bengio et al. 2015), in the parallel two-pass form of
+    Mihaylova & Martins (2019) and Duckworth et al. (2019): a teacher-forced pass
+    without gradients predicts every position; each decoder input after <bos> is
+    replaced by the model's prediction of it with probability ``rate(step)``; a
+    second pass on the mixed input learns the gold labels.
+
+    The rate goes from ``start`` to ``end`` as ``progress`` goes from 0 to 1 over
+    the optimizer steps ``i``, with ``speed`` = k steps:
+    ``linear`` min(1, i / k); ``exponential`` 1 - exp(-i / k); ``inverse_sigmoid``
+    1 - eps(i) / eps(0) with eps(i) = k / (k + exp(i / k)), Bengio et al.'s
+    decay of the teacher-forcing probability (halfway near k ln k steps).
+    ``sample``: draw the predictions from the model's distribution instead of
+    taking its most probable token.
+    """
+
+    schedule: Literal["linear", "exponential", "inverse_sigmoid"] = "inverse_sigmoid"
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(0.25, ge=0.0, le=1.0)
+    speed: float = Field(1000.0, gt=0.0)
+    sample: bool = False
+
+    def rate(self, step: int) -> float:
+        """The probability that a decoder input is the model's own prediction."""
+        x = step / self.speed
+        if self.schedule == "linear":
+            progress = min(1.0, x)
+        elif self.schedule == "exponential":
+            progress = 1.0 - math.exp(-x)
+        else:
+            k = self.speed
+            eps = k / (k + math.exp(min(x, 700.0)))
+            progress = 1.0 - eps / (k / (k + 1.0))
+        return self.start + (self.end - self.start) * progress
+
+
 class TrainConfig(Section):
     """Optimisation, validation and stopping."""
 
@@ -291,6 +329,7 @@ class TrainConfig(Section):
     seed: int = 1
     threads: int = Field(0, ge=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    scheduled_sampling: ScheduledSamplingConfig | None = None
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -383,6 +422,15 @@ class ExperimentConfig(Section):
     @classmethod
     def _model_arch(cls, values: Any) -> Any:
         return _model_section(values)
+
+    @model_validator(mode="after")
+    def _scheduled_sampling_needs_a_left_to_right_model(self) -> ExperimentConfig:
+        if self.train.scheduled_sampling is not None and self.model.arch == "nat":
+            raise ValueError(
+                "train.scheduled_sampling feeds a left-to-right decoder its own previous "
+                "tokens; model.arch nat has no previous tokens (glancing is its counterpart)"
+            )
+        return self
 
     def to_yaml(self) -> str:
         """The resolved configuration (presets expanded), as saved next to checkpoints."""

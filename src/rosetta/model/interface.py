@@ -159,18 +159,46 @@ class Seq2Seq(Block, ABC):
         """Logits (batch, tgt_len, tgt_vocab) for every target position."""
         return self.output(self.hidden_states(src, tgt_in))
 
-    def training_loss(self, batch: Any, label_smoothing: float) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self, batch: Any, label_smoothing: float, own_rate: float = 0.0, sample_own: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The loss terms of a batch (``rosetta.data.batching.Batch``), each summed over
         its target tokens: ``loss`` (what training minimises) and ``nll`` (the
         label-free negative log-likelihood, which validation reports). A family with
         more terms (a length loss, a second pass) adds them under their own names.
 
+        ``own_rate > 0``: scheduled sampling, each decoder input after <bos> being the
+        model's own prediction with that probability (``with_own_predictions``).
         Only the real (non-padding) positions are projected to the vocabulary.
         """
         real = batch.tgt_out.ne(PAD_ID)  # (batch, tgt_len)
-        states = self.hidden_states(batch.src, batch.tgt_in)[real]  # (tokens, d_model)
+        tgt_in = batch.tgt_in
+        if own_rate > 0:
+            tgt_in = self.with_own_predictions(batch.src, tgt_in, own_rate, sample_own)
+        states = self.hidden_states(batch.src, tgt_in)[real]  # (tokens, d_model)
         loss, nll = label_smoothed_nll(self.output(states), batch.tgt_out[real], label_smoothing)
         return {"loss": loss, "nll": nll}
+
+    def with_own_predictions(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, rate: float, sample: bool = False
+    ) -> torch.Tensor:
+        """Scheduled sampling's decoder input, in the parallel two-pass form: a
+        teacher-forced pass without gradients predicts every position (its most
+        probable token, or one drawn with ``sample``), and each input after <bos> is
+        replaced by the prediction of it with probability ``rate``. The draws use
+        PyTorch's global generator, which checkpoints save (exact resume)."""
+        with torch.no_grad():
+            logits = self(src, tgt_in).float()  # position t predicts input t + 1
+            if sample:
+                flat = torch.multinomial(logits.softmax(-1).view(-1, logits.size(-1)), 1)
+                guess = flat.view(logits.shape[:-1])
+            else:
+                guess = logits.argmax(-1)
+        predicted = torch.cat([tgt_in[:, :1], guess[:, :-1]], dim=1)
+        swap = torch.rand(tgt_in.shape, device=tgt_in.device) < rate
+        swap[:, 0] = False  # <bos> stays
+        swap &= tgt_in.ne(PAD_ID)
+        return torch.where(swap, predicted, tgt_in)
 
     @abstractmethod
     def attention_maps(

@@ -379,9 +379,13 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                     continue
                 tokens = sum(b.num_tgt_tokens for b in pending)
                 step_terms: dict[str, torch.Tensor] = {}  # the model family's loss terms
+                own = {}  # scheduled sampling: how often the decoder reads its own tokens
+                if tc.scheduled_sampling is not None:
+                    own["own_rate"] = tc.scheduled_sampling.rate(progress.step)
+                    own["sample_own"] = tc.scheduled_sampling.sample
                 for b in pending:
                     with autocast:
-                        terms = model.training_loss(b.to(device), tc.label_smoothing)
+                        terms = model.training_loss(b.to(device), tc.label_smoothing, **own)
                     scaler.scale(terms["loss"] / tokens).backward()
                     for name, value in terms.items():
                         step_terms[name] = step_terms.get(name, 0.0) + value.detach()
@@ -452,6 +456,7 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                             "epoch": progress.epoch + 1,
                             **per_token,  # "loss", "nll" and any term the model adds
                             "lr": lr,
+                            **own,  # the scheduled-sampling rate, when on
                             "tgt_tokens_per_s": window_tokens / seconds,
                             "elapsed": progress.elapsed,
                         }
