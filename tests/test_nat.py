@@ -275,3 +275,32 @@ def test_ctranslate2_export_refuses_a_nat_model():
 
     with pytest.raises(ValueError, match="not 'nat'"):
         check_representable(tiny())
+
+
+def test_attention_of_a_nat_model_is_its_last_pass(tmp_path):
+    """``rosetta attention`` and the service show what the last mask-predict pass
+    read (the output with <mask> where it filled in) and one row per output piece."""
+    from rosetta.decode.explain import Pieces, attention_weights, decoder_input
+    from rosetta.decode.translator import TorchTranslator
+
+    class Tokens:  # the piece of an id is its number, <mask> its name
+        def source_pieces(self, ids):
+            return [str(i) for i in ids]
+
+        def target_pieces(self, ids):
+            return [MASK_PIECE if i == MASK_ID else str(i) for i in ids]
+
+    model = tiny().eval()
+    translator = TorchTranslator(model, Tokens(), DecodeConfig(iterations=3, length_beam=2))
+    src_ids = SOURCES[0]
+    found = mask_predict(model, torch.tensor([src_ids]), 3, 2, 1)[0][0]
+    read = decoder_input(translator, src_ids, found.tokens)
+    assert len(read) == len(found.tokens) and MASK_ID in read  # the last pass re-filled some
+    assert all(r in (MASK_ID, t) for r, t in zip(read, found.tokens))
+    pieces = Pieces.of(translator, src_ids, found.tokens)
+    assert len(pieces.produced) == len(found.tokens)  # no <eos> row
+    weights = attention_weights(translator, src_ids, found.tokens, ("cross", "decoder_self"))
+    assert weights["cross"].shape == (2, 2, len(found.tokens), len(src_ids))
+    assert weights["decoder_self"].shape == (2, 2, len(found.tokens), len(found.tokens))
+    with pytest.raises(ValueError, match="not the model's own"):
+        decoder_input(translator, src_ids, [*found.tokens, 7])

@@ -26,6 +26,7 @@ import torch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID
 from rosetta.decode.beam import BeamTrace, beam_search
 from rosetta.decode.common import Hypothesis, Lengths
+from rosetta.decode.mask_predict import mask_predict
 from rosetta.decode.translator import TorchTranslator, pad_batch
 
 KINDS = ("cross", "encoder_self", "decoder_self")
@@ -47,10 +48,11 @@ class Pieces:
     @classmethod
     def of(cls, translator: TorchTranslator, src_ids: list[int], output: list[int]) -> Pieces:
         tokenizer = translator.tokenizer
+        produced = output if _fills_in(translator) else [*output, EOS_ID]
         return cls(
             tokenizer.source_pieces(src_ids),
-            tokenizer.target_pieces([*output, EOS_ID]),
-            tokenizer.target_pieces([BOS_ID, *output]),
+            tokenizer.target_pieces(produced),
+            tokenizer.target_pieces(decoder_input(translator, src_ids, output)),
         )
 
     def axes(self, kind: str) -> tuple[list[str], list[str]]:
@@ -62,22 +64,41 @@ class Pieces:
         }[kind]
 
 
+def _fills_in(translator: TorchTranslator) -> bool:
+    return not translator.model.autoregressive
+
+
+def decoder_input(translator: TorchTranslator, src_ids: list[int], output: list[int]) -> list[int]:
+    """What the decoder read while producing ``output``: <bos> and the output before
+    each step (left to right); for a non-autoregressive model, its last pass's
+    input (the output with ``<mask>`` where that pass filled in), found by running
+    the translator's mask-predict on the sentence again."""
+    if not _fills_in(translator):
+        return [BOS_ID, *output]
+    opts = translator.options
+    inputs: list[list[int]] = []
+    src = pad_batch([src_ids], translator.device)
+    lengths = Lengths.of(opts, translator.max_source_len)
+    found = mask_predict(
+        translator.model, src, opts.iterations, opts.length_beam, 1, lengths, inputs
+    )
+    if found[0][0].tokens != list(output):
+        raise ValueError("this output is not the model's own translation of the sentence")
+    return inputs[0]
+
+
 def _teacher_forced(
     translator: TorchTranslator, src_ids: list[int], output: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(src, tgt_in) of one sentence, batch 1, on the model's device."""
-    if not translator.model.autoregressive:
-        raise ValueError(
-            "attention and the search are shown for left-to-right models; "
-            "a non-autoregressive model's are not built yet"
-        )
+    """(src, decoder input) of one sentence, batch 1, on the model's device."""
     if len(src_ids) > translator.max_source_len:
         raise ValueError(
             f"the sentence has {len(src_ids)} subwords; the model takes at most "
             f"{translator.max_source_len} in one piece, so what it did cannot be shown"
         )
     device = translator.device
-    return pad_batch([src_ids], device), pad_batch([[BOS_ID, *output]], device)
+    tgt_in = decoder_input(translator, src_ids, output)
+    return pad_batch([src_ids], device), pad_batch([tgt_in], device)
 
 
 @torch.inference_mode()
@@ -119,7 +140,7 @@ def traced_beam_search(
     (exactly those ``translate`` returns) and ``{nodes, chosen}`` as in ``BeamTrace``
     with each token also given as its piece."""
     opts = translator.options
-    if opts.sampling or opts.beam == 1:
+    if opts.sampling or opts.beam == 1 or _fills_in(translator):
         raise ValueError("only beam search (beam > 1, no sampling) has a search tree")
     src, _ = _teacher_forced(translator, src_ids, [])
     trace = BeamTrace()

@@ -36,9 +36,13 @@ def mask_predict(
     length_beam: int = DEFAULTS.length_beam,
     nbest: int = DEFAULTS.nbest,
     lengths: Lengths = DEFAULT_LENGTHS,
+    final_inputs: list[list[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into at most ``nbest``
-    hypotheses per row (one per possible length candidate), best first."""
+    hypotheses per row (one per possible length candidate), best first.
+    ``final_inputs``, a list, receives what the decoder read in the last pass for
+    each row's best hypothesis (its tokens, ``<mask>`` where it filled in), which is
+    what attention is shown for."""
     if iterations < 1 or length_beam < 1:
         raise ValueError("iterations and length_beam must be at least 1")
     device, batch = src.device, src.size(0)
@@ -59,6 +63,7 @@ def mask_predict(
     masked = real.clone()
     never = torch.tensor(NEVER, device=device)
     for step in range(iterations):
+        last_input = tokens
         log_probs = model.fill_in(memories, tokens).float().log_softmax(-1)
         log_probs.index_fill_(-1, never, float("-inf"))
         best, guess = log_probs.max(-1)
@@ -84,5 +89,7 @@ def mask_predict(
             k = row * beam + rank
             length = int(target_lengths[k])
             hyps.append(Hypothesis(tokens[k, :length].tolist(), float(average[k]), float(total[k])))
+            if final_inputs is not None and len(hyps) == 1:
+                final_inputs.append(last_input[k, :length].tolist())
         results.append(hyps)
     return results

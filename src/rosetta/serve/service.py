@@ -142,10 +142,8 @@ class TranslationService:
 
     @property
     def explains(self) -> bool:
-        """Whether attention and the search can be shown (rosetta's own engine, on a
-        left-to-right model)."""
-        translator = self.translator
-        return isinstance(translator, TorchTranslator) and translator.model.autoregressive
+        """Whether attention and the search can be shown (rosetta's own engine)."""
+        return isinstance(self.translator, TorchTranslator)
 
     def info(self) -> dict[str, Any]:
         """``GET /v1/model``: what the model is, how it searches, what it may be asked."""
@@ -233,7 +231,7 @@ class TranslationService:
         if explain and not self.explains:
             raise RequestError(
                 422, "return_attention and return_search need rosetta's own engine "
-                "(rosetta serve --engine torch) and a left-to-right model",
+                "(rosetta serve --engine torch)",
             )  # fmt: skip
         sources = translator.encode(texts)
         if explain:
@@ -245,7 +243,9 @@ class TranslationService:
                         f"search are shown for at most {limit}", "max_source_pieces", limit,
                     )  # fmt: skip
         options = translator.options
+        left_to_right = getattr(getattr(translator, "model", None), "autoregressive", True)
         tree = request.return_search and options.beam > 1 and not options.sampling
+        tree = tree and left_to_right  # a non-autoregressive model has no beam
         work = Work(
             translator,
             sources,
