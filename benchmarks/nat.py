@@ -1,0 +1,226 @@
+"""Non-autoregressive translation against autoregressive baselines: the
+speed-quality frontier on Multi30k En->De, measured on this machine.
+
+    python benchmarks/nat.py [--config configs/multi30k_en_de.yaml] [--budget 60m]
+                             [--teacher EXP/model] [--work experiments/nat]
+
+Stages (each skipped when its output is already there, so a run can be spread
+over sessions; the times are those of the run that did the stage):
+
+1. the AR teacher: the config's recipe trained for ``--budget`` (or ``--teacher``);
+2. the distilled set: the teacher's beam translations of the training sources
+   (``rosetta.decode.distill``; its time reported apart);
+3. NAT (``model.arch: nat``, CMLM, the config's sizes) trained on the distilled
+   set for ``--budget``;
+4. a deep-encoder, one-layer-decoder AR model (Kasai et al. 2021) trained on the
+   distilled set for ``--budget``: the baseline NAT papers rarely show.
+
+Then, on test2016: BLEU (sacreBLEU, signature printed) and sentences/s at batch
+1 and batch 32 for AR greedy and beam 5 (teacher and deep-shallow), NAT k = 1
+(length beam 1 and 5), k = 2, 4 and 10 (length beam 5). Writes
+benchmarks/results/nat.{json,md} and nat.png (BLEU against sentences/s).
+
+Bars (the issue's): NAT k = 10, length beam 5 within 2 BLEU of the teacher's
+greedy BLEU; NAT single pass at least 4x the teacher's greedy sentences/s at
+batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from results_io import RESULTS, write_results
+from rosetta.config import ExperimentConfig, load_config
+from rosetta.data.prepare import corpus_root, prepare
+from rosetta.data.text import read_lines
+from rosetta.decode.distill import distill
+from rosetta.decode.translator import Translator
+from rosetta.evaluate.metrics import bleu
+from rosetta.modeldir import read_metadata
+from rosetta.train.trainer import train
+
+
+def trained(config: ExperimentConfig, label: str) -> Path:
+    """Trains ``config`` unless its model directory exists; returns the directory."""
+    model_dir = config.experiment_dir / "model"
+    if model_dir.exists():
+        print(f"{label}: using {model_dir}")
+        return model_dir
+    prepare(config)
+    start = time.monotonic()
+    train(config)
+    print(f"{label}: trained in {(time.monotonic() - start) / 60:.1f} min")
+    return model_dir
+
+
+def timed(translator: Translator, sources: list[str], batch: int) -> tuple[list[str], float]:
+    """Translations at ``batch`` sentences per call, and sentences/s."""
+    translator.translate(sources[:batch])  # warm-up
+    start = time.perf_counter()
+    out: list[str] = []
+    for i in range(0, len(sources), batch):
+        out += [t.text for t in translator.translate(sources[i : i + batch])]
+    return out, len(sources) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
+    parser.add_argument("--budget", default="60m", help="training budget of each model")
+    parser.add_argument("--teacher", type=Path, help="an AR model directory to use as teacher")
+    parser.add_argument("--work", type=Path, default=Path("experiments/nat"))
+    parser.add_argument("--sentences", type=int, default=0, help="test sentences (0: all)")
+    parser.add_argument("--name", default="nat")
+    args = parser.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    budget = [f"train.max_time={args.budget}"]
+
+    base = load_config(args.config, [*budget, f"experiment_dir={args.work / 'teacher'}"])
+    teacher_dir = args.teacher or trained(base, "teacher")
+    teacher = Translator.load(teacher_dir)
+
+    distilled = args.work / "distilled"
+    manifest = distilled / "distill.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("state") == "done":
+        print(f"distilled set: using {distilled}")
+    else:
+        distill(teacher, teacher_dir, base, distilled)
+    distill_seconds = json.loads((distilled / "distill.json").read_text())["seconds"]
+
+    student = [
+        f"data.root={distilled}",
+        "data.toy=null",  # a toy config's generated corpus gives way to the distilled one
+        "data.train=train",
+        "data.valid=valid",
+        "data.test=test",
+        *budget,
+    ]
+    nat_config = load_config(
+        args.config, [*student, "model.arch=nat", f"experiment_dir={args.work / 'nat'}"]
+    )
+    nat_dir = trained(nat_config, "NAT")
+    shallow = base.model.decoder_layers + base.model.encoder_layers - 1
+    deep_config = load_config(
+        args.config,
+        [
+            *student,
+            f"model.encoder_layers={shallow}",
+            "model.decoder_layers=1",
+            f"experiment_dir={args.work / 'deep_shallow'}",
+        ],
+    )
+    deep_dir = trained(deep_config, "deep-shallow AR")
+
+    root = corpus_root(base)
+    test = base.data.test
+    sources = read_lines(root / f"{test}.{base.data.src_lang}")
+    references = read_lines(root / f"{test}.{base.data.tgt_lang}")
+    if args.sentences:
+        sources, references = sources[: args.sentences], references[: args.sentences]
+    systems = {
+        "AR teacher, greedy": (teacher_dir, {"beam": 1}),
+        "AR teacher, beam 5": (teacher_dir, {"beam": 5}),
+        "AR deep-shallow, greedy": (deep_dir, {"beam": 1}),
+        "AR deep-shallow, beam 5": (deep_dir, {"beam": 5}),
+        "NAT k=1, length beam 1": (nat_dir, {"iterations": 1, "length_beam": 1}),
+        "NAT k=1, length beam 5": (nat_dir, {"iterations": 1, "length_beam": 5}),
+        "NAT k=2, length beam 5": (nat_dir, {"iterations": 2, "length_beam": 5}),
+        "NAT k=4, length beam 5": (nat_dir, {"iterations": 4, "length_beam": 5}),
+        "NAT k=10, length beam 5": (nat_dir, {"iterations": 10, "length_beam": 5}),
+    }
+    rows = {}
+    for name, (model_dir, search) in systems.items():
+        translator = Translator.load(model_dir, **search)
+        figures = {}
+        for batch in (1, 32):
+            outputs, speed = timed(translator, sources, batch)
+            figures[f"batch_{batch}_sentences_per_s"] = speed
+        score = bleu(outputs, references)
+        figures |= {"bleu": score.score, "bleu_signature": score.signature}
+        rows[name] = figures
+        print(
+            f"{name}: BLEU {score.score:.1f}, {figures['batch_1_sentences_per_s']:.1f} sent/s "
+            f"at batch 1, {figures['batch_32_sentences_per_s']:.1f} at batch 32",
+            flush=True,
+        )
+
+    teacher_greedy = rows["AR teacher, greedy"]
+    bars = {
+        "NAT k=10, length beam 5 within 2 BLEU of the teacher's greedy": rows[
+            "NAT k=10, length beam 5"
+        ]["bleu"]
+        >= teacher_greedy["bleu"] - 2,
+        "NAT single pass >= 4x the teacher's greedy sentences/s at batch 1": rows[
+            "NAT k=1, length beam 1"
+        ]["batch_1_sentences_per_s"]
+        >= 4 * teacher_greedy["batch_1_sentences_per_s"],
+    }
+    models = {
+        label: read_metadata(path)
+        for label, path in (("teacher", teacher_dir), ("nat", nat_dir), ("deep_shallow", deep_dir))
+    }
+    results = {
+        "command": command,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "budget": args.budget,
+        "distill_seconds": distill_seconds,
+        "models": {
+            k: {f: m.get(f) for f in ("parameters", "steps", "training_minutes")}
+            for k, m in models.items()
+        },
+        "test_sentences": len(sources),
+        "systems": rows,
+        "bars": bars,
+    }
+    lines = [
+        f"`{command}` ({results['machine']}; each model trained for {args.budget}; "
+        f"distillation {distill_seconds / 60:.1f} min; {len(sources)} test2016 sentences)",
+        "",
+        "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, figures in rows.items():
+        lines.append(
+            f"| {name} | {figures['bleu']:.1f} | {figures['batch_1_sentences_per_s']:.1f} | "
+            f"{figures['batch_32_sentences_per_s']:.1f} |"
+        )
+    lines += ["", f"BLEU signature: `{teacher_greedy['bleu_signature']}`", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'} {name}" for name, ok in bars.items()]
+    plot(rows, RESULTS / f"{args.name}.png")
+    write_results(args.name, results, "\n".join(lines) + "\n")
+
+
+def plot(rows: dict[str, dict], path: Path) -> None:
+    """BLEU against sentences/s, one panel per batch size."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, batch in zip(axes, (1, 32)):
+        for name, figures in rows.items():
+            marker = "o" if name.startswith("NAT") else "s"
+            x = figures[f"batch_{batch}_sentences_per_s"]
+            axis.scatter(x, figures["bleu"], marker=marker)
+            axis.annotate(name, (x, figures["bleu"]), fontsize=7, xytext=(4, 2),
+                          textcoords="offset points")  # fmt: skip
+        axis.set_xscale("log")
+        axis.set_xlabel(f"sentences/s at batch {batch} (log scale)")
+        axis.set_ylabel("test2016 BLEU")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
