@@ -97,3 +97,25 @@ def test_scheduled_sampling_changes_training_and_resumes_exactly(tmp_path):
 def test_a_nat_model_refuses_scheduled_sampling(tmp_path):
     with pytest.raises((ConfigError, ValueError), match="glancing"):
         toy_config(tmp_path, model={"arch": "nat"}, train={"scheduled_sampling": {}})
+
+
+def test_the_rnn_reads_its_own_previous_word_step_by_step():
+    from rosetta.config import RNNConfig
+
+    torch.manual_seed(0)
+    cfg = RNNConfig(arch="rnn", d_model=16, hidden_size=16, encoder_layers=1, decoder_layers=1)
+    model = build_model(cfg, 30, 30).eval()
+    src = torch.tensor([[5, 6, 7, 8], [9, 10, 11, PAD_ID]])
+    tgt_in = torch.tensor([[BOS_ID, 11, 12, 13, 14], [BOS_ID, 15, 16, 17, PAD_ID]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.scheduled_states(src, tgt_in, 0.0), model.hidden_states(src, tgt_in)
+        )
+        states = model.scheduled_states(src, tgt_in, 1.0)
+        # every input after <bos> was the word predicted the step before: teacher
+        # forcing on those words reproduces the same states
+        own = model.output(states[:, :-1]).argmax(-1)
+        read = torch.cat([tgt_in[:, :1], own], dim=1).masked_fill(tgt_in.eq(PAD_ID), PAD_ID)
+        assert not torch.equal(read, tgt_in)
+        real = tgt_in.ne(PAD_ID)
+        torch.testing.assert_close(model.hidden_states(src, read)[real], states[real])

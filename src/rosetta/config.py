@@ -268,7 +268,8 @@ class ScheduledSamplingConfig(Section):
     Mihaylova & Martins (2019) and Duckworth et al. (2019): a teacher-forced pass
     without gradients predicts every position; each decoder input after <bos> is
     replaced by the model's prediction of it with probability ``rate(step)``; a
-    second pass on the mixed input learns the gold labels.
+    second pass on the mixed input learns the gold labels. The RNN uses the
+    classic per-step form instead (``RNNSeq2Seq.scheduled_states``).
 
     The rate goes from ``start`` to ``end`` as ``progress`` goes from 0 to 1 over
     the optimizer steps ``i``, with ``speed`` = k steps:

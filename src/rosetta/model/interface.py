@@ -168,16 +168,25 @@ class Seq2Seq(Block, ABC):
         more terms (a length loss, a second pass) adds them under their own names.
 
         ``own_rate > 0``: scheduled sampling, each decoder input after <bos> being the
-        model's own prediction with that probability (``with_own_predictions``).
+        model's own prediction with that probability (``scheduled_states``).
         Only the real (non-padding) positions are projected to the vocabulary.
         """
         real = batch.tgt_out.ne(PAD_ID)  # (batch, tgt_len)
-        tgt_in = batch.tgt_in
         if own_rate > 0:
-            tgt_in = self.with_own_predictions(batch.src, tgt_in, own_rate, sample_own)
-        states = self.hidden_states(batch.src, tgt_in)[real]  # (tokens, d_model)
+            states = self.scheduled_states(batch.src, batch.tgt_in, own_rate, sample_own)
+        else:
+            states = self.hidden_states(batch.src, batch.tgt_in)
+        states = states[real]  # (tokens, d_model)
         loss, nll = label_smoothed_nll(self.output(states), batch.tgt_out[real], label_smoothing)
         return {"loss": loss, "nll": nll}
+
+    def scheduled_states(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, rate: float, sample: bool = False
+    ) -> torch.Tensor:
+        """``hidden_states`` under scheduled sampling: here the parallel two-pass form
+        (``with_own_predictions``); a family that decodes step by step in training
+        anyway (the RNN) overrides it with the classic per-step form."""
+        return self.hidden_states(src, self.with_own_predictions(src, tgt_in, rate, sample))
 
     def with_own_predictions(
         self, src: torch.Tensor, tgt_in: torch.Tensor, rate: float, sample: bool = False

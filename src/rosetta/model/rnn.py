@@ -327,6 +327,40 @@ class RNNSeq2Seq(Seq2Seq):
         """The readouts tanh(W_o [s_i; c_i; y_{i-1}]) (batch, tgt_len, d_model)."""
         return self._unroll(src, tgt_in)[0]
 
+    def scheduled_states(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, rate: float, sample: bool = False
+    ) -> torch.Tensor:
+        """Scheduled sampling in its classic per-step form (Bengio et al. 2015): at each
+        step after the first, each sentence reads, with probability ``rate``, the word
+        the decoder itself predicted at the step before (its most probable, or one
+        drawn with ``sample``; no gradient flows through the choice) instead of the
+        gold one. Readouts (batch, tgt_len, d_model)."""
+        state = self.init_state(self.encode(src))
+        gold = self.dropout(self.tgt_embed(tgt_in))
+        gold_gates = self.decoder.input_gates(gold, self.cfg.d_model)
+        cell_weights = self.decoder.step_weights(self.cfg.d_model)
+        swaps = torch.rand(tgt_in.shape, device=tgt_in.device) < rate
+        swaps &= tgt_in.ne(PAD_ID)
+        swaps[:, 0] = False  # <bos> stays
+        readouts = []
+        for step, (word, gates) in enumerate(zip(gold.unbind(1), gold_gates.unbind(1))):
+            swap = swaps[:, step]
+            if readouts and bool(swap.any()):
+                with torch.no_grad():
+                    logits = self.output(readouts[-1]).float()
+                    own = (
+                        torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+                        if sample
+                        else logits.argmax(-1)
+                    )
+                embedded = self.dropout(self.tgt_embed(own))
+                own_gates = self.decoder.input_gates(embedded, self.cfg.d_model)
+                word = torch.where(swap[:, None], embedded, word)
+                gates = torch.where(swap[:, None], own_gates, gates)
+            readout, _ = self._step(word, gates, state, cell_weights)
+            readouts.append(readout)
+        return torch.stack(readouts, dim=1)
+
     @torch.no_grad()
     def attention_maps(
         self, src: torch.Tensor, tgt_in: torch.Tensor
