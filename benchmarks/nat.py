@@ -2,7 +2,9 @@
 speed-quality frontier on Multi30k En->De, measured on this machine.
 
     python benchmarks/nat.py [--config configs/multi30k_en_de.yaml] [--budget 60m]
-                             [--teacher EXP/model] [--work experiments/nat]
+                             [--teacher EXP/model] [--work experiments/nat] [--set K=V]
+    python benchmarks/nat.py --config configs/toy.yaml --budget 1m --work /tmp/nat \
+        --sentences 100 --name nat_look      # the whole pipeline in minutes, as a check
 
 Stages (each skipped when its output is already there, so a run can be spread
 over sessions; the times are those of the run that did the stage):
@@ -83,9 +85,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("experiments/nat"))
     parser.add_argument("--sentences", type=int, default=0, help="test sentences (0: all)")
     parser.add_argument("--name", default="nat")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every model, e.g. train.threads=2")  # fmt: skip
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    budget = [f"train.max_time={args.budget}"]
+    budget = [*args.set, f"train.max_time={args.budget}"]
 
     base = load_config(args.config, [*budget, f"experiment_dir={args.work / 'teacher'}"])
     teacher_dir = args.teacher or trained(base, "teacher")
@@ -100,12 +104,12 @@ def main() -> None:
     distill_seconds = json.loads((distilled / "distill.json").read_text())["seconds"]
 
     student = [
+        *budget,
         f"data.root={distilled}",
         "data.toy=null",  # a toy config's generated corpus gives way to the distilled one
         "data.train=train",
         "data.valid=valid",
         "data.test=test",
-        *budget,
     ]
     nat_config = load_config(
         args.config, [*student, "model.arch=nat", f"experiment_dir={args.work / 'nat'}"]
@@ -186,7 +190,7 @@ def main() -> None:
     }
     lines = [
         f"`{command}` ({results['machine']}; each model trained for {args.budget}; "
-        f"distillation {distill_seconds / 60:.1f} min; {len(sources)} test2016 sentences)",
+        f"distillation {distill_seconds / 60:.1f} min; {len(sources)} sentences of {test})",
         "",
         "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 |",
         "|---|---:|---:|---:|",
