@@ -89,18 +89,18 @@ class NATransformer(Transformer):
     def target_padding(self, tgt_in: torch.Tensor) -> SourcePadding:
         return SourcePadding(tgt_in.eq(PAD_ID), pack=False)
 
-    def fill_in(self, memories: list[Memory], tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, tgt_len, vocab) for every position of ``tokens`` (target
-        tokens, ``<mask>`` where unknown, ``<pad>`` past the length), one pass."""
+    def decoder_states(self, memories: list[Memory], tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's states (batch, tgt_len, d_model) for ``tokens`` (target
+        tokens, ``<mask>`` where unknown, ``<pad>`` past the length; no ``<bos>``)."""
         x, _ = self.decoder(self.tgt_embed(tokens), memories, padding=self.target_padding(tokens))
-        return self.output(x)
+        return x
+
+    def fill_in(self, memories: list[Memory], tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, tgt_len, vocab) for every position of ``tokens``, one pass."""
+        return self.output(self.decoder_states(memories, tokens))
 
     def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """The decoder's states for the input ``tgt_in`` (masks and tokens, as
-        ``fill_in`` takes it; no ``<bos>``)."""
-        padding = self.target_padding(tgt_in)
-        x, _ = self.decoder(self.tgt_embed(tgt_in), self.memories(self.encode(src)), False, padding)
-        return x
+        return self.decoder_states(self.memories(self.encode(src)), tgt_in)
 
     # ---- training --------------------------------------------------------------------
     def training_loss(self, batch, label_smoothing: float) -> dict[str, torch.Tensor]:
@@ -124,9 +124,7 @@ class NATransformer(Transformer):
         else:
             hidden = self._mask_uniformly(target, real)
         decoder_in, predicted = hidden
-        x, _ = self.decoder(
-            self.tgt_embed(decoder_in), memories, padding=self.target_padding(decoder_in)
-        )
+        x = self.decoder_states(memories, decoder_in)
         loss, nll = label_smoothed_nll(
             self.output(x[predicted]), target[predicted], label_smoothing
         )

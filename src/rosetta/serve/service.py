@@ -243,9 +243,9 @@ class TranslationService:
                         f"search are shown for at most {limit}", "max_source_pieces", limit,
                     )  # fmt: skip
         options = translator.options
-        left_to_right = getattr(getattr(translator, "model", None), "autoregressive", True)
+        # only a left-to-right beam search has a tree (return_search implies torch)
         tree = request.return_search and options.beam > 1 and not options.sampling
-        tree = tree and left_to_right  # a non-autoregressive model has no beam
+        tree = tree and translator.model.autoregressive
         work = Work(
             translator,
             sources,
