@@ -1,7 +1,7 @@
 """Non-autoregressive translation against autoregressive baselines: the
 speed-quality frontier on Multi30k En->De, measured on this machine.
 
-    python benchmarks/nat.py [--config configs/multi30k_en_de.yaml] [--budget 60m]
+    python benchmarks/nat.py [--config configs/multi30k_en_de.yaml] [--budget 60m | --steps N]
                              [--teacher EXP/model] [--work experiments/nat] [--set K=V]
     python benchmarks/nat.py --config configs/toy.yaml --budget 1m --work /tmp/nat \
         --sentences 100 --name nat_look      # the whole pipeline in minutes, as a check
@@ -9,7 +9,8 @@ speed-quality frontier on Multi30k En->De, measured on this machine.
 Stages (each skipped when its output is already there, so a run can be spread
 over sessions; the times are those of the run that did the stage):
 
-1. the AR teacher: the config's recipe trained for ``--budget`` (or ``--teacher``);
+1. the AR teacher: the config's recipe trained for ``--budget`` or ``--steps``
+   (or ``--teacher``); a stage stopped part-way resumes from its ``last.pt``;
 2. the distilled set: the teacher's beam translations of the training sources
    (``rosetta.decode.distill``; its time reported apart);
 3. NAT (``model.arch: nat``, CMLM, the config's sizes) trained on the distilled
@@ -51,6 +52,7 @@ from rosetta.decode.distill import distill
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu
 from rosetta.modeldir import read_metadata
+from rosetta.train import checkpoint
 from rosetta.train.trainer import train
 
 
@@ -62,7 +64,8 @@ def trained(config: ExperimentConfig, label: str) -> Path:
         return model_dir
     prepare(config)
     start = time.monotonic()
-    train(config)
+    # a stage stopped part-way (a session's end) continues from its last state
+    train(config, resume=(config.experiment_dir / "checkpoints" / checkpoint.LAST).exists())
     print(f"{label}: trained in {(time.monotonic() - start) / 60:.1f} min")
     return model_dir
 
@@ -81,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
     parser.add_argument("--budget", default="60m", help="training budget of each model")
+    parser.add_argument("--steps", type=int, default=0, help="budget in updates instead")
     parser.add_argument("--teacher", type=Path, help="an AR model directory to use as teacher")
     parser.add_argument("--work", type=Path, default=Path("experiments/nat"))
     parser.add_argument("--sentences", type=int, default=0, help="test sentences (0: all)")
@@ -90,6 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     budget = [*args.set, f"train.max_time={args.budget}"]
+    if args.steps:
+        budget = [*args.set, "train.max_time=null", f"train.max_steps={args.steps}"]
+    stated = f"{args.steps} updates" if args.steps else args.budget
 
     base = load_config(args.config, [*budget, f"experiment_dir={args.work / 'teacher'}"])
     teacher_dir = args.teacher or trained(base, "teacher")
@@ -178,7 +185,7 @@ def main() -> None:
     results = {
         "command": command,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "budget": args.budget,
+        "budget": stated,
         "distill_seconds": distill_seconds,
         "models": {
             k: {f: m.get(f) for f in ("parameters", "steps", "training_minutes")}
@@ -189,7 +196,7 @@ def main() -> None:
         "bars": bars,
     }
     lines = [
-        f"`{command}` ({results['machine']}; each model trained for {args.budget}; "
+        f"`{command}` ({results['machine']}; each model trained for {stated}; "
         f"distillation {distill_seconds / 60:.1f} min; {len(sources)} sentences of {test})",
         "",
         "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 |",
