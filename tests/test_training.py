@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,3 +129,25 @@ def test_model_directory_translates_after_being_moved(prepared, tmp_path):
     assert model.tgt_vocab_size == tokenizer.tgt_vocab_size
     result = Translator.load(moved, beam=2).translate(["the dog sees a cat .", ""])
     assert len(result) == 2 and result[1].text == ""
+
+
+def test_decoding_leaves_the_random_streams_alone(untrained_model_dir):
+    """Validation decodes in the middle of training; whatever the first decode in a
+    process sets up (capability checks, caches, inference layouts) must not draw
+    from the global streams that exact resume replays. A fresh process, so that
+    nothing is set up yet."""
+    script = f"""
+import random, numpy, torch
+from rosetta.decode.translator import TorchTranslator
+from rosetta.modeldir import load_model_dir
+config, tokenizer, model = load_model_dir({str(untrained_model_dir)!r})
+model.train()  # as the trainer holds it
+before = torch.get_rng_state(), numpy.random.get_state()[1].copy(), random.getstate()
+options = config.decode.with_overrides(beam=1)
+TorchTranslator(model, tokenizer, options).translate(["a b c", "d"])
+after = torch.get_rng_state(), numpy.random.get_state()[1].copy(), random.getstate()
+assert torch.equal(before[0], after[0]), "torch"
+assert (before[1] == after[1]).all() and before[2] == after[2], "numpy or random"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -57,8 +57,11 @@ def onednn_usable() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        weight, bias = torch.randn(8, 16), torch.randn(8)
-        rows = torch.randn(3, 16)
+        # its own generator: a check made on first use must not move the global
+        # random stream (exact resume replays that stream from the checkpoint)
+        generator = torch.Generator().manual_seed(0)
+        weight, bias = torch.randn(8, 16, generator=generator), torch.randn(8, generator=generator)
+        rows = torch.randn(3, 16, generator=generator)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 3)
         out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
         return torch.allclose(out, F.linear(rows, weight, bias), atol=1e-5, rtol=1e-4)
