@@ -55,9 +55,26 @@ def test_collate_shifts_the_target_right():
 
 def test_resume_position_iterates_the_remaining_batches():
     iterator = BatchIterator(random_split(), 700, seed=2)
-    everything = [b.indices.tolist() for _, b in iterator.iterate(epoch=1)]
-    rest = [b.indices.tolist() for _, b in iterator.iterate(epoch=1, start=5)]
+    everything = [u.batches[0].indices.tolist() for u in iterator.updates(epoch=1)]
+    rest = [u.batches[0].indices.tolist() for u in iterator.updates(epoch=1, start=5)]
     assert rest == everything[5:]
+    assert [u.end for u in iterator.updates(epoch=1, start=5)][:2] == [6, 7]
+
+
+def test_ranks_share_the_global_order_of_one_process_with_accumulation():
+    iterator = BatchIterator(random_split(), 700, seed=2)
+    order = [b.tolist() for b in iterator.epoch_batches(3)]
+    single = list(iterator.updates(3, start=1, per_rank=4))
+    ranks = [list(iterator.updates(3, start=1, per_rank=2, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == (len(order) - 1) // 4
+    for k, update in enumerate(single):
+        seen = [b.indices.tolist() for b in update.batches]
+        assert seen == order[1 + 4 * k : 5 + 4 * k]  # the global order, the remainder unused
+        shared = [b.indices.tolist() for r in ranks for b in r[k].batches]
+        assert shared == seen
+        tokens = sum(b.num_tgt_tokens for b in update.batches)
+        assert update.tokens == ranks[0][k].tokens == ranks[1][k].tokens == tokens
+        assert update.end == ranks[1][k].end == 5 + 4 * k
 
 
 def test_padding_is_small_with_length_bucketing():

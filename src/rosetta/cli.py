@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,10 +42,13 @@ def version() -> str:
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
     """The experiment named on the command line (``demo`` without ``--config``: the
-    toy task's, shipped in the package), with ``--set`` and ``--max-time`` applied."""
+    toy task's, shipped in the package), with ``--set``, ``--max-time`` and (for
+    ``train``) ``--device`` applied."""
     overrides = list(args.set or [])
     if getattr(args, "max_time", None):
         overrides.append(f"train.max_time={args.max_time}")
+    if args.verb == "train" and args.device:
+        overrides.append(f"train.device={args.device}")
     return load_config(args.config or packaged_config("toy.yaml"), overrides)
 
 
@@ -63,12 +67,41 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Trains in this process, or as one process of a ``torchrun`` job (rank 0
+    prepares the data while the others wait)."""
     from rosetta.data.prepare import prepare
+    from rosetta.train.distributed import Context, DistributedError, launch
     from rosetta.train.trainer import train
 
+    if args.nproc_per_node:
+        status = launch(_train_arguments(args), args.nproc_per_node, args.nnodes,
+                        args.node_rank, args.master_addr, args.master_port)  # fmt: skip
+        if status:
+            raise DistributedError(
+                f"the {args.nproc_per_node} training processes stopped (torchrun's exit "
+                f"status {status}); the first one to fail is named above"
+            )
+        return
     config = _config(args)
-    prepare(config)
-    train(config, resume=args.resume or False)
+    with Context.from_environment(config.train.device) as context:
+        if context.is_main:
+            prepare(config)
+        context.barrier()
+        train(config, resume=args.resume or False, context=context)
+
+
+def _train_arguments(args: argparse.Namespace) -> list[str]:
+    """The ``rosetta train`` arguments each launched process gets (all but the launch's)."""
+    arguments = [args.config]
+    for override in args.set or []:
+        arguments += ["--set", override]
+    if args.resume:
+        arguments += ["--resume"] + ([] if args.resume is True else [str(args.resume)])
+    if args.max_time:
+        arguments += ["--max-time", args.max_time]
+    if args.device:
+        arguments += ["--device", args.device]
+    return arguments
 
 
 def _search_overrides(args: argparse.Namespace) -> dict:
@@ -335,28 +368,14 @@ PROBABILITY = _number(float, 0.0, inclusive=False, maximum=1.0)
 
 
 def _device(text: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when there is one), checked
-    against this machine's CUDA devices."""
-    import re
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine's CUDA
+    devices before anything loads (``rosetta.device.resolve_device``)."""
+    from rosetta.device import resolve_device
 
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda, cuda:N or auto")
-    if text == "cpu":
-        return text
-    import torch
-
-    available = torch.cuda.is_available()
-    if text == "auto":
-        return "cuda" if available else "cpu"
-    if not available:
-        raise argparse.ArgumentTypeError(
-            f"{text}: CUDA is not available on this machine (use --device cpu)"
-        )
-    index = int(text.split(":")[1]) if ":" in text else 0
-    if index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(
-            f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
+    try:
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 
@@ -369,12 +388,11 @@ def _add_beam_options(group) -> None:
     )
 
 
-def _add_device_option(group) -> None:
+def _add_device_option(group, key: str = "the model's decode.device, cpu unless set") -> None:
     group.add_argument(
         "--device",
         type=_device,
-        default="cpu",
-        help="cpu (default), cuda, cuda:N, or auto (cuda when available)",
+        help=f"auto (CUDA when there is one), cpu, cuda or cuda:N (default: {key})",
     )
 
 
@@ -457,6 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. checkpoints/previous.pt)",
     )
     sub.add_argument("--max-time", help="wall-clock budget, e.g. 60m")
+    _add_device_option(sub, "the config's train.device, auto unless set")
+    group = sub.add_argument_group(
+        "several processes (PyTorch DDP through torchrun; README: Training on several processes)"
+    )
+    group.add_argument(
+        "--nproc-per-node",
+        type=POSITIVE_INT,
+        help="train as N processes on this machine (one per GPU, or CPU processes)",
+    )
+    group.add_argument("--nnodes", type=POSITIVE_INT, default=1, help="machines (default 1)")
+    group.add_argument(
+        "--node-rank", type=NON_NEGATIVE_INT, default=0, help="this machine's index (default 0)"
+    )
+    group.add_argument(
+        "--master-addr",
+        default="127.0.0.1",
+        help="address of the machine with node rank 0 (default 127.0.0.1)",
+    )
+    group.add_argument(
+        "--master-port", type=POSITIVE_INT, default=29500, help="its rendezvous port (29500)"
+    )
     sub.set_defaults(func=cmd_train)
 
     model_dir_help = "a model directory (EXP/model), or a `rosetta export` folder"
@@ -661,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from rosetta.data.download import DownloadError
     from rosetta.train.checkpoint import CheckpointError
+    from rosetta.train.distributed import DistributedError
     from rosetta.train.trainer import TrainingError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
@@ -674,11 +714,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         DownloadError,
         CheckpointError,
         TrainingError,
+        DistributedError,
     ) as error:
         print(f"rosetta {args.verb}: error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
-        print(f"rosetta {args.verb}: {stop}; continue with --resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stopped alike
+            print(f"rosetta {args.verb}: {stop}; continue with --resume", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

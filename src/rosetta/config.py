@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from rosetta.device import check_device_name
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key."""
@@ -331,6 +333,9 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     scheduled_sampling: ScheduledSamplingConfig | None = None
+    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
+
+    _device = field_validator("device")(lambda value: check_device_name(value))
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -374,6 +379,9 @@ class DecodeConfig(Section):
     # target lengths tried per source; the fields above about steps do not apply
     iterations: int = Field(10, ge=1)
     length_beam: int = Field(5, ge=1)
+    device: str = "cpu"  # cpu | auto (CUDA when there is one) | cuda | cuda:N
+
+    _device = field_validator("device")(lambda value: check_device_name(value))
 
     @model_validator(mode="after")
     def _nbest_within_beam(self) -> DecodeConfig:

@@ -31,6 +31,7 @@ from safetensors.torch import load_model, save_model
 
 from rosetta.config import ConfigError, ExperimentConfig, load_config, model_config
 from rosetta.data.tokenizer import Tokenizer
+from rosetta.device import resolve_device
 from rosetta.model import model_for
 from rosetta.safeio import atomic_write_text, replace_directory, sha256_file
 
@@ -99,10 +100,11 @@ def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
 
 
 def load_model_dir(
-    directory: str | Path, device: str | torch.device = "cpu"
+    directory: str | Path, device: str | torch.device | None = None
 ) -> tuple[ExperimentConfig, Tokenizer, torch.nn.Module]:
     """Loads configuration, tokenizer and weights after checking they belong together;
-    the model is in eval mode. Any problem is a ``ModelDirError`` naming the file."""
+    the model is in eval mode, on ``device`` (None: the model's ``decode.device``).
+    Any problem is a ``ModelDirError`` naming the file."""
     directory = Path(directory)
     if not directory.is_dir() or not (directory / WEIGHTS).exists():
         raise ModelDirError(f"{directory} is not a rosetta model directory (no {WEIGHTS})")
@@ -127,6 +129,8 @@ def load_model_dir(
             f"the SentencePiece model in {directory} ({', '.join(tokenizer.files()[:2])}) is "
             f"not the one {WEIGHTS} was trained with: its ids would mean other pieces"
         )
+    if not isinstance(device, torch.device):
+        device = resolve_device(device or config.decode.device)
     model = model_for(config.model, tokenizer)
     _check_shapes(directory, model, shapes)
     try:

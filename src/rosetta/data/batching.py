@@ -122,6 +122,21 @@ def collate(split: TokenizedSplit, indices: np.ndarray) -> Batch:
     )
 
 
+@dataclass
+class Update:
+    """One optimizer update's share of the data on this process.
+
+    end:     the epoch's batch index after the update (the resume position)
+    tokens:  real target tokens of the whole update, on every process (the
+             gradient's normaliser)
+    batches: this process's micro-batches
+    """
+
+    end: int
+    tokens: int
+    batches: list[Batch]
+
+
 class BatchIterator:
     """Epochs of token-budget batches over a ``TokenizedSplit``.
 
@@ -139,11 +154,24 @@ class BatchIterator:
             self.split.src_lengths, self.split.tgt_lengths, self.max_tokens, self.seed, epoch
         )
 
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
-        """Yields ``(index_in_epoch, batch)`` from batch ``start`` of ``epoch`` on."""
+    def updates(
+        self, epoch: int, start: int = 0, per_rank: int = 1, rank: int = 0, world_size: int = 1
+    ) -> Iterator[Update]:
+        """The updates of ``epoch`` from global batch ``start`` on.
+
+        Each update takes the next ``per_rank * world_size`` batches of the epoch's
+        order; process ``rank`` collates its ``per_rank`` of them (one process
+        with ``per_rank = 2`` trains on exactly the batches two processes with
+        ``per_rank = 1`` share). The last ``< per_rank * world_size`` batches of an
+        epoch make no update; the next epoch's order is a new shuffle.
+        """
         batches = self.epoch_batches(epoch)
-        for i in range(start, len(batches)):
-            yield i, collate(self.split, batches[i])
+        size = per_rank * world_size
+        for first in range(start, len(batches) - size + 1, size):
+            group = batches[first : first + size]
+            tokens = sum(int(self.split.tgt_lengths[b].sum()) + len(b) for b in group)  # + <eos>
+            mine = group[rank * per_rank : (rank + 1) * per_rank]
+            yield Update(first + size, tokens, [collate(self.split, b) for b in mine])
 
     def padding_fraction(self, epoch: int = 0) -> float:
         """Fraction of the padded source+target cells that are padding."""

@@ -156,12 +156,13 @@ class Translator(ABC):
     def load(
         model_dir: str | Path,
         engine: str = "torch",
-        device: str = "cpu",
+        device: str | None = None,
         quantize: str | None = None,
         **search: Any,
     ) -> Translator:
         """Loads a model directory (``engine="torch"``) or a ``rosetta export`` folder
-        (``engine="ctranslate2"``); ``search`` overrides the model's ``decode``
+        (``engine="ctranslate2"``) onto ``device`` (auto, cpu, cuda or cuda:N; None:
+        the model's ``decode.device``); ``search`` overrides the model's ``decode``
         settings (``beam=4``, ``nbest=2``, ``sampling=True``, ...; None keeps one)."""
         if engine == "torch":
             return TorchTranslator.from_model_dir(model_dir, device, quantize, **search)
@@ -261,7 +262,7 @@ class TorchTranslator(Translator):
 
     @classmethod
     def from_model_dir(
-        cls, directory: str | Path, device: str = "cpu", quantize: str | None = None, **search
+        cls, directory: str | Path, device: str | None = None, quantize: str | None = None, **search
     ) -> TorchTranslator:
         """Loads a model directory; ``quantize="int8"`` applies PyTorch's dynamic int8
         quantization to every linear layer (CPU only; weights int8, activations
@@ -270,7 +271,7 @@ class TorchTranslator(Translator):
 
         config, tokenizer, model = load_model_dir(directory, device)
         if quantize == "int8":
-            if torch.device(device).type != "cpu":
+            if next(model.parameters()).device.type != "cpu":
                 raise ValueError("dynamic int8 quantization runs on the CPU only")
             with warnings.catch_warnings():
                 # PyTorch 2.13 announces the removal of quantized tensors (torchao takes

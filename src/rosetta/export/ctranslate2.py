@@ -25,6 +25,7 @@ from rosetta.config import DecodeConfig, load_config
 from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Hypothesis
 from rosetta.decode.translator import Translator
+from rosetta.device import resolve_device
 from rosetta.model.attention import CrossAttention, MultiHeadAttention, SelfAttention
 from rosetta.model.transformer import Transformer
 from rosetta.modeldir import CONFIG, load_model_dir, verify_checksums, write_metadata
@@ -209,11 +210,14 @@ class CTranslate2Translator(Translator):
 
     @classmethod
     def from_export(
-        cls, export_dir: str | Path, device: str = "cpu", **search: Any
+        cls, export_dir: str | Path, device: str | None = None, **search: Any
     ) -> CTranslate2Translator:
-        """An export with its own ``decode`` settings, overridden by ``search``."""
+        """An export with its own ``decode`` settings, overridden by ``search``, on
+        ``device`` (None: the export's ``decode.device``)."""
         config = load_config(Path(export_dir) / CONFIG)
-        return cls(export_dir, config.decode.with_overrides(**search), device)
+        place = resolve_device(device or config.decode.device)
+        name = place.type if place.index is None else f"{place.type}:{place.index}"
+        return cls(export_dir, config.decode.with_overrides(**search), name)
 
     def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options

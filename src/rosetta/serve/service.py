@@ -126,7 +126,7 @@ class TranslationService:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, engine: str = "torch", device: str = "cpu",
+        cls, model_dir: str | Path, engine: str = "torch", device: str | None = None,
         config: ServeConfig | None = None,
     ) -> TranslationService:  # fmt: skip
         """Loads a model directory (or a CTranslate2 export with ``engine="ctranslate2"``)

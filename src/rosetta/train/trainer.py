@@ -45,6 +45,7 @@ from rosetta.modeldir import check_finite, save_model_dir
 from rosetta.safeio import remove_stale_temporaries
 from rosetta.train import checkpoint
 from rosetta.train.average import average_checkpoints
+from rosetta.train.distributed import Context
 from rosetta.train.schedule import learning_rate
 
 
@@ -103,8 +104,8 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _silent(*_args: Any, **_kwargs: Any) -> None:
+    """The log of processes other than rank 0."""
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -117,12 +118,15 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (for plots)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (for plots); with no
+    path (a process other than rank 0) it writes nothing."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -232,29 +236,44 @@ def load_training_state(path: Path, config: ExperimentConfig, bound_to: dict[str
     return state
 
 
-def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print) -> Path:
+def train(
+    config: ExperimentConfig,
+    resume: bool | str | Path = False,
+    log=print,
+    context: Context | None = None,
+) -> Path:
     """Trains the configured model; returns the model directory.
 
     ``resume`` is False (a new run), True (continue from ``checkpoints/last.pt``)
     or the path of a training state to continue from (e.g. ``previous.pt``).
     Raises ``TrainingInterrupted`` after saving ``last.pt`` when SIGINT or
-    SIGTERM arrives.
+    SIGTERM arrives. ``context`` is this process's place in a torchrun job
+    (``rosetta.train.distributed``); None joins the one the environment names,
+    or trains alone.
     """
+    if context is None:
+        with Context.from_environment(config.train.device) as context:
+            return train(config, resume, log, context)
     tc = config.train
     exp = config.experiment_dir
     ckpt_dir = exp / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(ckpt_dir)
+    main = context.is_main
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ckpt_dir)
+    else:
+        log = _silent
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    device = pick_device()
+    torch.manual_seed(tc.seed)  # the same initial weights in every process
+    device = context.device
 
     bound_to = binding(config)
     tokenizer = Tokenizer.load(exp / "tokenizer")
     train_split, valid_split = load_split(config, "train"), load_split(config, "valid")
     model = model_for(config.model, tokenizer)
     model.to(device)
+    context.seed_for_rank(tc.seed)
     optimizer = build_optimizer(model, config, device)
     amp_dtype = autocast_dtype(tc.amp, device)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
@@ -267,7 +286,13 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
-        checkpoint.restore_rng_states(state["rng"])
+        others = state.get("rank_rngs", [])  # ranks 1.. of the run that saved it
+        if context.rank == 0:
+            checkpoint.restore_rng_states(state["rng"])
+        elif context.rank <= len(others):
+            checkpoint.restore_rng_states(others[context.rank - 1])
+        else:  # more processes than saved it: a fresh stream of its own
+            context.seed_for_rank(tc.seed, progress.step)
         log(f"resumed from step {progress.step} (epoch {progress.epoch + 1}) of {path}")
     elif checkpoint.holds_training(ckpt_dir):
         raise FileExistsError(
@@ -275,7 +300,8 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
             "experiment_dir (nothing is overwritten)"
         )
 
-    metrics = MetricsLog(exp / "metrics.jsonl")
+    metrics = MetricsLog(exp / "metrics.jsonl" if main else None)
+    loss_module = context.wrap(model)  # DDP when several processes train
     batches = BatchIterator(train_split, tc.max_tokens, seed=tc.seed)
     max_time = parse_duration(tc.max_time) if tc.max_time else math.inf
     parameters = sum(p.numel() for p in model.parameters())
@@ -284,6 +310,7 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
         f"{config.model.encoder_layers}+{config.model.decoder_layers} layers; "
         f"{len(train_split):,} training pairs, "
         f"padding {batches.padding_fraction(0):.1%} of each batch on average; device {device}"
+        + (f"; {context.world_size} processes" if context.distributed else "")
     )
 
     def weights_state() -> dict[str, Any]:
@@ -291,21 +318,39 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
         check_finite(state, f"a checkpoint at step {progress.step}")
         return {"model": state, "step": progress.step, "binding": bound_to}
 
-    def save_last() -> Path:
+    def save_last(rngs: list[dict[str, Any]]) -> Path:
+        """Rank 0 writes ``last.pt`` with every process's random state ``rngs``."""
         return checkpoint.save_training_state(
             {
                 **weights_state(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "progress": asdict(progress),
-                "rng": checkpoint.rng_states(),
+                "rng": rngs[0],
+                "rank_rngs": rngs[1:],
                 "config": config.model_dump(mode="json"),
             },
             ckpt_dir,
         )
 
+    def save_everywhere() -> Path:
+        """``last.pt``, written by rank 0 once every process has reached this point."""
+        rngs = context.gather(checkpoint.rng_states())
+        path = save_last(rngs) if main else ckpt_dir / checkpoint.LAST
+        context.barrier()
+        return path
+
     def validate() -> None:
-        """Scores the model, saves checkpoints and counts validations without progress."""
+        """On rank 0: scores the model, saves checkpoints and counts validations without
+        progress; every process then takes rank 0's progress (the barrier)."""
+        rngs = context.gather(checkpoint.rng_states())
+        if main:
+            validate_and_save(rngs)
+        shared = context.broadcast(asdict(progress))
+        for name, value in shared.items():
+            setattr(progress, name, value)
+
+    def validate_and_save(rngs: list[dict[str, Any]]) -> None:
         nll, ppl, length_accuracy = validation_loss(model, valid_split, tc.max_tokens, device)
         record: dict[str, Any] = {"step": progress.step, "valid_nll": nll, "valid_ppl": ppl}
         if length_accuracy is not None:
@@ -337,7 +382,7 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
         metrics.write({"type": "valid", "elapsed": progress.elapsed, **record})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
         log(f"step {progress.step}: {shown}{' (best)' if improved else ''}")
-        save_last()
+        save_last(rngs)
 
     def finished() -> str:
         """Why the run is over, or '' while it goes on (checked before every step)."""
@@ -361,7 +406,7 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
         initial=progress.step,
         unit="step",
         dynamic_ncols=True,
-        disable=None,
+        disable=None if main else True,
         bar_format="{n_fmt}/{total_fmt} steps [{elapsed}{postfix}]",  # ETA in the postfix
     )
     window_tokens, window_steps, window_start = 0, 0, time.monotonic()
@@ -372,31 +417,38 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
 
     with stop_requests() as signals:
         while not stop_reason:
-            pending = []  # batches accumulated into the next optimizer step
-            for index, batch in batches.iterate(progress.epoch, progress.batch_in_epoch):
-                pending.append(batch)
-                if len(pending) < tc.accumulate:
-                    continue
-                tokens = sum(b.num_tgt_tokens for b in pending)
+            updates = batches.updates(
+                progress.epoch,
+                progress.batch_in_epoch,
+                tc.accumulate,
+                context.rank,
+                context.world_size,
+            )
+            for update in updates:
+                tokens = update.tokens  # of the whole update, on every process
+                # DDP averages gradients over processes: scaled so, they are the
+                # single-process gradient of the update's loss per target token
                 step_terms: dict[str, torch.Tensor] = {}  # the model family's loss terms
                 own = {}  # scheduled sampling: how often the decoder reads its own tokens
                 if tc.scheduled_sampling is not None:
                     own["own_rate"] = tc.scheduled_sampling.rate(progress.step)
                     own["sample_own"] = tc.scheduled_sampling.sample
-                for b in pending:
-                    with autocast:
-                        terms = model.training_loss(b.to(device), tc.label_smoothing, **own)
-                    scaler.scale(terms["loss"] / tokens).backward()
+                for k, b in enumerate(update.batches):
+                    with context.accumulating(loss_module, last=k == len(update.batches) - 1):
+                        with autocast:
+                            terms = loss_module(b.to(device), tc.label_smoothing, **own)
+                        scaler.scale(terms["loss"] * context.world_size / tokens).backward()
                     for name, value in terms.items():
                         step_terms[name] = step_terms.get(name, 0.0) + value.detach()
-                loss_sum = step_terms["loss"]
-                pending = []
-                progress.batch_in_epoch = index + 1
-                finite = bool(torch.isfinite(loss_sum))
+                progress.batch_in_epoch = update.end
+                finite, stop_requested, clock = context.agree(
+                    step_terms["loss"], bool(signals), time.monotonic() - start_time
+                )
                 if finite and tc.clip_norm > 0:
                     scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
                     # with fp16 the scaler itself skips steps whose gradients overflowed
+                    # (the gradients are averaged: every process sees the same norm)
                     finite = scaler.is_enabled() or bool(torch.isfinite(norm))
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
@@ -424,7 +476,7 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                progress.elapsed = time.monotonic() - start_time
+                progress.elapsed = clock  # rank 0's: a time budget ends alike everywhere
                 window_tokens += tokens
                 window_steps += 1
                 for name, value in step_terms.items():  # tensors: no host sync until logging
@@ -433,9 +485,8 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                 if progress.step % tc.log_every == 0:
                     now = time.monotonic()
                     seconds = max(now - window_start, 1e-9)
-                    per_token = {
-                        k: float(v) / max(window_tokens, 1) for k, v in window_terms.items()
-                    }
+                    summed = context.sum(window_terms)  # over processes
+                    per_token = {k: float(v) / max(window_tokens, 1) for k, v in summed.items()}
                     shown = {name: f"{value:.3f}" for name, value in per_token.items()}
                     shown.update(lr=f"{lr:.2e}", tok_s=f"{window_tokens / seconds:,.0f}")
                     left = [max_time - progress.elapsed]
@@ -469,9 +520,10 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
                 if stop_reason or progress.step % tc.valid_every == 0:
                     validate()  # even when a signal came: a resumed run must validate alike
                     stop_reason = finished()
-                if signals and not stop_reason:
+                if stop_requested and not stop_reason:
                     bar.close()
-                    raise TrainingInterrupted(signals[0], progress.step, save_last())
+                    signum = signals[0] if signals else signal.SIGTERM  # another process's
+                    raise TrainingInterrupted(signum, progress.step, save_everywhere())
                 if stop_reason:
                     break
             else:
@@ -487,7 +539,9 @@ def train(config: ExperimentConfig, resume: bool | str | Path = False, log=print
     )
     if progress.nonfinite_skipped:
         log(f"{progress.nonfinite_skipped} batches were skipped for a non-finite loss or gradient")
-    return export_model_dir(config, model, progress, log)
+    directory = export_model_dir(config, model, progress, log) if main else exp / "model"
+    context.barrier()  # nobody reports success before the model directory is there
+    return directory
 
 
 def export_model_dir(
