@@ -22,6 +22,8 @@ def server(tmp_path):
         for lang, text in (
             ("en", "A dog runs.\nTwo men.\n"),
             ("de", "Ein Hund läuft.\nZwei Männer.\n"),
+            ("fr", "Un chien court.\nDeux hommes.\n"),
+            ("cs", "Pes běží.\nDva muži.\n"),
         ):
             (root / f"{remote}.{lang}.gz").write_bytes(gzip.compress(text.encode()))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
@@ -107,3 +109,22 @@ def test_mismatched_line_counts_are_an_error(tmp_path):
         (local / f"{name}.de").write_text("x\n")
     with pytest.raises(ValueError, match=r"train\.en has 2 lines but .*train\.de has 1"):
         download_multi30k(tmp_path / "copy", from_dir=local)
+
+
+@pytest.mark.parametrize("target, line", [("fr", "Un chien court."), ("cs", "Pes běží.")])
+def test_other_targets_download_beside_english(server, tmp_path, target, line):
+    """The same download code fetches French or Czech; a folder can hold several."""
+    _, url = server
+    dest = tmp_path / "m30k"
+    download_multi30k(dest, base_url=url, progress=False)  # En-De first
+    paths = download_multi30k(dest, base_url=url, progress=False, target=target)
+    en, other = paths["val"]
+    assert en.name == "val.en" and other.name == f"val.{target}"
+    assert other.read_text(encoding="utf-8").splitlines()[0] == line
+    assert (dest / "val.de").exists()  # kept
+
+
+def test_an_unknown_target_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="expected one of de, fr, cs"):
+        download_multi30k(tmp_path / "m30k", target="es", progress=False)
+    assert not (tmp_path / "m30k").exists()

@@ -320,7 +320,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     if args.corpus == "multi30k":
         from rosetta.data.download import download_multi30k
 
-        paths = download_multi30k(args.dest, from_dir=args.from_dir)
+        paths = download_multi30k(args.dest, from_dir=args.from_dir, target=args.target)
     else:
         from rosetta.data.toy import write_corpus
 
@@ -667,12 +667,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb(
         "data",
         "get a corpus",
-        "Download Multi30k En-De (or copy it from a local folder with --from), or "
+        "Download Multi30k English with German, French or Czech (or copy it from a local "
+        "folder with --from), or "
         "write the built-in toy corpus.",
     )
     sub.add_argument("corpus", choices=["multi30k", "toy"], help="which corpus")
     sub.add_argument("dest", help="folder to write the corpus to")
     sub.add_argument("--from", dest="from_dir", help="copy Multi30k from a local folder")
+    sub.add_argument(
+        "--target",
+        choices=["de", "fr", "cs"],
+        default="de",
+        help="Multi30k: the language beside English (default de)",
+    )
     sub.add_argument("--seed", type=int, default=1, help="toy corpus seed")
     sub.add_argument(
         "--sentences",

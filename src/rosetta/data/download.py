@@ -1,11 +1,13 @@
-"""Fetching Multi30k En-De (task 1) from its public source, or from a local copy.
+"""Fetching Multi30k (task 1) from its public source, or from a local copy.
 
-``download_multi30k(DEST)`` downloads the gzip'ed files of the Multi30k
-repository and writes them decompressed as ``train.en``, ``train.de``,
-``val.*`` and ``test2016.*``. Every file is written to a temporary name and
-renamed when complete, so an interrupted download never leaves a truncated
-file behind; files already present are kept. ``from_dir`` copies the same six
-files from a local folder instead (e.g. ``../shared/data/multi30k``).
+``download_multi30k(DEST, target="de")`` downloads the gzip'ed files of the
+Multi30k repository for English and the target language (German, French or
+Czech: the languages of the 2016 test set) and writes them decompressed as
+``train.en``, ``train.de``, ``val.*`` and ``test2016.*``. Every file is written
+to a temporary name and renamed when complete, so an interrupted download never
+leaves a truncated file behind; files already present are kept. ``from_dir``
+copies the same six files from a local folder instead (e.g.
+``../shared/data/multi30k``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ MULTI30K_SPLITS = {
     "val": ("val", "val"),
     "test2016": ("test2016", "test_2016_flickr"),
 }
-LANGUAGES = ("en", "de")
+SOURCE = "en"
+TARGETS = ("de", "fr", "cs")  # every Multi30k task-1 language with train, val and test2016
 
 
 class DownloadError(RuntimeError):
@@ -100,31 +103,36 @@ def download_multi30k(
     base_url: str = MULTI30K_URL,
     from_dir: str | Path | None = None,
     progress: bool = True,
+    target: str = "de",
 ) -> dict[str, tuple[Path, Path]]:
-    """Puts Multi30k En-De into ``dest``; returns ``{split: (en_path, de_path)}``.
+    """Puts Multi30k English and ``target`` (de, fr or cs) into ``dest``; returns
+    ``{split: (en_path, target_path)}``. Languages already there are kept, so one
+    folder can hold En-De and En-Fr side by side.
 
     Raises ``DownloadError`` for a failed fetch or copy or a missing local file
     (files completed before it are kept, so a second call resumes), and
     ``ValueError`` when the two sides of a split differ in line count.
     """
+    if target not in TARGETS:
+        raise ValueError(f"Multi30k target {target!r}: expected one of {', '.join(TARGETS)}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths: dict[str, tuple[Path, Path]] = {}
     for split, (local, remote) in MULTI30K_SPLITS.items():
-        for lang in LANGUAGES:
-            target = dest / f"{local}.{lang}"
-            if target.exists():
+        for lang in (SOURCE, target):
+            path = dest / f"{local}.{lang}"
+            if path.exists():
                 continue
             if from_dir is not None:
                 source = Path(from_dir) / f"{local}.{lang}"
                 if not source.exists():
                     raise DownloadError(f"{source} is missing: expected the file {local}.{lang}")
-                _copy(source, target)
+                _copy(source, path)
             else:
-                _fetch(f"{base_url.rstrip('/')}/{remote}.{lang}.gz", target, progress)
-        en, de = dest / f"{local}.en", dest / f"{local}.de"
-        en_lines, de_lines = _count_lines(en), _count_lines(de)
-        if en_lines != de_lines:
-            raise ValueError(f"{en} has {en_lines:,} lines but {de} has {de_lines:,}")
-        paths[split] = (en, de)
+                _fetch(f"{base_url.rstrip('/')}/{remote}.{lang}.gz", path, progress)
+        en, other = dest / f"{local}.{SOURCE}", dest / f"{local}.{target}"
+        en_lines, other_lines = _count_lines(en), _count_lines(other)
+        if en_lines != other_lines:
+            raise ValueError(f"{en} has {en_lines:,} lines but {other} has {other_lines:,}")
+        paths[split] = (en, other)
     return paths
