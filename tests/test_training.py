@@ -151,3 +151,17 @@ assert (before[1] == after[1]).all() and before[2] == after[2], "numpy or random
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_length_penalty_is_chosen_on_validation_and_recorded(prepared, tmp_path):
+    experiment = copy_prepared(prepared, tmp_path / "alpha")
+    grid = [0.0, 1.0, 4.0]
+    config = toy_config(experiment, train={"length_penalty_grid": grid})
+    model_dir = train(config, log=quiet)
+    sweep = json.loads((model_dir / "metadata.json").read_text())["validation"][
+        "length_penalty_valid_bleu"
+    ]
+    assert list(sweep) == ["0.0", "1.0", "4.0"]
+    best = max(grid, key=lambda a: sweep[str(a)])
+    assert load_model_dir(model_dir)[0].decode.length_penalty == best
+    assert Translator.load(model_dir).options.length_penalty == best  # translate uses it

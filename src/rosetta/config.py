@@ -328,6 +328,9 @@ class TrainConfig(Section):
     max_nonfinite: int = Field(10, ge=1)  # consecutive NaN/inf losses before training stops
     patience: int = Field(0, ge=0)
     average_last: int = Field(0, ge=0)
+    # GNMT alphas tried with the model's beam on the whole validation set when the
+    # model directory is written; the best becomes its decode.length_penalty
+    length_penalty_grid: list[Annotated[float, Field(ge=0.0)]] = []
     attention_samples: int = Field(0, ge=0)
     seed: int = 1
     threads: int = Field(0, ge=0)

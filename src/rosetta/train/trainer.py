@@ -544,6 +544,28 @@ def train(
     return directory
 
 
+def choose_length_penalty(
+    model: torch.nn.Module, config: ExperimentConfig, grid: list[float], log=print
+) -> tuple[float, dict[str, float]]:
+    """The GNMT alpha of ``grid`` whose beam search (``decode.beam``) scores the best
+    BLEU on the whole validation set, and every alpha's BLEU (ties: the first)."""
+    exp = config.experiment_dir
+    tokenizer = Tokenizer.load(exp / "tokenizer")
+    valid = load_split(config, "valid")
+    sources = [valid.source(i).tolist() for i in range(len(valid))]
+    references = [tokenizer.decode_target(valid.target(i).tolist()) for i in range(len(valid))]
+    sweep = {}
+    for alpha in grid:
+        options = config.decode.with_overrides(length_penalty=alpha, nbest=1, sampling=False)
+        found = TorchTranslator(model, tokenizer, options).search_ids(sources)
+        hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
+        sweep[str(alpha)] = bleu(hypotheses, references).score
+    best = max(grid, key=lambda a: sweep[str(a)])
+    tried = ", ".join(f"{a}: {b:.2f}" for a, b in sweep.items())
+    log(f"length penalty {best} (valid BLEU, beam {config.decode.beam}: {tried})")
+    return best, sweep
+
+
 def export_model_dir(
     config: ExperimentConfig, model: torch.nn.Module, progress: Progress, log=print
 ) -> Path:
@@ -554,7 +576,7 @@ def export_model_dir(
     bound_to = binding(config)
     model.load_state_dict(checkpoint.load(ckpt_dir / checkpoint.BEST, bound_to)["model"])
     chosen = f"best checkpoint (step {progress.best_step})"
-    validation = next((r for r in progress.history if r["step"] == progress.best_step), {})
+    validation = dict(next((r for r in progress.history if r["step"] == progress.best_step), {}))
     average_last = config.train.average_last
     if average_last > 1 and len(checkpoint.step_checkpoints(ckpt_dir)) > 1:
         tokenizer = Tokenizer.load(exp / "tokenizer")
@@ -576,6 +598,13 @@ def export_model_dir(
         else:
             model.load_state_dict(best_weights)
     model.eval()
+    grid = config.train.length_penalty_grid
+    if grid and model.autoregressive and config.decode.beam > 1:
+        alpha, sweep = choose_length_penalty(model, config, grid, log)
+        config = config.model_copy(
+            update={"decode": config.decode.with_overrides(length_penalty=alpha)}
+        )
+        validation["length_penalty_valid_bleu"] = sweep
     metadata = {
         "arch": config.model.arch,
         "steps": progress.step,
