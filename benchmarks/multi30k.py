@@ -1,6 +1,6 @@
 """Multi30k En->De benchmark: prepare, train for a wall-clock budget, evaluate.
 
-    python benchmarks/multi30k.py [--config configs/multi30k_en_de.yaml] [--budget 60m]
+    python benchmarks/multi30k.py [--config configs/multi30k_en_de.yaml] [--budget 60m | --steps N]
 
 Reports, on val and test2016, sacreBLEU BLEU and chrF (cased, detokenised,
 13a) for greedy search and beam 5, decoding speed, parameter count and
@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
     parser.add_argument("--budget", default="60m", help="training wall-clock budget")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="budget in updates instead (the same on every machine)")  # fmt: skip
     parser.add_argument("--name", default=None, help="result file name (default: config stem)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing model")
@@ -58,7 +60,10 @@ def main() -> None:
     args = parser.parse_args()
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    config = load_config(args.config, [*args.set, f"train.max_time={args.budget}"])
+    budget = [f"train.max_time={args.budget}"]
+    if args.steps:
+        budget = ["train.max_time=null", f"train.max_steps={args.steps}"]
+    config = load_config(args.config, [*args.set, *budget])
     name = args.name or Path(args.config).stem
     exp = config.experiment_dir
     if not args.skip_train:
@@ -78,7 +83,7 @@ def main() -> None:
         "command": command,
         "config": args.config,
         "overrides": args.set,
-        "budget": args.budget,
+        "budget": f"{args.steps} updates" if args.steps else args.budget,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}",
         "parameters": metadata.get("parameters"),
