@@ -482,19 +482,31 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--nproc-per-node",
         type=POSITIVE_INT,
+        metavar="N",
         help="train as N processes on this machine (one per GPU, or CPU processes)",
     )
-    group.add_argument("--nnodes", type=POSITIVE_INT, default=1, help="machines (default 1)")
     group.add_argument(
-        "--node-rank", type=NON_NEGATIVE_INT, default=0, help="this machine's index (default 0)"
+        "--nnodes", type=POSITIVE_INT, default=1, metavar="M", help="machines (default 1)"
+    )
+    group.add_argument(
+        "--node-rank",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        metavar="R",
+        help="this machine's index, 0 to M-1 (default 0)",
     )
     group.add_argument(
         "--master-addr",
         default="127.0.0.1",
+        metavar="HOST",
         help="address of the machine with node rank 0 (default 127.0.0.1)",
     )
     group.add_argument(
-        "--master-port", type=POSITIVE_INT, default=29500, help="its rendezvous port (29500)"
+        "--master-port",
+        type=POSITIVE_INT,
+        default=29500,
+        metavar="PORT",
+        help="its rendezvous port (default 29500)",
     )
     sub.set_defaults(func=cmd_train)
 
