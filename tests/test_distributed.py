@@ -251,8 +251,9 @@ def test_device_names_are_checked(setting):
         check_device_name(setting)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
-def test_a_missing_gpu_is_a_clear_error(tmp_path, untrained_model_dir):
+def test_a_missing_gpu_is_a_clear_error(tmp_path, untrained_model_dir, monkeypatch):
+    """Any machine: CUDA is hidden from this process and from the commands it runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda:0")
@@ -263,10 +264,11 @@ def test_a_missing_gpu_is_a_clear_error(tmp_path, untrained_model_dir):
         train(config)
     # the command-line option, checked before anything loads
     config = write_config(sensitive_config(tmp_path / "e"), tmp_path / "c.yaml")
+    hidden = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     for command in (["train", str(config)], ["translate", str(untrained_model_dir)]):
         result = subprocess.run(
             [sys.executable, "-m", "rosetta", *command, "--device", "cuda"],
-            capture_output=True, text=True, input="a b\n",
+            capture_output=True, text=True, input="a b\n", env=hidden,
         )  # fmt: skip
         assert result.returncode == 2
         assert result.stderr.strip().endswith(
