@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -390,7 +391,7 @@ def test_sigterm_finishes_queued_requests_then_exits(toy_model_dir):
         wait_until_up(port, process)
         url = f"http://127.0.0.1:{port}/v1/translate"
         results: dict[int, httpx.Response] = {}
-        busy = {"text": [" ".join(SENTENCES * 3)] * 64, "beam": 16}  # keeps the worker busy
+        busy = {"text": [" ".join(SENTENCES * 10)] * 64, "beam": 16}  # keeps the worker busy
 
         def ask(i: int) -> None:
             body = busy if i < 0 else {"text": SENTENCES[i]}
@@ -399,12 +400,24 @@ def test_sigterm_finishes_queued_requests_then_exits(toy_model_dir):
             except httpx.HTTPError as error:  # reported by the assertions below
                 results[i] = error
 
+        def status() -> dict:
+            return httpx.get(f"http://127.0.0.1:{port}/ready").json()
+
+        def until(condition: Callable[[dict], bool], what: str) -> None:
+            deadline = time.monotonic() + 60
+            while not condition(status()):
+                assert time.monotonic() < deadline, f"timed out waiting until {what}"
+                assert -1 not in results, f"the big request ended before {what}: grow it"
+                time.sleep(0.005)
+
+        # no fixed sleeps: SIGTERM goes when the test has seen small requests waiting
+        # behind the big one, whatever this machine's speed
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(-1, len(SENTENCES))]
-        for thread in threads:
+        threads[0].start()
+        until(lambda s: s["batches"] >= 1, "the worker took the big request")
+        for thread in threads[1:]:
             thread.start()
-            time.sleep(0.1)
-        ready = httpx.get(f"http://127.0.0.1:{port}/ready").json()
-        assert ready["queued"] > 0  # the small requests wait behind the big one
+        until(lambda s: s["queued"] > 0, "small requests were queued")
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(120)
