@@ -40,7 +40,7 @@ def average_into_model_dir(
     from rosetta.data.tokenizer import Tokenizer
     from rosetta.model import model_for
     from rosetta.modeldir import read_metadata, save_model_dir
-    from rosetta.train.trainer import validation_bleu
+    from rosetta.train.selection import validation_bleu
 
     if last < 1:
         raise ValueError(f"--last must be at least 1, not {last}")

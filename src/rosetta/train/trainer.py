@@ -39,14 +39,13 @@ from rosetta.data.batching import BatchIterator, collate, make_batches
 from rosetta.data.prepare import TokenizedSplit, binding, load_split
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.translator import TorchTranslator
-from rosetta.evaluate.metrics import Score, bleu
 from rosetta.model import model_for
-from rosetta.modeldir import check_finite, save_model_dir
+from rosetta.modeldir import check_finite
 from rosetta.safeio import remove_stale_temporaries
 from rosetta.train import checkpoint
-from rosetta.train.average import average_checkpoints
 from rosetta.train.distributed import Context
 from rosetta.train.schedule import learning_rate
+from rosetta.train.selection import export_model_dir, validation_bleu, validation_score
 
 
 @dataclass
@@ -155,23 +154,6 @@ def validation_loss(
     nll = nll_sum / max(tokens, 1)
     accuracy = counts["length_correct"] / counts["sentences"] if counts["sentences"] else None
     return nll, math.exp(min(nll, 50)), accuracy
-
-
-def validation_bleu(
-    model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    split: TokenizedSplit,
-    config: ExperimentConfig,
-    limit: int = 0,
-) -> tuple[Score, list[str]]:
-    """Greedy BLEU on (the first ``limit`` pairs of) a split; returns score and outputs."""
-    count = len(split) if limit <= 0 else min(limit, len(split))
-    sources = [split.source(i).tolist() for i in range(count)]
-    references = [tokenizer.decode_target(split.target(i).tolist()) for i in range(count)]
-    options = config.decode.with_overrides(beam=1, nbest=1, sampling=False)
-    found = TorchTranslator(model, tokenizer, options).search_ids(sources)
-    hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
-    return bleu(hypotheses, references), hypotheses
 
 
 def save_attention_snapshots(
@@ -355,11 +337,11 @@ def train(
         record: dict[str, Any] = {"step": progress.step, "valid_nll": nll, "valid_ppl": ppl}
         if length_accuracy is not None:
             record["valid_length_accuracy"] = length_accuracy
-        score = -nll
         if tc.valid_bleu:
             result, _ = validation_bleu(model, tokenizer, valid_split, config, tc.valid_bleu_size)
-            score = record["valid_bleu"] = result.score
-            record["valid_bleu_signature"] = result.signature
+            record["valid_bleu"], record["valid_bleu_signature"] = result.score, result.signature
+        record["elapsed"] = progress.elapsed
+        score = validation_score(record)
         model.train()
         state = weights_state()
         improved = score > progress.best_score
@@ -379,7 +361,7 @@ def train(
                 model, tokenizer, valid_split, config, exp / "attention", progress.step
             )
         progress.history.append(record)
-        metrics.write({"type": "valid", "elapsed": progress.elapsed, **record})
+        metrics.write({"type": "valid", **record})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
         log(f"step {progress.step}: {shown}{' (best)' if improved else ''}")
         save_last(rngs)
@@ -539,81 +521,6 @@ def train(
     )
     if progress.nonfinite_skipped:
         log(f"{progress.nonfinite_skipped} batches were skipped for a non-finite loss or gradient")
-    directory = export_model_dir(config, model, progress, log) if main else exp / "model"
+    directory = export_model_dir(config, model, asdict(progress), log) if main else exp / "model"
     context.barrier()  # nobody reports success before the model directory is there
-    return directory
-
-
-def choose_length_penalty(
-    model: torch.nn.Module, config: ExperimentConfig, grid: list[float], log=print
-) -> tuple[float, dict[str, float]]:
-    """The GNMT alpha of ``grid`` whose beam search (``decode.beam``) scores the best
-    BLEU on the whole validation set, and every alpha's BLEU (ties: the first)."""
-    exp = config.experiment_dir
-    tokenizer = Tokenizer.load(exp / "tokenizer")
-    valid = load_split(config, "valid")
-    sources = [valid.source(i).tolist() for i in range(len(valid))]
-    references = [tokenizer.decode_target(valid.target(i).tolist()) for i in range(len(valid))]
-    sweep = {}
-    for alpha in grid:
-        options = config.decode.with_overrides(length_penalty=alpha, nbest=1, sampling=False)
-        found = TorchTranslator(model, tokenizer, options).search_ids(sources)
-        hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
-        sweep[str(alpha)] = bleu(hypotheses, references).score
-    best = max(grid, key=lambda a: sweep[str(a)])
-    tried = ", ".join(f"{a}: {b:.2f}" for a, b in sweep.items())
-    log(f"length penalty {best} (valid BLEU, beam {config.decode.beam}: {tried})")
-    return best, sweep
-
-
-def export_model_dir(
-    config: ExperimentConfig, model: torch.nn.Module, progress: Progress, log=print
-) -> Path:
-    """Writes ``EXP/model`` from the best checkpoint, or from the average of the last
-    ``train.average_last`` checkpoints when that scores better on validation BLEU."""
-    exp = config.experiment_dir
-    ckpt_dir = exp / "checkpoints"
-    bound_to = binding(config)
-    model.load_state_dict(checkpoint.load(ckpt_dir / checkpoint.BEST, bound_to)["model"])
-    chosen = f"best checkpoint (step {progress.best_step})"
-    validation = dict(next((r for r in progress.history if r["step"] == progress.best_step), {}))
-    average_last = config.train.average_last
-    if average_last > 1 and len(checkpoint.step_checkpoints(ckpt_dir)) > 1:
-        tokenizer = Tokenizer.load(exp / "tokenizer")
-        valid = load_split(config, "valid")
-        limit = config.train.valid_bleu_size
-        best_bleu = validation_bleu(model, tokenizer, valid, config, limit)[0].score
-        best_weights = {k: v.clone() for k, v in model.state_dict().items()}
-        paths = checkpoint.step_checkpoints(ckpt_dir)[-average_last:]
-        model.load_state_dict(average_checkpoints(paths, bound_to))
-        average = validation_bleu(model, tokenizer, valid, config, limit)[0]
-        log(f"valid BLEU: best checkpoint {best_bleu:.2f}, averaged {average.score:.2f}")
-        if average.score >= best_bleu:
-            chosen = f"average of the last {len(paths)} checkpoints"
-            validation = {
-                "steps": [int(p.stem.split("_")[1]) for p in paths],
-                "valid_bleu": average.score,
-                "valid_bleu_signature": average.signature,
-            }
-        else:
-            model.load_state_dict(best_weights)
-    model.eval()
-    grid = config.train.length_penalty_grid
-    if grid and model.autoregressive and config.decode.beam > 1:
-        alpha, sweep = choose_length_penalty(model, config, grid, log)
-        config = config.model_copy(
-            update={"decode": config.decode.with_overrides(length_penalty=alpha)}
-        )
-        validation["length_penalty_valid_bleu"] = sweep
-    metadata = {
-        "arch": config.model.arch,
-        "steps": progress.step,
-        "training_minutes": round(progress.elapsed / 60, 2),
-        "weights": chosen,
-        "validation": validation,  # of the weights in this directory
-        "best_validation_score": progress.best_score,
-        "nonfinite_batches_skipped": progress.nonfinite_skipped,
-    }
-    directory = save_model_dir(exp / "model", config, exp / "tokenizer", model, metadata)
-    log(f"model directory: {directory} ({chosen})")
     return directory
