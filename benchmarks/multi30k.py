@@ -1,15 +1,24 @@
-"""Multi30k En->De benchmark: prepare, train for a wall-clock budget, evaluate.
+"""Multi30k En->De benchmark: prepare, train for a budget, evaluate.
 
     python benchmarks/multi30k.py [--config configs/multi30k_en_de.yaml] [--budget 60m | --steps N]
+    python benchmarks/multi30k.py --steps N --curve 0.5,1,2     # a learning curve, one run
 
 Reports, on val and test2016, sacreBLEU BLEU and chrF (cased, detokenised,
 13a) for greedy search and beam 5, decoding speed, parameter count and
 training throughput. Results go to benchmarks/results/<name>.json and .md.
-Decoding time is not part of the training budget.
+Decoding time is not part of the training budget. Beam 5 decodes with the
+model's own length penalty (``train.length_penalty_grid`` chooses it on val).
+
+``--curve 0.5,1,2`` trains one run of 2N updates (N = ``--steps``) and scores the
+model directory a run of 0.5N, N and 2N updates would have written (the
+weights chosen among that run's first updates only: ``export_at_step``; the
+learning-rate schedules do not depend on the budget), with the bars: test2016
+beam 5 BLEU >= 38.0 at N, and no larger budget more than 0.2 BLEU below a
+smaller one.
 
 ``--length-penalties 0.6,1.0,1.5`` tries those GNMT alphas for beam 5 on val
 and decodes the test set with the best one (the test set never takes part in
-the choice); by default beam 5 uses the config's ``decode.length_penalty``.
+the choice), for a model trained without ``train.length_penalty_grid``.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from rosetta.data.prepare import corpus_root, prepare
 from rosetta.decode.translator import Translator
 from rosetta.evaluate import evaluate_files
 from rosetta.modeldir import read_metadata
+from rosetta.train.selection import export_at_step
 from rosetta.train.trainer import train
 
 
@@ -43,26 +53,88 @@ def training_throughput(metrics_path: Path) -> float:
     return sum(rates) / len(rates) if rates else float("nan")
 
 
+def scored(model_dir: Path, config, alphas: list[float] | None) -> dict:
+    """Val and test greedy and beam 5 figures of one model directory; beam 5 with
+    the model's length penalty, or the best of ``alphas`` on val."""
+    root = corpus_root(config)
+
+    def score(split: str, beam: int, alpha: float | None) -> dict:
+        src = root / f"{split}.{config.data.src_lang}"
+        ref = root / f"{split}.{config.data.tgt_lang}"
+        translator = Translator.load(model_dir, beam=beam, length_penalty=alpha)
+        result = evaluate_files(translator, src, ref)
+        result.pop("hypotheses")
+        alpha = translator.options.length_penalty
+        search = "greedy" if beam == 1 else f"beam {beam}, length penalty {alpha}"
+        print(
+            f"{model_dir.name} {split} {search}: {result['bleu_text']}  "
+            f"chrF {result['chrf']:.1f}  {result['sentences_per_s']:.1f} sent/s"
+        )
+        return result
+
+    valid, test = config.data.valid, config.data.test
+    figures: dict = {"scores": {f"{valid}/beam1": score(valid, 1, None)}}
+    sweep = {alpha: score(valid, 5, alpha) for alpha in alphas or [None]}
+    alpha = max(sweep, key=lambda a: sweep[a]["bleu"])
+    if alphas:
+        figures["length_penalty_sweep_val_bleu"] = {str(a): r["bleu"] for a, r in sweep.items()}
+    figures["scores"][f"{valid}/beam5"] = sweep[alpha]
+    figures["scores"][f"{test}/beam1"] = score(test, 1, alpha)
+    figures["scores"][f"{test}/beam5"] = score(test, 5, alpha)
+    figures["length_penalty"] = Translator.load(
+        model_dir, length_penalty=alpha
+    ).options.length_penalty
+    metadata = read_metadata(model_dir)
+    for key in ("parameters", "steps", "training_minutes", "weights"):
+        figures[key] = metadata.get(key)
+    return figures
+
+
+def curve_steps(multiples: str, steps: int, valid_every: int) -> list[int]:
+    """The updates of each point of ``--curve``: validated steps (the run's choices
+    are made at validations)."""
+    if not steps:
+        raise SystemExit("--curve needs --steps N (the curve's 1x)")
+    points = []
+    for multiple in sorted(float(m) for m in multiples.split(",")):
+        step = multiple * steps
+        if step != int(step) or int(step) % valid_every or step <= 0:
+            raise SystemExit(
+                f"--curve {multiple} x --steps {steps} = {step:g} updates, not a positive "
+                f"multiple of train.valid_every {valid_every}"
+            )
+        points.append(int(step))
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
     parser.add_argument("--budget", default="60m", help="training wall-clock budget")
     parser.add_argument("--steps", type=int, default=0,
                         help="budget in updates instead (the same on every machine)")  # fmt: skip
+    parser.add_argument("--curve", default=None, metavar="M,M,...",
+                        help="multiples of --steps to score from one run")  # fmt: skip
     parser.add_argument("--name", default=None, help="result file name (default: config stem)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing model")
     parser.add_argument(
         "--length-penalties",
         default=None,
-        help="comma-separated GNMT alphas for beam 5, chosen on val (default: the config's)",
+        help="comma-separated GNMT alphas for beam 5, chosen on val (default: the model's)",
     )
     args = parser.parse_args()
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    config = load_config(args.config, args.set)
+    points = curve_steps(args.curve, args.steps, config.train.valid_every) if args.curve else []
     budget = [f"train.max_time={args.budget}"]
     if args.steps:
-        budget = ["train.max_time=null", f"train.max_steps={args.steps}"]
+        total = points[-1] if points else args.steps
+        budget = ["train.max_time=null", f"train.max_steps={total}"]
+    if points:  # every validation's checkpoint, to choose among at each point
+        keep = max(config.train.keep_last, points[-1] // config.train.valid_every + 1)
+        budget.append(f"train.keep_last={keep}")
     config = load_config(args.config, [*args.set, *budget])
     name = args.name or Path(args.config).stem
     exp = config.experiment_dir
@@ -76,76 +148,64 @@ def main() -> None:
         train(config)
         print(f"training took {(time.monotonic() - start) / 60:.1f} min")
 
-    model_dir = exp / "model"
-    metadata = read_metadata(model_dir)
-    root = corpus_root(config)
+    alphas = [float(a) for a in args.length_penalties.split(",")] if args.length_penalties else None
+    model_dirs = {}
+    for step in points[:-1]:
+        model_dirs[step] = export_at_step(config, step, exp / f"model_at_step_{step}")
+    model_dirs[points[-1] if points else read_metadata(exp / "model")["steps"]] = exp / "model"
     results = {
         "command": command,
         "config": args.config,
         "overrides": args.set,
-        "budget": f"{args.steps} updates" if args.steps else args.budget,
+        "budget": f"{config.train.max_steps} updates" if args.steps else args.budget,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}",
-        "parameters": metadata.get("parameters"),
-        "steps": metadata.get("steps"),
-        "training_minutes": metadata.get("training_minutes"),
-        "weights": metadata.get("weights"),
         "train_tgt_tokens_per_s": training_throughput(exp / "metrics.jsonl"),
-        "scores": {},
+        "points": {str(step): scored(path, config, alphas) for step, path in model_dirs.items()},
     }
-    alphas = (
-        [float(a) for a in args.length_penalties.split(",")]
-        if args.length_penalties
-        else [config.decode.length_penalty]
-    )
-
-    def score(split: str, beam: int, alpha: float) -> dict:
-        src = root / f"{split}.{config.data.src_lang}"
-        ref = root / f"{split}.{config.data.tgt_lang}"
-        translator = Translator.load(model_dir, beam=beam, length_penalty=alpha)
-        result = evaluate_files(translator, src, ref)
-        result.pop("hypotheses")
-        search = "greedy" if beam == 1 else f"beam {beam}, length penalty {alpha}"
-        print(
-            f"{split} {search}: {result['bleu_text']}  chrF {result['chrf']:.1f}  "
-            f"{result['sentences_per_s']:.1f} sent/s"
-        )
-        return result
-
     valid, test = config.data.valid, config.data.test
-    results["scores"][f"{valid}/beam1"] = score(valid, 1, alphas[0])
-    sweep = {alpha: score(valid, 5, alpha) for alpha in alphas}
-    alpha = max(alphas, key=lambda a: sweep[a]["bleu"])
-    results["length_penalty"] = alpha
-    if len(alphas) > 1:
-        results["length_penalty_sweep_val_bleu"] = {str(a): r["bleu"] for a, r in sweep.items()}
-    results["scores"][f"{valid}/beam5"] = sweep[alpha]
-    results["scores"][f"{test}/beam1"] = score(test, 1, alpha)
-    result = results["scores"][f"{test}/beam5"] = score(test, 5, alpha)
-    print(f"signature: {result['bleu_signature']}")
-
-    rows = [
-        "| split | search | BLEU | chrF | sentences/s |",
-        "|---|---|---|---|---|",
-    ]
-    for key, figures in results["scores"].items():
-        split, search = key.split("/")
-        rows.append(
-            f"| {split} | {search.replace('beam1', 'greedy').replace('beam5', 'beam 5')} | "
-            f"{figures['bleu']:.1f} | {figures['chrf']:.1f} | {figures['sentences_per_s']:.1f} |"
-        )
-    penalty = f"beam length penalty {alpha}"
-    if len(alphas) > 1:
-        tried = ", ".join(f"{a}: {r['bleu']:.1f}" for a, r in sweep.items())
-        penalty += f" (best on val of {tried})"
-    summary = (
-        f"`{command}`\n\n{results['parameters']:,} parameters, {results['steps']} steps in "
-        f"{results['training_minutes']} min, {results['train_tgt_tokens_per_s']:,.0f} target "
-        f"tokens/s in training, weights: {results['weights']}; {penalty}.\n\n"
-        + "\n".join(rows)
-        + f"\n\nBLEU signature: `{result['bleu_signature']}`\n"
+    lines = [f"`{command}`", ""]
+    for step, figures in results["points"].items():
+        lines += [
+            f"{figures['parameters']:,} parameters, {step} updates in "
+            f"{figures['training_minutes']} min, weights: {figures['weights']}; beam length "
+            f"penalty {figures['length_penalty']}"
+            + (f" (best on val of {figures['length_penalty_sweep_val_bleu']})" if alphas else "")
+            + ".",
+            "",
+            "| split | search | BLEU | chrF | sentences/s |",
+            "|---|---|---|---|---|",
+        ]
+        for key, score in figures["scores"].items():
+            split, search = key.split("/")
+            lines.append(
+                f"| {split} | {search.replace('beam1', 'greedy').replace('beam5', 'beam 5')} | "
+                f"{score['bleu']:.1f} | {score['chrf']:.1f} | {score['sentences_per_s']:.1f} |"
+            )
+        lines.append("")
+    last = results["points"][str(max(model_dirs))]["scores"][f"{test}/beam5"]
+    lines.append(
+        f"{results['train_tgt_tokens_per_s']:,.0f} target tokens/s in training. "
+        f"BLEU signature: `{last['bleu_signature']}`"
     )
-    write_results(name, results, summary)
+    if points:
+        bleus = {s: results["points"][str(s)]["scores"][f"{test}/beam5"]["bleu"] for s in points}
+        lines += ["", "| updates | " + " | ".join(map(str, points)) + " |",
+                  "|---|" + "---:|" * len(points),
+                  f"| {test} beam 5 | " + " | ".join(f"{b:.2f}" for b in bleus.values()) + " |",
+                  f"| {valid} beam 5 | " + " | ".join(
+                      f"{results['points'][str(s)]['scores'][f'{valid}/beam5']['bleu']:.2f}"
+                      for s in points) + " |"]  # fmt: skip
+        bars = {
+            "no larger budget more than 0.2 BLEU below a smaller one": all(
+                bleus[b] >= bleus[a] - 0.2 for a in points for b in points if b > a
+            ),
+        }
+        if args.steps in bleus:
+            bars[f"{test} beam 5 BLEU >= 38.0 at {args.steps} updates"] = bleus[args.steps] >= 38
+        results["bars"] = bars
+        lines += ["", *(f"- {'PASS' if ok else 'FAIL'} {bar}" for bar, ok in bars.items())]
+    write_results(name, results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
