@@ -1,7 +1,8 @@
 """Multi30k En->De benchmark: prepare, train for a budget, evaluate.
 
     python benchmarks/multi30k.py [--config configs/multi30k_en_de.yaml] [--budget 60m | --steps N]
-    python benchmarks/multi30k.py --steps N --curve 0.5,1,2     # a learning curve, one run
+    python benchmarks/multi30k.py --budget 60m --curve 0.5,1,2  # a learning curve, one run
+    python benchmarks/multi30k.py --steps N --curve 0.5,1,2     # ... in updates
 
 Reports, on val and test2016, sacreBLEU BLEU and chrF (cased, detokenised,
 13a) for greedy search and beam 5, decoding speed, parameter count and
@@ -9,12 +10,14 @@ training throughput. Results go to benchmarks/results/<name>.json and .md.
 Decoding time is not part of the training budget. Beam 5 decodes with the
 model's own length penalty (``train.length_penalty_grid`` chooses it on val).
 
-``--curve 0.5,1,2`` trains one run of 2N updates (N = ``--steps``) and scores the
-model directory a run of 0.5N, N and 2N updates would have written (the
-weights chosen among that run's first updates only: ``export_at_step``; the
-learning-rate schedules do not depend on the budget), with the bars: test2016
-beam 5 BLEU >= 38.0 at N, and no larger budget more than 0.2 BLEU below a
-smaller one.
+``--curve 0.5,1,2`` trains one run of twice the budget and scores the model
+directory a run of 0.5N, N and 2N updates would have written, N being
+``--steps`` or the updates made in ``--budget`` (the last validation within
+it; the other points are the validations nearest their multiple of N). The
+weights at a point are chosen among the run's first updates only
+(``export_at_step``; the learning-rate schedules do not depend on the budget).
+Bars: test2016 beam 5 BLEU >= 38.0 at N, and no larger budget more than 0.2
+BLEU below a smaller one.
 
 ``--length-penalties 0.6,1.0,1.5`` tries those GNMT alphas for beam 5 on val
 and decodes the test set with the best one (the test set never takes part in
@@ -34,11 +37,12 @@ from pathlib import Path
 import torch
 
 from results_io import write_results
-from rosetta.config import load_config
+from rosetta.config import load_config, parse_duration
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.decode.translator import Translator
 from rosetta.evaluate import evaluate_files
 from rosetta.modeldir import read_metadata
+from rosetta.train import checkpoint
 from rosetta.train.selection import export_at_step
 from rosetta.train.trainer import train
 
@@ -90,21 +94,39 @@ def scored(model_dir: Path, config, alphas: list[float] | None) -> dict:
     return figures
 
 
-def curve_steps(multiples: str, steps: int, valid_every: int) -> list[int]:
-    """The updates of each point of ``--curve``: validated steps (the run's choices
-    are made at validations)."""
-    if not steps:
-        raise SystemExit("--curve needs --steps N (the curve's 1x)")
-    points = []
-    for multiple in sorted(float(m) for m in multiples.split(",")):
+def multiples_of(curve: str) -> list[float]:
+    """``--curve``'s multiples, ascending; the largest sets the run's length."""
+    multiples = sorted({float(m) for m in curve.split(",")})
+    if multiples[0] <= 0 or 1.0 not in multiples:
+        raise SystemExit(f"--curve {curve}: positive multiples of the budget, 1 among them")
+    return multiples
+
+
+def curve_steps(multiples: list[float], steps: int, valid_every: int) -> dict[float, int]:
+    """The updates of each point of ``--curve`` with ``--steps``: validated steps
+    (the run's choices of weights are made at validations)."""
+    points = {}
+    for multiple in multiples:
         step = multiple * steps
-        if step != int(step) or int(step) % valid_every or step <= 0:
+        if step != int(step) or int(step) % valid_every:
             raise SystemExit(
-                f"--curve {multiple} x --steps {steps} = {step:g} updates, not a positive "
-                f"multiple of train.valid_every {valid_every}"
+                f"--curve {multiple:g} x --steps {steps} = {step:g} updates, not a multiple "
+                f"of train.valid_every {valid_every}"
             )
-        points.append(int(step))
+        points[multiple] = int(step)
     return points
+
+
+def timed_curve_steps(multiples: list[float], budget: str, history: list[dict]) -> dict[float, int]:
+    """The points of ``--curve`` with ``--budget`` T: 1x is the last validated step
+    within T of training time, each other multiple the validated step nearest it
+    times 1x (the largest: the end of the run)."""
+    within = [r["step"] for r in history if r["elapsed"] <= parse_duration(budget)]
+    if not within:
+        raise SystemExit(f"no validation within the first {budget} of training")
+    validated = [r["step"] for r in history]
+    points = {m: min(validated, key=lambda s: abs(s - m * within[-1])) for m in multiples}
+    return {**points, 1.0: within[-1], multiples[-1]: validated[-1]}
 
 
 def main() -> None:
@@ -114,7 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0,
                         help="budget in updates instead (the same on every machine)")  # fmt: skip
     parser.add_argument("--curve", default=None, metavar="M,M,...",
-                        help="multiples of --steps to score from one run")  # fmt: skip
+                        help="multiples of the budget to score from one run")  # fmt: skip
     parser.add_argument("--name", default=None, help="result file name (default: config stem)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing model")
@@ -127,14 +149,14 @@ def main() -> None:
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     config = load_config(args.config, args.set)
-    points = curve_steps(args.curve, args.steps, config.train.valid_every) if args.curve else []
-    budget = [f"train.max_time={args.budget}"]
+    multiples = multiples_of(args.curve) if args.curve else [1.0]
+    budget = [f"train.max_time={multiples[-1] * parse_duration(args.budget)}s"]
+    curve = {}
     if args.steps:
-        total = points[-1] if points else args.steps
-        budget = ["train.max_time=null", f"train.max_steps={total}"]
-    if points:  # every validation's checkpoint, to choose among at each point
-        keep = max(config.train.keep_last, points[-1] // config.train.valid_every + 1)
-        budget.append(f"train.keep_last={keep}")
+        curve = curve_steps(multiples, args.steps, config.train.valid_every)
+        budget = ["train.max_time=null", f"train.max_steps={curve[multiples[-1]]}"]
+    if args.curve:  # every validation's checkpoint, to choose among at each point
+        budget.append("train.keep_last=1000000")
     config = load_config(args.config, [*args.set, *budget])
     name = args.name or Path(args.config).stem
     exp = config.experiment_dir
@@ -148,6 +170,10 @@ def main() -> None:
         train(config)
         print(f"training took {(time.monotonic() - start) / 60:.1f} min")
 
+    if args.curve and not args.steps:
+        history = checkpoint.load(exp / "checkpoints" / checkpoint.LAST)["progress"]["history"]
+        curve = timed_curve_steps(multiples, args.budget, history)
+    points = sorted(set(curve.values())) if args.curve else []
     alphas = [float(a) for a in args.length_penalties.split(",")] if args.length_penalties else None
     model_dirs = {}
     for step in points[:-1]:
@@ -157,7 +183,7 @@ def main() -> None:
         "command": command,
         "config": args.config,
         "overrides": args.set,
-        "budget": f"{config.train.max_steps} updates" if args.steps else args.budget,
+        "budget": f"{config.train.max_steps} updates" if args.steps else config.train.max_time,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}",
         "train_tgt_tokens_per_s": training_throughput(exp / "metrics.jsonl"),
@@ -201,8 +227,11 @@ def main() -> None:
                 bleus[b] >= bleus[a] - 0.2 for a in points for b in points if b > a
             ),
         }
-        if args.steps in bleus:
-            bars[f"{test} beam 5 BLEU >= 38.0 at {args.steps} updates"] = bleus[args.steps] >= 38
+        one_x = curve[1.0]
+        budget_text = f"{args.steps} updates" if args.steps else args.budget
+        bars[f"{test} beam 5 BLEU >= 38.0 at 1x ({one_x} updates, {budget_text})"] = (
+            bleus[one_x] >= 38.0
+        )
         results["bars"] = bars
         lines += ["", *(f"- {'PASS' if ok else 'FAIL'} {bar}" for bar, ok in bars.items())]
     write_results(name, results, "\n".join(lines) + "\n")
