@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,27 @@ def toy_config(experiment_dir: Path, **sections) -> ExperimentConfig:
         for key in ("d_ff", "heads"):
             data["model"].pop(key, None)
     return config_from_dict(data)
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """A ``log`` that says nothing."""
+
+
+def copy_prepared(prepared: Path, dest: Path) -> Path:
+    """The same generated corpus, tokenizer and cached data in another experiment folder."""
+    for name in ("corpus", "tokenizer", "data"):
+        shutil.copytree(prepared / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared ``toy_config`` experiment, for tests to copy with ``copy_prepared``."""
+    from rosetta.data.prepare import prepare
+
+    exp = tmp_path_factory.mktemp("base")
+    prepare(toy_config(exp), log=quiet)
+    return exp
 
 
 def learning_config(experiment_dir: Path, **model) -> ExperimentConfig:

@@ -11,7 +11,6 @@ difference does not flip an update's sign).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import toy_config
+from conftest import copy_prepared, toy_config
 from rosetta.data.prepare import prepare
 from rosetta.decode.translator import Translator
 from rosetta.device import check_device_name, resolve_device
@@ -61,13 +60,6 @@ def write_config(config, path: Path) -> Path:
     return path
 
 
-def prepared_copy(source: Path, destination: Path) -> None:
-    """The same tokenizer and cached data in another experiment folder."""
-    destination.mkdir(parents=True)
-    for name in ("corpus", "data", "tokenizer"):
-        shutil.copytree(source / name, destination / name)
-
-
 def rosetta_train(*arguments: str, port: int | None = None, **popen) -> subprocess.Popen:
     command = [sys.executable, "-m", "rosetta", "train", *arguments]
     if port is not None:
@@ -103,7 +95,7 @@ def single(tmp_path_factory) -> Path:
 
 def test_two_processes_train_what_one_trains_with_accumulation(single, tmp_path):
     experiment = tmp_path / "two"
-    prepared_copy(single, experiment)
+    copy_prepared(single, experiment)
     config = write_config(sensitive_config(experiment), tmp_path / "two.yaml")
     status, output = finish(rosetta_train(config, "--nproc-per-node", "2", port=free_port()))
     assert status == 0, output
@@ -127,7 +119,7 @@ def test_a_two_machine_checkpoint_resumes_in_one_process(single, tmp_path):
     the steps; one process with accumulation finishes them and ends where the
     uninterrupted run ended (the data position is kept in global batches)."""
     experiment = tmp_path / "nodes"
-    prepared_copy(single, experiment)
+    copy_prepared(single, experiment)
     config = write_config(sensitive_config(experiment, max_steps=3), tmp_path / "nodes.yaml")
     port = free_port()
     nodes = [
@@ -182,7 +174,7 @@ def rank_processes(launcher: subprocess.Popen) -> dict[int, int]:
 def long_run(single: Path, tmp_path: Path, name: str) -> tuple[Path, subprocess.Popen]:
     """A 2-process run that goes on until stopped, in a session of its own."""
     experiment = tmp_path / name
-    prepared_copy(single, experiment)
+    copy_prepared(single, experiment)
     config = write_config(
         sensitive_config(experiment, max_steps=1_000_000, valid_every=50, log_every=1),
         tmp_path / f"{name}.yaml",

@@ -9,30 +9,10 @@ import re
 import pytest
 from safetensors.torch import load_file
 
-from conftest import toy_config
-from rosetta.data.prepare import prepare
+from conftest import copy_prepared, quiet, toy_config
 from rosetta.train import checkpoint
 from rosetta.train.selection import averaging_sizes, export_at_step
 from rosetta.train.trainer import train
-
-
-def quiet(*_args, **_kwargs):
-    pass
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    exp = tmp_path_factory.mktemp("base")
-    prepare(toy_config(exp), log=quiet)
-    return exp
-
-
-def copy_prepared(prepared, dest):
-    import shutil
-
-    for name in ("corpus", "tokenizer", "data"):
-        shutil.copytree(prepared / name, dest / name)
-    return dest
 
 
 @pytest.mark.parametrize(

@@ -9,33 +9,12 @@ import sys
 import pytest
 import torch
 
-from conftest import toy_config
-from rosetta.data.prepare import prepare
+from conftest import copy_prepared, quiet, toy_config
 from rosetta.decode.translator import Translator
 from rosetta.modeldir import load_model_dir
 from rosetta.train import checkpoint
 from rosetta.train.average import average_checkpoints
 from rosetta.train.trainer import train
-
-
-def quiet(*_args, **_kwargs):
-    pass
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A prepared toy experiment whose data the tests below copy."""
-    exp = tmp_path_factory.mktemp("base")
-    prepare(toy_config(exp), log=quiet)
-    return exp
-
-
-def copy_prepared(prepared, dest):
-    import shutil
-
-    for name in ("corpus", "tokenizer", "data"):
-        shutil.copytree(prepared / name, dest / name)
-    return dest
 
 
 def test_interrupted_and_resumed_training_equals_uninterrupted(prepared, tmp_path):
