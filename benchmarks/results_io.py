@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rosetta.safeio import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def write_results(name: str, results: dict, table: str) -> None:
-    """Prints ``table`` and writes both files."""
+    """Prints ``table`` and writes both files (each whole or not at all: a run
+    stopped while writing leaves the previous figures)."""
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{name}.md").write_text(table)
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(results, indent=2))
+    atomic_write_text(RESULTS / f"{name}.md", table)
