@@ -64,3 +64,12 @@ def test_a_step_that_was_not_validated_or_whose_checkpoint_is_gone_is_refused(pr
     with pytest.raises(checkpoint.CheckpointError, match=r"step 8 is gone.*train\.keep_last"):
         export_at_step(config, 8, tmp_path / "at_8")
     assert not (tmp_path / "at_8").exists()
+
+
+def test_averages_reach_as_far_back_as_the_checkpoints_kept(prepared, tmp_path):
+    exp = copy_prepared(prepared, tmp_path / "exp")
+    lines: list[str] = []
+    config = toy_config(exp, train={"max_steps": 16, "keep_last": 3, "average_last": 8})
+    train(config, log=lines.append)
+    [line] = [x for x in lines if x.startswith("valid BLEU at step 16")]
+    assert re.findall(r"last (\d+) averaged", line) == ["2", "3"]  # 8 and 4 > 3 kept

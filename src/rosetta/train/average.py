@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from rosetta.config import ExperimentConfig
-from rosetta.train.checkpoint import CheckpointError, load, step_checkpoints
+from rosetta.train.checkpoint import CheckpointError, load, step_checkpoints, step_of
 
 
 def average_checkpoints(
@@ -57,7 +57,7 @@ def average_into_model_dir(
         **{k: v for k, v in read_metadata(output).items() if k not in ("parameters", "sha256")},
         "weights": f"average of {names}",
         "validation": {
-            "steps": [int(p.stem.split("_")[1]) for p in paths],
+            "steps": [step_of(p) for p in paths],
             "valid_bleu": score.score,
             "valid_bleu_signature": score.signature,
         },

@@ -161,6 +161,14 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
+def step_of(path: Path) -> int:
+    """The N of a ``step_N.pt`` file."""
+    match = _STEP_FILE.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a step checkpoint (step_N.pt)")
+    return int(match.group(1))
+
+
 def step_checkpoints(directory: Path) -> list[Path]:
     """The rolling ``step_N.pt`` files, oldest first."""
     found = []

@@ -123,8 +123,9 @@ def select_weights(
     model.load_state_dict(weights)
     chosen = f"best checkpoint (step {best['step']})"
     validation = dict(best)
-    steps = [p for p in checkpoint.step_checkpoints(ckpt_dir) if int(p.stem.split("_")[1]) <= upto]
-    sizes = [n for n in averaging_sizes(config.train.average_last) if n <= len(steps)]
+    steps = [p for p in checkpoint.step_checkpoints(ckpt_dir) if checkpoint.step_of(p) <= upto]
+    # as many as there are, when fewer than a size
+    sizes = sorted({min(n, len(steps)) for n in averaging_sizes(config.train.average_last)} - {1})
     if not sizes:
         return chosen, validation
     tokenizer = Tokenizer.load(exp / "tokenizer")
@@ -142,7 +143,7 @@ def select_weights(
             top, kept = score.score, {k: v.clone() for k, v in model.state_dict().items()}
             chosen = f"average of the last {n} checkpoints"
             validation = {
-                "steps": [int(p.stem.split("_")[1]) for p in paths],
+                "steps": [checkpoint.step_of(p) for p in paths],
                 "valid_bleu": score.score,
                 "valid_bleu_signature": score.signature,
             }
