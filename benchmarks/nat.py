@@ -45,6 +45,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import NullFormatter
 
 from results_io import RESULTS, write_results
 from rosetta.config import ExperimentConfig, load_config
@@ -242,6 +243,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
             axis.annotate(name, (x, figures["bleu"]), fontsize=7, xytext=(4, 2),
                           textcoords="offset points")  # fmt: skip
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # decades only: no crowded labels
         axis.set_xlabel(f"sentences/s at batch {batch} (log scale)")
         axis.set_ylabel("test2016 BLEU")
         axis.grid(alpha=0.3)
