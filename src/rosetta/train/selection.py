@@ -42,10 +42,17 @@ def validation_bleu(
     limit: int = 0,
 ) -> tuple[Score, list[str]]:
     """Greedy BLEU on (the first ``limit`` pairs of) a split; returns score and outputs."""
+    options = config.decode.with_overrides(beam=1, nbest=1, sampling=False)
+    return _split_bleu(model, tokenizer, split, options, limit)
+
+
+def _split_bleu(
+    model: torch.nn.Module, tokenizer: Tokenizer, split: TokenizedSplit, options, limit: int = 0
+) -> tuple[Score, list[str]]:
+    """BLEU of ``options``' search on (the first ``limit`` pairs of) a split, and outputs."""
     count = len(split) if limit <= 0 else min(limit, len(split))
     sources = [split.source(i).tolist() for i in range(count)]
     references = [tokenizer.decode_target(split.target(i).tolist()) for i in range(count)]
-    options = config.decode.with_overrides(beam=1, nbest=1, sampling=False)
     found = TorchTranslator(model, tokenizer, options).search_ids(sources)
     hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
     return bleu(hypotheses, references), hypotheses
@@ -72,14 +79,10 @@ def choose_length_penalty(
     exp = config.experiment_dir
     tokenizer = Tokenizer.load(exp / "tokenizer")
     valid = load_split(config, "valid")
-    sources = [valid.source(i).tolist() for i in range(len(valid))]
-    references = [tokenizer.decode_target(valid.target(i).tolist()) for i in range(len(valid))]
     sweep = {}
     for alpha in grid:
         options = config.decode.with_overrides(length_penalty=alpha, nbest=1, sampling=False)
-        found = TorchTranslator(model, tokenizer, options).search_ids(sources)
-        hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
-        sweep[str(alpha)] = bleu(hypotheses, references).score
+        sweep[str(alpha)] = _split_bleu(model, tokenizer, valid, options)[0].score
     best = max(grid, key=lambda a: sweep[str(a)])
     tried = ", ".join(f"{a}: {b:.2f}" for a, b in sweep.items())
     log(f"length penalty {best} (valid BLEU, beam {config.decode.beam}: {tried})")
