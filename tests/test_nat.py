@@ -155,9 +155,9 @@ def test_mask_predict_calls_the_decoder_k_times_on_every_length_candidate():
     calls = []
     fill_in = model.fill_in
 
-    def counting(memories, tokens):
+    def counting(memories, tokens, where=None):
         calls.append(tokens.clone())
-        return fill_in(memories, tokens)
+        return fill_in(memories, tokens, where)
 
     model.fill_in = counting
     for iterations, length_beam in ((1, 1), (4, 3), (10, 5)):
@@ -177,6 +177,41 @@ def test_mask_predict_calls_the_decoder_k_times_on_every_length_candidate():
         if iterations > 1:  # later passes re-mask fewer positions each time
             masks = [int(t.eq(MASK_ID).sum()) for t in calls]
             assert masks == sorted(masks, reverse=True) and masks[-1] < masks[0]
+
+
+def test_mask_predict_projects_only_the_positions_it_fills_in():
+    """The output projection sees the masked positions of each pass, never padding,
+    and gives the logits the full projection gives there."""
+    model = tiny().eval()
+    src = torch.tensor([SOURCES[0], SOURCES[1] + [PAD_ID] * 2])
+    memories = model.memories(model.encode(src))
+    tokens = torch.tensor([[MASK_ID, 21, MASK_ID, 22], [MASK_ID, PAD_ID, PAD_ID, PAD_ID]])
+    where = tokens.eq(MASK_ID)
+    with torch.no_grad():
+        full, chosen = model.fill_in(memories, tokens), model.fill_in(memories, tokens, where)
+    assert chosen.shape == (3, VOCAB)
+    torch.testing.assert_close(chosen, full[where])
+
+    projected, masks = [], []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, output: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = output
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            projected.append(x.shape[:-1].numel())
+            return self.inner(x)
+
+    fill_in = model.fill_in
+
+    def counting(memories, tokens, where=None):
+        masks.append(int(tokens.eq(MASK_ID).sum()))
+        return fill_in(memories, tokens, where)
+
+    model.output, model.fill_in = Recording(model.output), counting
+    mask_predict(model, src, iterations=4, length_beam=3)
+    assert projected == masks and projected[-1] < projected[0]
 
 
 def test_a_nat_model_has_no_step_by_step_decoding():

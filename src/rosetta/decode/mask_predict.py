@@ -14,7 +14,10 @@
    log-probability (the best first), which is also the ``score``.
 
 ``iterations = 1`` is single-pass decoding. The decoder runs exactly
-``iterations`` times per batch, on ``sources x length_beam`` rows.
+``iterations`` times per batch, on ``sources x length_beam`` rows; the output
+projection (a product with the whole vocabulary) runs only on the positions a
+pass fills in, never on padding, so a batch of mixed lengths and the later,
+sparser passes cost what they decode.
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ def mask_predict(
     never = torch.tensor(NEVER, device=device)
     for step in range(iterations):
         last_input = tokens
-        log_probs = model.fill_in(memories, tokens).float().log_softmax(-1)
+        # the output projection only at the positions filled in: (masked count, vocab)
+        log_probs = model.fill_in(memories, tokens, masked).float().log_softmax(-1)
         log_probs.index_fill_(-1, never, float("-inf"))
         best, guess = log_probs.max(-1)
-        tokens = torch.where(masked, guess, tokens)
-        probs = torch.where(masked, best, probs)
+        tokens = tokens.masked_scatter(masked, guess)
+        probs = probs.masked_scatter(masked, best)
         if step == iterations - 1:
             break
         remask = (target_lengths.float() * (iterations - 1 - step) / iterations).long()

@@ -95,9 +95,17 @@ class NATransformer(Transformer):
         x, _ = self.decoder(self.tgt_embed(tokens), memories, padding=self.target_padding(tokens))
         return x
 
-    def fill_in(self, memories: list[Memory], tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, tgt_len, vocab) for every position of ``tokens``, one pass."""
-        return self.output(self.decoder_states(memories, tokens))
+    def fill_in(
+        self, memories: list[Memory], tokens: torch.Tensor, where: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One pass of the decoder over ``tokens``: logits (batch, tgt_len, vocab) for
+        every position, or with ``where`` (a boolean (batch, tgt_len)) logits (n, vocab)
+        for its n true positions only, in row-major order (``tokens[where]``'s). The
+        decoder always reads every position; the output projection, the largest
+        product of a pass with a vocabulary of thousands, is paid only where asked:
+        the real positions, or in mask-predict's later passes the re-masked ones."""
+        states = self.decoder_states(memories, tokens)
+        return self.output(states if where is None else states[where])
 
     def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.decoder_states(self.memories(self.encode(src)), tgt_in)
@@ -160,8 +168,9 @@ class NATransformer(Transformer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """GLAT: reveal ``glancing`` x (wrong tokens of a first pass) gold tokens."""
         with torch.no_grad():
-            guess = self.fill_in(memories, all_masked).argmax(-1)
-            wrong = (guess.ne(target) & real).sum(1)
+            guess = self.fill_in(memories, all_masked, real).argmax(-1)
+            wrong = torch.zeros_like(target).masked_scatter(real, guess.ne(target[real]).long())
+            wrong = wrong.sum(1)
         reveal = (wrong.float() * self.cfg.glancing).long()
         shown = self._random_order(real) < reveal[:, None]
         return torch.where(shown, target, all_masked), real & ~shown
