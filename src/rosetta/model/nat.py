@@ -105,7 +105,11 @@ class NATransformer(Transformer):
         product of a pass with a vocabulary of thousands, is paid only where asked:
         the real positions, or in mask-predict's later passes the re-masked ones."""
         states = self.decoder_states(memories, tokens)
-        return self.output(states if where is None else states[where])
+        if where is None:
+            return self.output(states)
+        if bool(where.all()):  # every position (a single length, one pass): no gather
+            return self.output(states).flatten(0, 1)
+        return self.output(states[where])
 
     def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.decoder_states(self.memories(self.encode(src)), tgt_in)
