@@ -4,6 +4,7 @@ speed-quality frontier on Multi30k En->De, measured on this machine.
     python benchmarks/nat.py [--config configs/multi30k_en_de.yaml] [--budget 60m | --steps N]
                              [--teacher EXP/model] [--work experiments/nat] [--set K=V]
                              [--no-deep-shallow]
+    python benchmarks/nat.py --report    # re-writes nat.md and nat.png from nat.json
     python benchmarks/nat.py --config configs/toy.yaml --budget 1m --work /tmp/nat \
         --sentences 100 --name nat_look      # the whole pipeline in minutes, as a check
 
@@ -115,7 +116,15 @@ def main() -> None:
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every model, e.g. train.threads=2")  # fmt: skip
+    parser.add_argument(
+        "--report", action="store_true", help="only re-write NAME.md and NAME.png from NAME.json"
+    )
     args = parser.parse_args()
+    if args.report:
+        results = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write_results(args.name, results, report(results))
+        plot(results["systems"], RESULTS / f"{args.name}.png")
+        return
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     budget = [*args.set, f"train.max_time={args.budget}"]
     if args.steps:
@@ -212,24 +221,36 @@ def main() -> None:
         "systems": rows,
         "bars": bars,
     }
+    write_results(args.name, results, report(results))
+    plot(rows, RESULTS / f"{args.name}.png")
+
+
+def report(results: dict) -> str:
+    """The Markdown table of a run's ``results`` (as written to its JSON file)."""
+    trained_for = "; ".join(
+        f"{label} {m['steps']} updates in {m['training_minutes']} min"
+        for label, m in results["models"].items()
+    )
     lines = [
-        f"`{command}` ({results['machine']}; each model trained for {stated}; "
-        f"distillation {distill_seconds / 60:.1f} min; {len(sources)} sentences of {test})",
+        f"`{results['command']}` ({results['machine']}; budget {results['budget']}: "
+        f"{trained_for}; distillation {results['distill_seconds'] / 60:.1f} min; "
+        f"{results['test_sentences']} test sentences)",
         "",
         "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 |",
         "|---|---:|---:|---:|",
     ]
+    rows = results["systems"]
     for name, figures in rows.items():
         lines.append(
             f"| {name} | {figures['bleu']:.1f} | {figures['batch_1_sentences_per_s']:.1f} | "
             f"{figures['batch_32_sentences_per_s']:.1f} |"
         )
-    if deep_dir is None:
+    if "deep_shallow" not in results["models"]:
         lines += ["", "The deep-shallow AR baseline was left out of this run (--no-deep-shallow)."]
-    lines += ["", f"BLEU signature: `{teacher_greedy['bleu_signature']}`", ""]
-    lines += [f"- {'PASS' if ok else 'FAIL'} {name}" for name, ok in bars.items()]
-    plot(rows, RESULTS / f"{args.name}.png")
-    write_results(args.name, results, "\n".join(lines) + "\n")
+    signature = rows["AR teacher, greedy"]["bleu_signature"]
+    lines += ["", f"BLEU signature: `{signature}`", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'} {name}" for name, ok in results["bars"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: dict[str, dict], path: Path) -> None:
