@@ -159,22 +159,17 @@ def main() -> None:
         "data.valid=valid",
         "data.test=test",
     ]
-    nat_config = load_config(
-        args.config, [*student, "model.arch=nat", f"experiment_dir={args.work / 'nat'}"]
-    )
-    nat_dir = trained(nat_config, "NAT")
-    glat_dir = None
-    if not args.no_glat:
-        glat_config = load_config(
+
+    def nat(name: str, label: str, *overrides: str) -> Path:
+        """A NAT trained on the distilled set in ``WORK/name``."""
+        config = load_config(
             args.config,
-            [
-                *student,
-                "model.arch=nat",
-                f"model.glancing={args.glancing}",
-                f"experiment_dir={args.work / 'glat'}",
-            ],
+            [*student, "model.arch=nat", *overrides, f"experiment_dir={args.work / name}"],
         )
-        glat_dir = trained(glat_config, "GLAT")
+        return trained(config, label)
+
+    nat_dir = nat("nat", "NAT")
+    glat_dir = None if args.no_glat else nat("glat", "GLAT", f"model.glancing={args.glancing}")
     deep_dir = None if args.no_deep_shallow else deep_shallow(args, base, student)
 
     root = corpus_root(base)
