@@ -25,7 +25,8 @@ over sessions; the times are those of the run that did the stage):
    (``--no-deep-shallow`` leaves it out, saying so in the table).
 
 Then, on test2016: BLEU (sacreBLEU, signature printed) and sentences/s at batch
-1 and batch 32 for AR greedy and beam 5 (teacher and deep-shallow), NAT k = 1
+1 and batch 32 (and at batch 1 for the search alone, without SentencePiece
+either way) for AR greedy and beam 5 (teacher and deep-shallow), NAT k = 1
 (length beam 1 and 5), k = 2, 4 and 10 (length beam 5), GLAT k = 1 (length beam
 1 and 5) and k = 10. Writes benchmarks/results/nat.{json,md} and nat.png (BLEU
 against sentences/s).
@@ -43,6 +44,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -94,14 +96,14 @@ def deep_shallow(args: argparse.Namespace, base: ExperimentConfig, student: list
     return trained(deep_config, "deep-shallow AR")
 
 
-def timed(translator: Translator, sources: list[str], batch: int) -> tuple[list[str], float]:
-    """Translations at ``batch`` sentences per call, and sentences/s."""
-    translator.translate(sources[:batch])  # warm-up
+def timed(call: Callable[[list], list], items: list, batch: int) -> tuple[list, float]:
+    """``call``'s outputs on ``items`` taken ``batch`` at a time, and items/s."""
+    call(items[:batch])  # warm-up
     start = time.perf_counter()
-    out: list[str] = []
-    for i in range(0, len(sources), batch):
-        out += [t.text for t in translator.translate(sources[i : i + batch])]
-    return out, len(sources) / (time.perf_counter() - start)
+    out: list = []
+    for i in range(0, len(items), batch):
+        out += call(items[i : i + batch])
+    return out, len(items) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -199,8 +201,12 @@ def main() -> None:
         translator = Translator.load(model_dir, **search)
         figures = {}
         for batch in (1, 32):
-            outputs, speed = timed(translator, sources, batch)
+            translations, speed = timed(translator.translate, sources, batch)
             figures[f"batch_{batch}_sentences_per_s"] = speed
+        # the search alone (no SentencePiece either way): what the model costs
+        encoded = [source.ids for source in translator.encode(sources)]
+        _, figures["batch_1_search_sentences_per_s"] = timed(translator.search_ids, encoded, 1)
+        outputs = [t.text for t in translations]
         score = bleu(outputs, references)
         figures |= {"bleu": score.score, "bleu_signature": score.signature}
         rows[name] = figures
@@ -262,14 +268,16 @@ def report(results: dict) -> str:
         f"{trained_for}; distillation {results['distill_seconds'] / 60:.1f} min; "
         f"{results['test_sentences']} test sentences)",
         "",
-        "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 |",
-        "|---|---:|---:|---:|",
+        "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 | search alone, batch 1 |",
+        "|---|---:|---:|---:|---:|",
     ]
     rows = results["systems"]
     for name, figures in rows.items():
+        search = figures.get("batch_1_search_sentences_per_s")  # runs before it had none
         lines.append(
             f"| {name} | {figures['bleu']:.1f} | {figures['batch_1_sentences_per_s']:.1f} | "
-            f"{figures['batch_32_sentences_per_s']:.1f} |"
+            f"{figures['batch_32_sentences_per_s']:.1f} | "
+            f"{'-' if search is None else f'{search:.1f}'} |"
         )
     if "deep_shallow" not in results["models"]:
         lines += ["", "The deep-shallow AR baseline was left out of this run (--no-deep-shallow)."]
