@@ -257,18 +257,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """Loads the model, then serves until SIGTERM or Ctrl-C (both finish the queued
-    requests first). The port is bound before the model loads, so a port in use is
-    a one-line error at once."""
-    import socket
-
-    import torch
-    import uvicorn
+    """Serves a model until SIGTERM or Ctrl-C (``rosetta.serve.server.run_server``);
+    a bad limit flag is a one-line error naming it."""
     from pydantic import ValidationError
 
     from rosetta.config import ServeConfig
-    from rosetta.serve.app import create_app
-    from rosetta.serve.service import TranslationService, steady_memory
+    from rosetta.serve.server import run_server
 
     limits = {name: getattr(args, name) for name in ServeConfig.model_fields}
     try:
@@ -276,32 +270,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ValidationError as error:
         problems = [f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in error.errors()]
         raise ConfigError("; ".join(problems)) from None
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
-    # TCP, and without it every response waits for a delayed ACK (~40 ms)
-    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((args.host, args.port))
-    except OSError as error:
-        raise ValueError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)  # CTranslate2 takes the same count
-    steady_memory()
-    service = TranslationService.load(args.model_dir, args.engine, args.device, config)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {args.host}: anyone who can reach it may translate "
-              "(there is no authentication)", file=sys.stderr)  # fmt: skip
-    print(f"serving {args.model_dir} ({args.engine}) at http://{args.host}:{args.port}/",
-          file=sys.stderr)  # fmt: skip
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(service),
-            log_level=args.log_level,
-            timeout_graceful_shutdown=int(config.timeout_s) + 5,
-        )
-    )
-    server.run(sockets=[listener])
+    run_server(
+        args.model_dir, config, args.host, args.port, args.engine, args.device, args.threads,
+        args.log_level,
+    )  # fmt: skip
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -342,7 +314,8 @@ def _number(kind: type, minimum: float, inclusive: bool = True, maximum: float |
     """An argparse ``type`` that parses ``kind`` and rejects values out of range,
     so a bad option value is a usage error before anything runs."""
     low = f">= {minimum}" if inclusive else f"> {minimum}"
-    wanted = f"a number in ({minimum}, {maximum}]" if maximum is not None else f"a number {low}"
+    opening = "[" if inclusive else "("  # the maximum is always allowed
+    wanted = f"a number {low}" if maximum is None else f"a number in {opening}{minimum}, {maximum}]"
     if kind is int:
         wanted = wanted.replace("a number", "an integer")
 
@@ -365,6 +338,7 @@ NON_NEGATIVE_INT = _number(int, 0)
 NON_NEGATIVE_FLOAT = _number(float, 0.0)
 POSITIVE_FLOAT = _number(float, 0.0, inclusive=False)
 PROBABILITY = _number(float, 0.0, inclusive=False, maximum=1.0)
+PORT = _number(int, 0, maximum=65535)
 
 
 def _device(text: str) -> str:
@@ -636,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_device_option(sub)
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    sub.add_argument("--port", type=NON_NEGATIVE_INT, default=8000, help="port (8000)")
+    sub.add_argument("--port", type=PORT, default=8000, help="port (8000; 0: any free port)")
     sub.add_argument("--threads", type=POSITIVE_INT, help="CPU threads of the model")
     sub.add_argument(
         "--log-level",

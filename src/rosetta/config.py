@@ -411,6 +411,13 @@ class ServeConfig(Section):
     max_chars: int = Field(2000, ge=1, description="characters per text (413)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body (413)")
     max_beam: int = Field(16, ge=1, description="beam size and n-best (422)")
+    max_attention_weights: int = Field(
+        2_000_000, ge=0,
+        description="attention weights one request may return, over its texts and kinds (413)",
+    )  # fmt: skip
+    max_search_items: int = Field(
+        100_000, ge=0, description="search candidates and tree nodes one request may return (413)"
+    )  # fmt: skip
     max_queue: int = Field(65536, ge=1, description="source subwords waiting (503 beyond)")
     batch_tokens: int = Field(4000, ge=1, description="source subwords decoded together at most")
     max_wait_ms: float = Field(

@@ -1,4 +1,11 @@
-"""Ancestral sampling with temperature, top-k and nucleus (top-p) filtering."""
+"""Ancestral sampling with temperature, top-k and nucleus (top-p) filtering.
+
+Any positive temperature gives a distribution, never NaN: the logits are shifted
+so the largest is 0 before they are divided (``tempered``), so as the
+temperature goes to 0 every other logit goes to -inf and sampling becomes greedy
+search, where dividing first would overflow to inf / inf (float32 at about 1e-37
+already).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,26 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` less its row maximum, in float32: the best logit of a
+    row is 0 and no value is NaN or +inf, whatever the positive temperature (one
+    below float32's smallest normal number, about 1e-38, counts as that, which
+    changes nothing: every logit below the best is -inf by then). logits: (batch,
+    vocab), with -inf where a token is forbidden; a row of -inf only stays -inf."""
+    logits = logits.float()
+    best = logits.amax(dim=-1, keepdim=True)
+    best = best.masked_fill(~best.isfinite(), 0.0)  # a row of -inf: nothing to shift
+    return (logits - best) / max(temperature, torch.finfo(torch.float32).tiny)
+
+
+def sampling_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """The distribution sampling draws from: (batch, vocab) logits at ``temperature``,
+    filtered by ``top_k``/``top_p`` (``filter_logits``), softmaxed."""
+    return filter_logits(tempered(logits, temperature), top_k, top_p).softmax(dim=-1)
+
+
 @torch.inference_mode()
 def sample(
     model: Seq2Seq,
@@ -45,7 +72,7 @@ def sample(
         raise ValueError("temperature must be positive (use greedy search for temperature 0)")
 
     def draw(logits: torch.Tensor) -> torch.Tensor:
-        probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+        probs = sampling_probs(logits, temperature, top_k, top_p)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return decode_rows(model, src, draw, lengths, True)

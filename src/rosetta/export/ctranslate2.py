@@ -31,6 +31,11 @@ from rosetta.model.transformer import Transformer
 from rosetta.modeldir import CONFIG, load_model_dir, verify_checksums, write_metadata
 from rosetta.safeio import replace_directory
 
+# below it, logits / temperature can pass float32's largest value in CTranslate2
+# (NaN probabilities from 1e-39 on a toy model); a logit would have to be over
+# 3e8 to overflow at this one
+GREEDY_TEMPERATURE = 1e-30
+
 
 def _ctranslate2():
     try:
@@ -241,9 +246,7 @@ class CTranslate2Translator(Translator):
                 batch_type="examples",
                 return_scores=True,
                 suppress_sequences=[[SPECIAL_PIECES[BOS_ID]], [SPECIAL_PIECES[PAD_ID]]],
-                sampling_topk=opts.top_k if opts.sampling else 1,
-                sampling_topp=opts.top_p if opts.sampling else 1.0,
-                sampling_temperature=opts.temperature if opts.sampling else 1.0,
+                **self.sampling_options(),
             )
             for k, output in zip(members, outputs):
                 found[k] = output
@@ -258,6 +261,24 @@ class CTranslate2Translator(Translator):
         if opts.scores:
             self._score(pieces, results, [output.hypotheses for output in found])
         return results
+
+    def sampling_options(self) -> dict[str, Any]:
+        """CTranslate2's sampling arguments for ``options``, as rosetta's sampling reads
+        them: a ``top_k`` over the vocabulary keeps every token (CTranslate2 refuses
+        it), and a temperature under ``GREEDY_TEMPERATURE``, whose float32 division
+        could overflow to NaN there, draws the best token, which is what sampling
+        at such a temperature does (``rosetta.decode.sampling.tempered``)."""
+        opts = self.options
+        if not opts.sampling:
+            return {"sampling_topk": 1, "sampling_topp": 1.0, "sampling_temperature": 1.0}
+        top_k = min(opts.top_k, self.tokenizer.tgt_vocab_size)
+        if opts.temperature < GREEDY_TEMPERATURE:
+            top_k = 1
+        return {
+            "sampling_topk": top_k,
+            "sampling_topp": opts.top_p,
+            "sampling_temperature": max(opts.temperature, GREEDY_TEMPERATURE),
+        }
 
     def _score(
         self, pieces: list[list[str]], results: list[list[Hypothesis]], outputs: list

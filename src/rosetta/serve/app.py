@@ -12,10 +12,16 @@ Routes:
 - ``/docs`` and ``/openapi.json`` from FastAPI.
 
 Every error is JSON ``{"error": message, "status": code}``, with ``limit`` and
-``value`` when a configured limit was broken: 413 (texts per request,
-characters per text, body bytes), 422 (a body that does not validate), 503
+``value`` when a configured limit was broken: 400 (a body that is not JSON, or
+is nested too deeply to read), 413 (texts per request, characters per text,
+body bytes, attention weights or search items asked for), 422 (a body that does
+not validate: types are strict, ``"3"`` or ``true`` is not an integer), 503
 with ``Retry-After`` (queue full), 504 (a request that waited past
 ``timeout_s``). A request whose client disconnects is taken out of the queue.
+
+Translation bodies are built on a worker thread, part by part
+(``rosetta.serve.jsonbody``), so ``/health`` answers while a large one is
+written.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
@@ -37,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rosetta import __version__
 from rosetta.serve.batcher import Job
+from rosetta.serve.jsonbody import encode
 from rosetta.serve.schemas import Error, LibreTranslateRequest, TranslateRequest, TranslateResponse
 from rosetta.serve.service import LANGUAGE_NAMES, RequestError, TranslationService
 
@@ -44,9 +52,11 @@ STATIC = resources.files("rosetta.serve") / "static"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Error, "description": text}
     for code, text in {
-        400: "a bad request (LibreTranslate's code for every invalid request)",
-        413: "over a limit: texts per request, characters per text, or body bytes",
-        422: "a body that does not validate, or search settings that conflict",
+        400: "a body that is not JSON (or a form) or is nested too deeply; "
+        "LibreTranslate's code for every invalid request",
+        413: "over a limit: texts per request, characters per text, body bytes, "
+        "attention weights (max_attention_weights) or search items (max_search_items)",
+        422: "a body that does not validate (strict types), or search settings that conflict",
         503: "the queue is full (see Retry-After) or the server is shutting down",
         504: "the request waited longer than the server's timeout_s",
     }.items()
@@ -60,6 +70,13 @@ def error_response(
     if limit is not None:
         body |= {"limit": limit, "value": value}
     return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+async def json_response(content: Any) -> Response:
+    """A 200 JSON response built on a worker thread (``rosetta.serve.jsonbody``):
+    the event loop goes on serving while a large body is written."""
+    body = await asyncio.to_thread(encode, content)
+    return Response(body, media_type="application/json")
 
 
 class BodyLimit:
@@ -138,6 +155,11 @@ def create_app(service: TranslationService) -> FastAPI:
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(422, first_problem(error.errors()))
 
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, error: RecursionError) -> JSONResponse:
+        # only input nests this deep: a JSON body of thousands of [ or {, on any route
+        return error_response(400, "invalid request: the body is nested too deeply to read")
+
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return error_response(error.status_code, str(error.detail))
@@ -169,12 +191,12 @@ def create_app(service: TranslationService) -> FastAPI:
 
     # ---- rosetta's API -----------------------------------------------------------------------
     @app.post("/v1/translate", response_model=TranslateResponse, responses=ERRORS)
-    async def translate(body: TranslateRequest, request: Request) -> JSONResponse:
+    async def translate(body: TranslateRequest, request: Request) -> Response:
         """Translates one text or a list; optionally with attention and the search."""
         job = service.submit(body)
         translations = await result_of(request, job)
         search = job.payload.translator.options.model_dump()
-        return JSONResponse(
+        return await json_response(
             {"translations": translations, "engine": service.engine, "search": search}
         )
 
@@ -226,7 +248,7 @@ def create_app(service: TranslationService) -> FastAPI:
     }
 
     @app.post("/translate", openapi_extra={"requestBody": libre_body}, responses=ERRORS)
-    async def libre_translate(request: Request) -> JSONResponse:
+    async def libre_translate(request: Request) -> Response:
         """LibreTranslate's ``/translate``: ``q`` (a string or a list), ``source``
         (this model's or ``auto``), ``target``, ``format: text``, ``alternatives``."""
         body = await _libre_body(request)
@@ -245,14 +267,20 @@ def create_app(service: TranslationService) -> FastAPI:
                 f"({config.max_beam})", "max_beam", config.max_beam,
             )  # fmt: skip
         request_body = TranslateRequest(text=body.q, beam=beam, nbest=nbest, scores=False)
-        results = await result_of(request, service.submit(request_body))
+        try:
+            job = service.submit(request_body)
+        except RequestError as error:  # LibreTranslate's code for an invalid request
+            if error.status != 422:
+                raise
+            raise RequestError(400, str(error), error.limit, error.value) from None
+        results = await result_of(request, job)
         texts = [result["text"] for result in results]
         others = [[h["text"] for h in result["hypotheses"][1:]] for result in results]
         single = isinstance(body.q, str)
         answer: dict[str, Any] = {"translatedText": texts[0] if single else texts}
         if body.alternatives:
             answer["alternatives"] = others[0] if single else others
-        return JSONResponse(answer)
+        return await json_response(answer)
 
     # ---- the page ------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -264,18 +292,31 @@ def create_app(service: TranslationService) -> FastAPI:
 
 
 async def _libre_body(request: Request) -> LibreTranslateRequest:
-    """A LibreTranslate request from JSON or a form; anything else is a 400."""
+    """A LibreTranslate request from JSON or a form (its values are strings, as
+    LibreTranslate takes them); anything else, or text that is not UTF-8, is a 400."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
     try:
-        if kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            data: Any = dict((await request.form()).items())
+        if kind == "application/x-www-form-urlencoded":
+            # strict: Starlette's parser turns bytes that are not UTF-8 into U+FFFD
+            fields = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+            data: Any = dict(fields)
+        elif kind == "multipart/form-data":
+            # the parts lie between ASCII delimiters: each is UTF-8 if the whole body is
+            # (Starlette's parser reads a part that is not as Latin-1)
+            raw.decode("utf-8")
+            data = dict((await request.form()).items())
         else:
-            data = json.loads(await request.body())
+            data = json.loads(raw)
         return LibreTranslateRequest.model_validate(data)
     except ValidationError as error:
         raise RequestError(400, first_problem(error.errors())) from None
-    except (ValueError, UnicodeDecodeError):  # not JSON, or not UTF-8
-        raise RequestError(400, "invalid request: the body is not JSON or a form") from None
+    except ValueError:  # not JSON, a form or UTF-8 (UnicodeDecodeError is a ValueError)
+        raise RequestError(
+            400, "invalid request: the body is not JSON or a form in UTF-8"
+        ) from None
+    except RecursionError:
+        raise RequestError(400, "invalid request: the body is nested too deeply to read") from None
 
 
 def first_problem(errors: list[dict[str, Any]]) -> str:

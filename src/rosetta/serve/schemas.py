@@ -1,8 +1,10 @@
 """The service's JSON shapes (pydantic): what a request may hold, what comes back.
 
 FastAPI validates every body against these and publishes them in the OpenAPI
-schema (``/openapi.json``, browsable at ``/docs``). Numbers are finite, unknown
-keys are errors (a misspelt option must not be ignored silently), and bounds
+schema (``/openapi.json``, browsable at ``/docs``). Types are strict (``"3"``,
+``3.0`` or ``true`` is not an integer, ``"1"`` or ``1`` not a boolean; an integer
+is a number), numbers are finite, unknown keys are errors (a misspelt option
+must not be ignored silently), and bounds
 that depend on the server's settings (``max_beam``, ``max_texts``, ...) are
 checked by the service, which names the setting in its error.
 """
@@ -17,7 +19,9 @@ AttentionKind = Literal["cross", "encoder_self", "decoder_self"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """A request body: strict types, finite numbers, no unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class Sampling(Strict):
@@ -115,7 +119,9 @@ class Error(BaseModel):
 
 
 class LibreTranslateRequest(BaseModel):
-    """``POST /translate``, as LibreTranslate takes it (JSON or a form)."""
+    """``POST /translate``, as LibreTranslate takes it (JSON or a form). Not strict:
+    a form's values are all strings, and LibreTranslate reads ``alternatives`` with
+    ``int()``."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 

@@ -9,6 +9,13 @@ depend on what it was batched with. Requests that want to see inside the model
 (attention, candidates, the beam tree: ``rosetta.decode.explain``) get it from
 the worker too, after their search.
 
+What a request asks to see is bounded before it is queued: its attention
+weights and search items, counted at the longest output its sources allow
+(``rosetta.serve.budget``), against ``max_attention_weights`` and
+``max_search_items``. Weights and probabilities are rounded to ``WEIGHT_DIGITS``
+decimals as float64, so the JSON holds ``0.0524``, not the float32 value's
+``0.052400000393390656``.
+
 Errors a client can cause are ``RequestError`` with the HTTP status and the
 name of the limit; anything else would be a bug.
 """
@@ -17,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,7 @@ from rosetta.decode.explain import Pieces, attention_weights, candidates, traced
 from rosetta.decode.translator import Source, TorchTranslator, Translation, Translator
 from rosetta.modeldir import CONFIG, read_metadata
 from rosetta.serve.batcher import Batcher, Job, ModelThread, QueueFull
+from rosetta.serve.budget import attention_size, maps_per_kind, search_size
 from rosetta.serve.schemas import TranslateRequest
 
 LANGUAGE_NAMES = {
@@ -38,25 +45,13 @@ LANGUAGE_NAMES = {
     "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "tr": "Turkish", "uk": "Ukrainian",
     "zh": "Chinese",
 }  # fmt: skip
-WEIGHT_DIGITS = 4  # attention weights and probabilities in responses
+WEIGHT_DIGITS = 4  # attention weights, probabilities and tree scores in responses
 
 
-def steady_memory(primitive_cache: int = 64) -> None:
-    """Keeps a long-running server's memory from creeping up as it meets new shapes
-    (every group of a different size and length). Call it before the model runs.
-
-    PyTorch's oneDNN paths keep what they build for each input shape: ideep's
-    cache of computations (``LRU_CACHE_CAPACITY``, 1,024 by default) and oneDNN's
-    primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, also 1,024). Decoding
-    meets a new shape at almost every step, so both fill up over thousands of
-    requests, each entry holding memory; fewer entries suffice. Measured on a
-    Multi30k model decoding random groups of 8-32 sentences: RSS rose from 606 to
-    736 MiB over 3,000 sentences with the defaults, and stayed at 532-566 MiB with
-    64 entries, at the same speed. The worker also hands freed memory back to the
-    system after each group (``release_memory``).
-    """
-    for variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
-        os.environ.setdefault(variable, str(primitive_cache))
+def rounded(values: np.ndarray | list[float]) -> list:
+    """``values`` rounded to ``WEIGHT_DIGITS`` decimals as nested lists of float64:
+    rounding float32 leaves the nearest float32 (``0.052400000393390656`` in JSON)."""
+    return np.round(np.asarray(values, dtype=np.float64), WEIGHT_DIGITS).tolist()
 
 
 def _glibc_trim() -> Callable[[int], int] | None:
@@ -101,6 +96,15 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _shown_node(node: dict[str, Any]) -> dict[str, Any]:
+    """A beam-tree node as returned: without its token id, its scores rounded."""
+    shown = {key: value for key, value in node.items() if key != "token"}
+    for key in ("log_prob", "score"):
+        if shown.get(key) is not None:
+            shown[key] = _finite(round(float(shown[key]), WEIGHT_DIGITS))
+    return shown
+
+
 class TranslationService:
     """A model behind a queue: ``submit`` requests, await their jobs' futures."""
 
@@ -120,6 +124,8 @@ class TranslationService:
         self.model_dir = Path(model_dir)
         self.experiment = load_config(self.model_dir / CONFIG)
         self.metadata = read_metadata(self.model_dir)
+        # layers x heads of each attention kind the model has (what one row costs)
+        self.attention_maps = maps_per_kind(self.experiment.model)
         self.batcher = Batcher(
             self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue, thread
         )
@@ -155,7 +161,8 @@ class TranslationService:
             "heads": 1 if rnn else model.heads,
             "d_model": model.d_model,
         }
-        kinds = ["cross"] if rnn else ["cross", "encoder_self", "decoder_self"]
+        kinds = list(self.attention_maps) if self.explains else []
+        limits = self.config
         return {
             "name": self.model_dir.name,
             "engine": self.engine,
@@ -170,9 +177,9 @@ class TranslationService:
             "search": self.translator.options.model_dump(),
             "limits": self.config.model_dump(),
             "features": {
-                "attention": self.explains,
-                "search": self.explains,
-                "attention_kinds": kinds if self.explains else [],
+                "attention": self.explains and limits.max_attention_weights > 0,
+                "search": self.explains and limits.max_search_items > 0,
+                "attention_kinds": kinds,
             },
         }
 
@@ -253,6 +260,8 @@ class TranslationService:
             request.candidates if request.return_search else 0,
             tree,
         )
+        if explain:
+            self.check_explained(work)
         key = (options.model_dump_json(), tree)
         size = max(1, sum(len(source.ids) for source in sources))
         try:
@@ -263,6 +272,34 @@ class TranslationService:
             ) from None
         except RuntimeError as error:
             raise RequestError(503, str(error)) from None
+
+    def check_explained(self, work: Work) -> None:
+        """Refuses (413) a request whose attention or search view could be larger than
+        ``max_attention_weights`` or ``max_search_items``: counted before decoding,
+        at the longest output each source allows (``rosetta.serve.budget``)."""
+        translator, limits = work.translator, self.config
+        lengths = [len(source.ids) for source in work.sources]
+        bound = (translator.options, translator.max_source_len)
+        texts = f"{len(lengths)} text{'s' if len(lengths) != 1 else ''}"
+        weights = attention_size(lengths, work.attention, self.attention_maps, *bound)
+        if weights > limits.max_attention_weights:
+            limit = limits.max_attention_weights
+            raise RequestError(
+                413, f"the attention asked for ({', '.join(work.attention)}, {texts}) could "
+                f"hold {weights:,} weights (layers x heads x rows x columns); at most "
+                f"max_attention_weights ({limit:,}): ask for fewer texts or kinds, or "
+                "shorter texts", "max_attention_weights", limit,
+            )  # fmt: skip
+        beam = translator.options.beam if work.tree else 0
+        items = search_size(lengths, work.candidates, beam, *bound)
+        if items > limits.max_search_items:
+            limit = limits.max_search_items
+            raise RequestError(
+                413, f"the search view asked for ({texts}, {work.candidates} candidates"
+                f"{f', beam {beam}' if beam else ''}) could hold {items:,} candidates and "
+                f"tree nodes; at most max_search_items ({limit:,}): ask for fewer texts "
+                "or candidates, a smaller beam, or shorter texts", "max_search_items", limit,
+            )  # fmt: skip
 
     # ---- the worker ---------------------------------------------------------------------
     def _process(self, group: list[Work]) -> list[list[dict[str, Any]]]:
@@ -316,22 +353,19 @@ class TranslationService:
                 "source_pieces": pieces.source,
                 "target_pieces": pieces.produced,
                 "decoder_inputs": pieces.decoder_inputs,
-                **{kind: np.round(w, WEIGHT_DIGITS).tolist() for kind, w in weights.items()},
+                **{kind: rounded(w) for kind, w in weights.items()},
             }
         if work.candidates:
             top = candidates(translator, source.ids, output, work.candidates)
             pieces_of = translator.tokenizer.target_pieces
             shown = [
-                [
-                    {"piece": p, "prob": round(prob, WEIGHT_DIGITS)}
-                    for p, (_, prob) in zip(names, row)
-                ]
+                [{"piece": p, "prob": prob} for p, prob in zip(names, rounded([q for _, q in row]))]
                 for names, row in ((pieces_of([token for token, _ in row]), row) for row in top)
             ]
             beam = None
             if tree is not None:
                 options = translator.options
-                nodes = [{k: v for k, v in node.items() if k != "token"} for node in tree["nodes"]]
+                nodes = [_shown_node(node) for node in tree["nodes"]]
                 beam = {"size": options.beam, "length_penalty": options.length_penalty}
                 beam |= {"nodes": nodes, "chosen": tree["chosen"]}
             result["search"] = {"candidates": shown, "beam": beam}
