@@ -253,3 +253,25 @@ def test_sampling_draws_nbest_samples_and_the_seed_repeats_them(untrained_model_
     assert [line.split(" ||| ")[0] for line in first] == ["0"] * 3 + ["1"] + ["2"] * 3
     assert run("5") == first
     assert run("6") != first
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "70000", "-1"])
+def test_a_master_port_out_of_range_is_a_usage_error(port, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "config.yaml", "--nproc-per-node", "2", "--master-port", port])
+    assert stop.value.code == 2
+    assert error_line(capsys).endswith(
+        f"argument --master-port: {port} is out of range: expected an integer in (0, 65535]"
+    )
+
+
+@pytest.mark.parametrize(("rank", "nodes"), [("1", "1"), ("2", "2"), ("5", "3")])
+def test_a_node_rank_outside_the_machines_is_one_line(rank, nodes, capsys):
+    """Before the launch: torchrun would wait forever for a machine that cannot come."""
+    arguments = ["train", "missing.yaml", "--nproc-per-node", "1"]
+    assert main([*arguments, "--nnodes", nodes, "--node-rank", rank]) == 2
+    last = int(nodes) - 1
+    assert error_line(capsys) == (
+        f"rosetta train: error: node rank {rank} is out of range: with {nodes} machine(s) "
+        f"--node-rank runs from 0 to {last}"
+    )

@@ -10,6 +10,7 @@ difference does not flip an update's sign).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from rosetta.data.prepare import prepare
 from rosetta.decode.translator import Translator
 from rosetta.device import check_device_name, resolve_device
 from rosetta.train import checkpoint
+from rosetta.train.distributed import job_processes
 from rosetta.train.trainer import train
 
 STEPS = 6
@@ -220,6 +222,106 @@ def test_ctrl_c_stops_every_process_at_one_step_and_saves(single, tmp_path):
     resumed = sensitive_config(experiment, max_steps=step + 2, log_every=1)
     train(resumed, resume=True, log=lambda *_: None)
     assert checkpoint.load(experiment / "checkpoints/last.pt")["progress"]["step"] == step + 2
+
+
+def job_of(launcher: subprocess.Popen) -> tuple[str, list[int]]:
+    """The job tag of ``launcher``'s run ("" if none) and the pids of torchrun and the
+    training processes, read from /proc while they run."""
+    ranks = rank_processes(launcher)
+    assert sorted(ranks) == [0, 1]
+    environment = Path(f"/proc/{ranks[0]}/environ").read_bytes().split(b"\0")
+    tag = next((item for item in environment if item.startswith(b"ROSETTA_JOB=")), b"=")
+    return tag.split(b"=", 1)[1].decode(), [*children(launcher.pid), *ranks.values()]
+
+
+def left_over(tag: str) -> list[int]:
+    """The processes of the job tagged ``tag`` still running."""
+    return alive(job_processes(tag)) if tag else []
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie has ended)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
+
+
+def stop_job(launcher: subprocess.Popen, pids: list[int]) -> None:
+    """Cleanup, whatever the test found: nothing of the run outlives it."""
+    for pid in [launcher.pid, *alive(pids)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launcher.communicate(timeout=30)
+
+
+def test_sigterm_to_the_launcher_stops_the_whole_job_which_resumes(single, tmp_path):
+    """Only the launcher is signalled (as a scheduler or ``kill PID`` would): it hands
+    the signal on, returns once torchrun and every process have ended, 143."""
+    experiment, launcher = long_run(single, tmp_path, "terminated")
+    pids: list[int] = []
+    try:
+        wait_for(lambda: trained_steps(experiment) >= 3, timeout=120)
+        tag, pids = job_of(launcher)
+        os.kill(launcher.pid, signal.SIGTERM)
+        status, output = finish(launcher, timeout=120)
+        left = alive(pids)  # the launcher has ended: nothing of its job may remain
+    finally:
+        stop_job(launcher, pids)
+    assert status == 143, output
+    assert left == [] and left_over(tag) == []
+    assert output.count("stopped by SIGTERM") == 1, output  # rank 0 saved at one step
+    assert output.strip().splitlines()[-1] == (
+        "rosetta train: every training process has ended (SIGTERM); continue with --resume"
+    )
+    assert "Traceback" not in output
+    step = checkpoint.load(experiment / "checkpoints/last.pt")["progress"]["step"]
+    assert step >= 3
+    resumed = sensitive_config(experiment, max_steps=step + 2, log_every=1)
+    train(resumed, resume=True, log=lambda *_: None)
+    assert checkpoint.load(experiment / "checkpoints/last.pt")["progress"]["step"] == step + 2
+
+
+def test_a_killed_launcher_takes_its_job_with_it(single, tmp_path):
+    """SIGKILL cannot be handed on: torchrun and the processes get SIGTERM from Linux
+    when the process that started them dies, save and end instead of training on."""
+    experiment, launcher = long_run(single, tmp_path, "orphaned")
+    pids: list[int] = []
+    try:
+        wait_for(lambda: trained_steps(experiment) >= 3, timeout=120)
+        tag, pids = job_of(launcher)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        wait_for(lambda: not alive(pids), timeout=90)  # nobody trains on
+        assert left_over(tag) == []
+    finally:
+        stop_job(launcher, pids)
+    assert checkpoint.load(experiment / "checkpoints/last.pt")["progress"]["step"] >= 3
+
+
+def test_a_second_signal_ends_the_job_at_once(single, tmp_path):
+    experiment, launcher = long_run(single, tmp_path, "twice")
+    pids: list[int] = []
+    try:
+        wait_for(lambda: trained_steps(experiment) >= 3, timeout=120)
+        tag, pids = job_of(launcher)
+        os.kill(launcher.pid, signal.SIGINT)  # Ctrl-C ...
+        os.kill(launcher.pid, signal.SIGTERM)  # ... and before the step ends, another
+        signalled = time.monotonic()
+        status, output = finish(launcher, timeout=60)
+        left = alive(pids)
+    finally:
+        stop_job(launcher, pids)
+    assert time.monotonic() - signalled < 20
+    assert status == 130, output
+    assert left == [] and left_over(tag) == []
+    assert "stopped by SIGINT" not in output  # killed, not stopped at a step
 
 
 def test_a_port_in_use_is_one_line(tmp_path):

@@ -68,7 +68,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Trains in this process, or as one process of a ``torchrun`` job (rank 0
-    prepares the data while the others wait)."""
+    prepares the data while the others wait). The launching process returns only
+    once every process of the job has ended, with 128 + the signal when one
+    stopped it (``rosetta.train.distributed.launch``)."""
+    import signal
+
     from rosetta.data.prepare import prepare
     from rosetta.train.distributed import Context, DistributedError, launch
     from rosetta.train.trainer import train
@@ -76,6 +80,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.nproc_per_node:
         status = launch(_train_arguments(args), args.nproc_per_node, args.nnodes,
                         args.node_rank, args.master_addr, args.master_port)  # fmt: skip
+        if status - 128 in signal.valid_signals():  # rank 0 has said where it saved
+            print(f"rosetta train: every training process has ended "
+                  f"({signal.Signals(status - 128).name}); continue with --resume",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(status)
         if status:
             raise DistributedError(
                 f"the {args.nproc_per_node} training processes stopped (torchrun's exit "
@@ -338,6 +347,7 @@ NON_NEGATIVE_INT = _number(int, 0)
 NON_NEGATIVE_FLOAT = _number(float, 0.0)
 POSITIVE_FLOAT = _number(float, 0.0, inclusive=False)
 PROBABILITY = _number(float, 0.0, inclusive=False, maximum=1.0)
+MASTER_PORT = _number(int, 0, inclusive=False, maximum=65535)  # 0 (any port) cannot rendezvous
 PORT = _number(int, 0, maximum=65535)
 
 
@@ -477,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--master-port",
-        type=POSITIVE_INT,
+        type=MASTER_PORT,
         default=29500,
         metavar="PORT",
         help="its rendezvous port (default 29500)",

@@ -26,13 +26,25 @@ How the work is shared (``rosetta.train.trainer`` uses this context):
 
 A process that dies (or is killed) breaks the next collective on the others,
 and ``torchrun`` stops them: each raises ``DistributedError`` with one line.
+
+``launch`` (``rosetta train --nproc-per-node``) starts ``torchrun`` and stays
+until the whole job has ended: a signal it receives reaches every process, and
+should it die, the job gets SIGTERM from Linux rather than training on unseen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +103,8 @@ class Context:
             yield cls(resolve_device(device))
             return
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        if not _die_with_parent():
+            raise DistributedError(f"process {rank}: the torchrun that started it has ended")
         place = resolve_device(device, local_rank)
         if place.type == "cuda":
             torch.cuda.set_device(place)
@@ -208,6 +222,19 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+# ---- launching ---------------------------------------------------------
+
+# in the environment of every process of a launched job (torchrun and the
+# training processes): its tag, and the pid of the process that started it
+JOB_VARIABLE = "ROSETTA_JOB"
+PARENT_VARIABLE = "ROSETTA_JOB_PARENT"
+# how long torchrun gives the processes to finish their step and save after a
+# signal before it kills them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, when set, wins)
+SHUTDOWN_SECONDS = 300
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def launch(
     train_args: list[str],
     processes: int,
@@ -217,18 +244,32 @@ def launch(
     master_port: int = 29500,
 ) -> int:
     """Runs ``rosetta train TRAIN_ARGS`` as ``processes`` processes on this machine
-    (one of ``nodes`` machines) through ``torchrun``; returns its exit status.
+    (one of ``nodes`` machines) through ``torchrun``, and waits for the job to end.
 
     The machine of ``node_rank`` 0 hosts the rendezvous at ``master_addr:
     master_port``: a port in use there is a ``DistributedError`` before anything
-    starts. Ctrl-C reaches torchrun, which passes it to every process; they stop
-    at the same update and rank 0 saves ``last.pt`` (then ``KeyboardInterrupt``).
-    """
-    import signal
-    import socket
-    import subprocess
-    import sys
+    starts; a node rank or port out of range is a ``ValueError``.
 
+    Signals reach the whole job: torchrun runs in a session of its own (so a
+    terminal's Ctrl-C reaches it once, through this process), and SIGINT, SIGTERM
+    or SIGHUP here is handed to torchrun (SIGHUP as SIGTERM), which hands it to
+    every process; they stop at the same update, rank 0 saves ``last.pt``, and
+    this function returns once all have ended. A second signal kills the job at
+    once. Should this process die, torchrun and the training processes get
+    SIGTERM from Linux (``PR_SET_PDEATHSIG``) and stop the same way.
+
+    Returns 0 when training ended, 128 + the signal the job was sent (SIGINT 130,
+    SIGTERM 143) when a signal stopped it, else torchrun's status.
+    """
+    if processes < 1 or nodes < 1:
+        raise ValueError(f"need at least one process and one machine, not {processes} and {nodes}")
+    if not 0 <= node_rank < nodes:
+        raise ValueError(
+            f"node rank {node_rank} is out of range: with {nodes} machine(s) "
+            f"--node-rank runs from 0 to {nodes - 1}"
+        )
+    if not 1 <= master_port <= 65535:
+        raise ValueError(f"master port {master_port} is out of range: expected 1 to 65535")
     if node_rank == 0:
         with socket.socket() as probe:
             try:
@@ -239,7 +280,7 @@ def launch(
                     f"({error.strerror}): pick a free port with --master-port"
                 ) from None
     command = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-c", "from rosetta.train.distributed import torchrun; torchrun()",
         f"--nproc-per-node={processes}", f"--nnodes={nodes}", f"--node-rank={node_rank}",
         f"--master-addr={master_addr}", f"--master-port={master_port}",
         "-m", "rosetta", "train", *train_args,
@@ -247,13 +288,136 @@ def launch(
     environment = dict(os.environ)
     if master_addr in ("127.0.0.1", "localhost"):
         environment.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: loopback only
-    interrupted: list[int] = []
-    # Ctrl-C reaches torchrun too (same process group), which hands it on
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: interrupted.append(signum))
+    environment.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_SECONDS))
+    environment[JOB_VARIABLE] = uuid.uuid4().hex
+    environment[PARENT_VARIABLE] = str(os.getpid())
+    return _Job(environment[JOB_VARIABLE]).run(command, environment)
+
+
+class _Job:
+    """torchrun as a child in a session of its own, the launcher's signals handed on
+    to it, and the launcher waiting until no process of the job is left."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.signals: list[int] = []  # received here, in order
+        self.process: subprocess.Popen | None = None
+        self.sent = False  # the first signal has been handed on
+        self.killed = False
+        self.deadline = float("inf")  # for the processes torchrun left behind
+
+    def run(self, command: list[str], environment: dict[str, str]) -> int:
+        # the handlers only record; the loop below acts, so nothing happens twice
+        main_thread = threading.current_thread() is threading.main_thread()
+        handled = HANDLED_SIGNALS if main_thread else ()
+        previous = {sig: signal.signal(sig, self._record) for sig in handled}
+        try:
+            self.process = subprocess.Popen(command, env=environment, start_new_session=True)
+            status = self._wait(self.process.wait)
+            # a training process torchrun left behind (torchrun was killed) stops on its
+            # own (SIGTERM from Linux): wait for it too, killing it after a while
+            self.deadline = time.monotonic() + SHUTDOWN_SECONDS
+            self._wait(self._no_process_left)
+        finally:
+            if self.process is not None and self.process.poll() is None:
+                self._kill()  # this function is leaving early: the job must not outlive it
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if status < 0:  # torchrun itself ended by a signal
+            status = 128 - status
+        if self.signals and status:
+            status = 128 + self._forwarded()
+        return status
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        self.signals.append(signum)
+
+    def _forwarded(self) -> int:
+        """The signal the job gets for the first one received (SIGHUP: SIGTERM, which
+        the training processes turn into a clean stop)."""
+        return signal.SIGINT if self.signals[0] == signal.SIGINT else signal.SIGTERM
+
+    def _wait(self, done: Any) -> Any:
+        """``done(timeout)`` until it returns, acting on the signals meanwhile."""
+        while True:
+            if len(self.signals) > 1 and not self.killed:
+                self._kill()
+            elif self.signals and not self.sent:
+                self.sent = True
+                self.process.send_signal(self._forwarded())  # nothing once it has ended
+            try:
+                return done(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _no_process_left(self, timeout: float) -> bool:
+        if not job_processes(self.tag):
+            return True
+        if time.monotonic() > self.deadline and not self.killed:
+            self._kill()
+        time.sleep(timeout)
+        raise subprocess.TimeoutExpired("the training processes", timeout)
+
+    def _kill(self) -> None:
+        """SIGKILL to torchrun and every process of the job, found before any dies."""
+        self.killed = True
+        found = job_processes(self.tag)
+        self.process.kill()  # nothing once it has ended
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def job_processes(tag: str) -> list[int]:
+    """The live processes whose environment carries the job tag ``tag`` (Linux;
+    elsewhere none are found)."""
+    marker = f"{JOB_VARIABLE}={tag}".encode()
+    found = []
+    with contextlib.suppress(OSError):
+        entries = os.listdir("/proc")
+        for entry in entries:
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if marker in environ.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:  # gone, or another user's
+                continue
+    return found
+
+
+def _die_with_parent() -> bool:
+    """In a process of a launched job: asks Linux to send it SIGTERM when the process
+    that started it dies (the launcher for torchrun, torchrun for a training
+    process); False when that process has died already. Elsewhere, or started some
+    other way, it does nothing (True)."""
+    parent = os.environ.get(PARENT_VARIABLE)
+    if parent is None:
+        return True
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the launcher's signals remain
+            pass
+    return os.getppid() == int(parent)
+
+
+def torchrun() -> None:
+    """The launcher's child: torchrun's ``main`` on ``sys.argv[1:]``, ending with the
+    launcher, and exiting 128 + the signal (not a traceback) when one stops it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    if not _die_with_parent():
+        sys.exit(128 + signal.SIGTERM)  # the launcher is gone already
+    os.environ[PARENT_VARIABLE] = str(os.getpid())  # the training processes die with this one
     try:
-        status = subprocess.run(command, env=environment).returncode
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if interrupted:
-        raise KeyboardInterrupt  # the processes have said where they stopped
-    return status
+        main(sys.argv[1:])
+    except SignalException as stop:
+        sys.exit(128 + int(stop.sigval))
+    except ChildFailedError as failure:
+        print(failure, file=sys.stderr)  # torchrun's summary, which names the first failure
+        sys.exit(1)
