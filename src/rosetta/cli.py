@@ -347,8 +347,8 @@ NON_NEGATIVE_INT = _number(int, 0)
 NON_NEGATIVE_FLOAT = _number(float, 0.0)
 POSITIVE_FLOAT = _number(float, 0.0, inclusive=False)
 PROBABILITY = _number(float, 0.0, inclusive=False, maximum=1.0)
-MASTER_PORT = _number(int, 0, inclusive=False, maximum=65535)  # 0 (any port) cannot rendezvous
 PORT = _number(int, 0, maximum=65535)
+MASTER_PORT = _number(int, 0, inclusive=False, maximum=65535)  # 0 (any port) cannot rendezvous
 
 
 def _device(text: str) -> str:
@@ -380,16 +380,18 @@ def _add_device_option(group, key: str = "the model's decode.device, cpu unless 
     )
 
 
-def _add_search_options(parser: argparse.ArgumentParser) -> None:
-    """Every search, batching and engine option of ``translate`` and ``evaluate``."""
+def _add_search_options(parser: argparse.ArgumentParser, nbest: bool = True) -> None:
+    """Every search, batching and engine option of ``translate`` and (without
+    ``--nbest``: it scores the best hypothesis only) ``evaluate``."""
     group = parser.add_argument_group("search (defaults: the model's decode section)")
     _add_beam_options(group)
-    group.add_argument(
-        "--nbest",
-        type=POSITIVE_INT,
-        help="print N hypotheses per input as `id ||| text ||| log-probability` lines "
-        "(N <= beam; with --sample, N samples)",
-    )
+    if nbest:
+        group.add_argument(
+            "--nbest",
+            type=POSITIVE_INT,
+            help="print N hypotheses per input as `id ||| text ||| log-probability` lines "
+            "(N <= beam; with --sample, N samples; N <= --length-beam for mask-predict)",
+        )
     group.add_argument("--batch-size", type=POSITIVE_INT, help="max sentences per batch")
     group.add_argument("--max-tokens", type=POSITIVE_INT, help="max padded source tokens per batch")
     group = parser.add_argument_group("non-autoregressive models (model.arch nat): mask-predict")
@@ -524,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--ref", required=True, help="reference file, one sentence per line")
     sub.add_argument("-o", "--output", type=Path, help="also write the translations here")
     sub.add_argument("--json", help="also write the scores and signatures to this JSON file")
-    _add_search_options(sub)
+    _add_search_options(sub, nbest=False)
     sub.set_defaults(func=cmd_evaluate)
 
     sub = with_config("average", "average the last N checkpoints into the model directory")
@@ -700,8 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(error: OSError) -> str:
+    """One line for an operating-system error: the path, then the reason."""
+    reason = error.strerror or str(error)
+    return f"{error.filename}: {reason}" if error.filename else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from rosetta.data.download import DownloadError
+    from rosetta.safeio import DirectoryBusy
     from rosetta.train.checkpoint import CheckpointError
     from rosetta.train.distributed import DistributedError
     from rosetta.train.trainer import TrainingError, TrainingInterrupted
@@ -718,8 +727,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         TrainingError,
         DistributedError,
+        DirectoryBusy,
     ) as error:
         print(f"rosetta {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine said no: a read-only place, a full disk, ...
+        print(f"rosetta {args.verb}: error: {_describe(error)}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process stopped alike

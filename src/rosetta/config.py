@@ -33,9 +33,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base for all sections: unknown keys are errors, assignments are validated."""
+    """Base for all sections: unknown keys are errors, assignments are validated, and
+    no number may be NaN or infinite (``.inf`` would pass every ``gt=0`` bound)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ToyData(Section):
@@ -165,6 +166,12 @@ class TransformerConfig(ModelSection):
     def _heads_divide(self) -> TransformerConfig:
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        low_rank = self.encoder_attention
+        if low_rank.variant == "lowrank" and low_rank.rank > self.max_positions:
+            raise ValueError(
+                f"encoder_attention.rank ({low_rank.rank}) cannot exceed max_positions "
+                f"({self.max_positions}): Linformer projects at most that many positions"
+            )
         if self.decoder_attention.variant == "lowrank":
             raise ValueError(
                 "decoder_attention.variant lowrank is not possible: Linformer's projection "
@@ -360,9 +367,11 @@ class DecodeConfig(Section):
     functions' own defaults.
 
     With ``sampling``, ``nbest`` samples are drawn per input (in the order drawn)
-    and ``seed`` seeds them; otherwise ``nbest`` <= ``beam``. ``scores`` asks for
-    every hypothesis's log-probability even where the search does not need it
-    (greedy search and CTranslate2 skip it otherwise).
+    and ``seed`` seeds them; otherwise ``nbest`` <= ``beam`` (or, for mask-predict,
+    ``length_beam``), checked with the model (``check_search_options`` in
+    ``rosetta.decode.translator``). ``scores`` asks for every hypothesis's
+    log-probability even where the search does not need it (greedy search and
+    CTranslate2 skip it otherwise).
     """
 
     beam: int = Field(5, ge=1)  # 1 = greedy search
@@ -385,14 +394,6 @@ class DecodeConfig(Section):
     device: str = "cpu"  # cpu | auto (CUDA when there is one) | cuda | cuda:N
 
     _device = field_validator("device")(lambda value: check_device_name(value))
-
-    @model_validator(mode="after")
-    def _nbest_within_beam(self) -> DecodeConfig:
-        if not self.sampling and self.nbest > self.beam:
-            raise ValueError(
-                f"nbest ({self.nbest}) cannot exceed the beam size ({self.beam}) unless sampling"
-            )
-        return self
 
     def with_overrides(self, **overrides: Any) -> DecodeConfig:
         """A copy with every override that is not None, validated as a whole."""

@@ -44,8 +44,9 @@ class ModelDirError(ValueError):
     """A model directory that is incomplete, damaged, or whose parts do not match."""
 
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
-    """Raises if any floating-point tensor holds NaN or infinity."""
+def check_finite(state: dict[str, torch.Tensor], what: str, doing: str = "write") -> None:
+    """Raises if any floating-point tensor holds NaN or infinity: such weights are
+    neither written (``doing="write"``) nor used to translate (``"use"``)."""
     bad = [
         name
         for name, tensor in state.items()
@@ -53,7 +54,7 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     ]
     if bad:
         raise ModelDirError(
-            f"refusing to write {what}: {len(bad)} tensors hold NaN or infinity "
+            f"refusing to {doing} {what}: {len(bad)} tensors hold NaN or infinity "
             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
         )
 
@@ -137,6 +138,7 @@ def load_model_dir(
         load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
     except (SafetensorError, RuntimeError) as error:
         raise ModelDirError(f"cannot load {directory / WEIGHTS}: {error}") from None
+    check_finite(model.state_dict(), str(directory / WEIGHTS), doing="use")
     return config, tokenizer, model.to(device).eval()
 
 
@@ -144,6 +146,11 @@ def verify_checksums(directory: Path) -> None:
     """Checks every file ``metadata.json`` lists against its SHA-256 (``config.yaml``
     excepted: its decode section may be edited, its model section is checked against
     the weights); warns when none are recorded (directories of older versions)."""
+    if not (directory / METADATA).exists():  # every rosetta version has written one
+        raise ModelDirError(
+            f"{directory / METADATA} is missing: it holds the checksums that show the "
+            "files are the ones written together; restore it from where the model came from"
+        )
     metadata = read_metadata(directory)
     recorded = metadata.get("sha256")
     if not recorded:

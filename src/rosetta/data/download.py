@@ -13,15 +13,15 @@ copies the same six files from a local folder instead (e.g.
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
 
 from tqdm import tqdm
+
+from rosetta.safeio import open_replacing
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 # rosetta's split name -> (local file prefix, remote file prefix)
@@ -38,19 +38,11 @@ class DownloadError(RuntimeError):
     """A corpus file that could not be fetched or decompressed."""
 
 
-def _finish(tmp: Path, dest: Path) -> None:
-    """Gives a complete temporary file ordinary permissions (mkstemp's are 0600), renames it."""
-    tmp.chmod(0o644)
-    os.replace(tmp, dest)
-
-
 def _fetch(url: str, dest: Path, progress: bool, timeout: float = 60.0) -> None:
     """Downloads ``url`` (gzip), decompresses it into ``dest`` atomically."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
         with (
-            os.fdopen(fd, "wb") as raw_out,
+            open_replacing(dest) as out,
             urllib.request.urlopen(url, timeout=timeout) as response,
         ):
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -59,12 +51,11 @@ def _fetch(url: str, dest: Path, progress: bool, timeout: float = 60.0) -> None:
             ) as bar:
                 decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
                 while chunk := response.read(1 << 16):
-                    raw_out.write(decompressor.decompress(chunk))
+                    out.write(decompressor.decompress(chunk))
                     bar.update(len(chunk))
-                raw_out.write(decompressor.flush())
+                out.write(decompressor.flush())
                 if not decompressor.eof:
                     raise DownloadError(f"{url}: the gzip stream ended early (truncated download)")
-        _finish(tmp, dest)
     except urllib.error.HTTPError as error:
         raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
@@ -73,24 +64,15 @@ def _fetch(url: str, dest: Path, progress: bool, timeout: float = 60.0) -> None:
         raise DownloadError(f"{url}: not a valid gzip file ({error})") from None
     except OSError as error:
         raise DownloadError(f"{url}: {error}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _copy(source: Path, dest: Path) -> None:
     """Copies ``source`` to ``dest`` through a temporary file, like ``_fetch``."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        shutil.copyfile(source, tmp)
-        _finish(tmp, dest)
+        with open(source, "rb") as inp, open_replacing(dest) as out:
+            shutil.copyfileobj(inp, out, 1 << 20)
     except OSError as error:
         raise DownloadError(f"cannot copy {source} to {dest}: {error}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _count_lines(path: Path) -> int:

@@ -26,7 +26,13 @@ import numpy as np
 from rosetta.config import ExperimentConfig
 from rosetta.data.corpus import ReadStats, read_split, split_paths
 from rosetta.data.tokenizer import Tokenizer
-from rosetta.safeio import atomic_write_bytes, atomic_write_text, replace_directory, sha256_file
+from rosetta.safeio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    one_writer,
+    replace_directory,
+    sha256_file,
+)
 
 MANIFEST = "manifest.json"
 
@@ -219,6 +225,8 @@ def _filter_by_length(
 def prepare(config: ExperimentConfig, force: bool = False, log=print) -> dict:
     """Reads, tokenises and caches every split; returns the manifest.
 
+    The experiment is this process's alone meanwhile (``safeio.one_writer``).
+
     Length filters apply to the training split only: validation and test pairs
     are all kept so that scores are comparable with other systems.
 
@@ -228,6 +236,11 @@ def prepare(config: ExperimentConfig, force: bool = False, log=print) -> dict:
     checkpoints or a model is never re-prepared with other data or settings:
     that is an error saying what changed.
     """
+    with one_writer(config.experiment_dir, "rosetta prepare"):
+        return _prepare(config, force, log)
+
+
+def _prepare(config: ExperimentConfig, force: bool, log) -> dict:
     exp = config.experiment_dir
     data_dir = exp / "data"
     old = read_manifest(config)

@@ -12,7 +12,9 @@ good translations of a sentence a real corpus holds, but learns a teacher's one)
 The teacher's translations go to ``train.TGT.partial`` a chunk at a time, each
 chunk flushed to disk; a run that stops (Ctrl-C, a crash) resumes after the last
 complete line, and the file takes its final name only once every sentence is in.
-A partial file made by another teacher or search is never continued.
+A partial file made by another teacher or search, or from other training sources
+(the manifest holds their SHA-256, not only the corpus path), is never continued;
+one process at a time writes a destination.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -29,7 +32,7 @@ from rosetta.config import ExperimentConfig
 from rosetta.data.corpus import read_split
 from rosetta.data.prepare import corpus_root, split_names
 from rosetta.decode.translator import Translator
-from rosetta.safeio import atomic_write_text, sha256_file
+from rosetta.safeio import atomic_write_text, one_writer, sha256_bytes, sha256_file
 
 MANIFEST = "distill.json"
 
@@ -62,21 +65,40 @@ def distill(
     the corpus folder ``dest`` (see the module's docstring); returns ``dest``."""
     src_lang, tgt_lang = config.data.src_lang, config.data.tgt_lang
     root, names = corpus_root(config), split_names(config)
-    dest.mkdir(parents=True, exist_ok=True)
-    search = teacher.options.model_dump(mode="json")
+    sources = [s for s, _ in read_split(root, names["train"], src_lang, tgt_lang)]
     origin = {
         "teacher": str(Path(teacher_dir).resolve()),
         "teacher_weights_sha256": _weights_digest(Path(teacher_dir)),
-        "search": search,
+        "search": teacher.options.model_dump(mode="json"),
         "corpus": str(Path(root).resolve()),
+        # what is translated, by content: a corpus changed under the same path (lines
+        # removed, regenerated) must not be continued with the old lines' translations
+        "sources_sha256": sha256_bytes("".join(s + "\n" for s in sources).encode("utf-8")),
     }
+    with one_writer(dest, "rosetta distill"):
+        return _distill(teacher, sources, origin, config, dest, chunk, log)
+
+
+def _distill(
+    teacher: Translator,
+    sources: list[str],
+    origin: dict[str, Any],
+    config: ExperimentConfig,
+    dest: Path,
+    chunk: int,
+    log: Callable[[str], None],
+) -> Path:
+    """``distill``'s body, run while this process holds ``dest``."""
+    src_lang, tgt_lang = config.data.src_lang, config.data.tgt_lang
+    root, names = corpus_root(config), split_names(config)
     started = json.loads((dest / MANIFEST).read_text()) if (dest / MANIFEST).exists() else None
     partial = dest / f"train.{tgt_lang}.partial"
     changed = started is not None and any(started.get(k) != v for k, v in origin.items())
     if changed and (partial.exists() or (dest / f"train.{tgt_lang}").exists()):
+        what = [k for k, v in origin.items() if started.get(k) != v]
         raise DistillError(
-            f"{dest} holds a distillation by another teacher, search or corpus; "
-            "give another destination (-o) or remove it"
+            f"{dest} holds a distillation by another teacher, search or corpus "
+            f"({', '.join(what)} changed); give another destination (-o) or remove it"
         )
     atomic_write_text(dest / MANIFEST, json.dumps({**origin, "state": "running"}, indent=2))
 
@@ -86,7 +108,6 @@ def distill(
         pairs = read_split(root, name, src_lang, tgt_lang)
         atomic_write_text(dest / f"{split}.{src_lang}", "".join(s + "\n" for s, _ in pairs))
         atomic_write_text(dest / f"{split}.{tgt_lang}", "".join(t + "\n" for _, t in pairs))
-    sources = [s for s, _ in read_split(root, names["train"], src_lang, tgt_lang)]
     atomic_write_text(dest / f"train.{src_lang}", "".join(s + "\n" for s in sources))
 
     final = dest / f"train.{tgt_lang}"

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rosetta.config import DecodeConfig
+from rosetta.config import ConfigError, DecodeConfig
 from rosetta.data.batching import make_batches
 from rosetta.data.text import clean_line, one_line
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
@@ -135,6 +135,60 @@ def join_hypotheses(parts: list[list[Hypothesis]]) -> list[Hypothesis]:
     ]
 
 
+# The options each search reads; the batching, length and device options of
+# ``DecodeConfig`` are read by all. An option given for a search that does not read it
+# is an error (``check_search_options``), never silently ignored.
+SEARCH_OPTIONS = {
+    "greedy": {"beam", "nbest", "length_penalty"},  # beam search of size 1
+    "beam": {"beam", "nbest", "length_penalty"},
+    "sampling": {"sampling", "nbest", "temperature", "top_k", "top_p", "seed"},
+    "mask-predict": {"iterations", "length_beam", "nbest"},
+}
+_EVERY_SEARCH = {"max_len_a", "max_len_b", "max_tokens", "batch_size", "scores", "device"}
+
+
+def search_kind(options: DecodeConfig, autoregressive: bool) -> str:
+    """The search ``options`` select for a model (mask-predict for a model that fills
+    in every position at once)."""
+    if not autoregressive:
+        return "mask-predict"
+    if options.sampling:
+        return "sampling"
+    return "greedy" if options.beam == 1 and options.nbest == 1 else "beam"
+
+
+def check_search_options(
+    options: DecodeConfig, given: dict[str, Any], autoregressive: bool
+) -> None:
+    """Raises ``ConfigError`` naming every option in ``given`` (a caller's explicit
+    choices; None and ``sampling=False`` mean "not given") that the selected search
+    would ignore, and an n-best the search cannot return."""
+    kind = search_kind(options, autoregressive)
+    if not autoregressive and options.sampling:
+        raise ConfigError("a non-autoregressive model searches by mask-predict: it cannot sample")
+    ignored = [
+        name
+        for name, value in given.items()
+        if value is not None
+        and not (name == "sampling" and value is False)
+        and name not in SEARCH_OPTIONS[kind] | _EVERY_SEARCH
+    ]
+    if ignored:
+        raise ConfigError(
+            f"{kind} search does not use {', '.join(ignored)} (it reads "
+            f"{', '.join(sorted(SEARCH_OPTIONS[kind]))})"
+        )
+    if kind in ("greedy", "beam") and options.nbest > options.beam:
+        raise ConfigError(
+            f"nbest ({options.nbest}) cannot exceed the beam size ({options.beam}) unless sampling"
+        )
+    if kind == "mask-predict" and options.nbest > options.length_beam:
+        raise ConfigError(
+            f"nbest ({options.nbest}) cannot exceed length_beam ({options.length_beam}): "
+            "mask-predict returns one hypothesis per target length tried"
+        )
+
+
 class Translator(ABC):
     """Raw sentences to translations: the Python API, the same for every engine.
 
@@ -204,11 +258,15 @@ class Translator(ABC):
             results[index] = join_hypotheses(found[span.start : span.stop])
         return results
 
+    autoregressive = True  # whether the engine's model writes left to right
+
     def with_options(self, **search: Any) -> Translator:
         """The same engine and model with other search settings (``beam=4``, ...; None
-        keeps one): a shallow copy, sharing the model, its memory and the lock."""
+        keeps one): a shallow copy, sharing the model, its memory and the lock. An
+        option the selected search would ignore is a ``ConfigError`` naming it."""
         configured = copy.copy(self)
         configured.options = self.options.with_overrides(**search)
+        check_search_options(configured.options, search, self.autoregressive)
         return configured
 
     def encode(self, sentences: list[str]) -> list[Source]:
@@ -259,6 +317,7 @@ class TorchTranslator(Translator):
         self.device = next(model.parameters()).device
         max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
         super().__init__(tokenizer, options, max_positions - 1)
+        self.autoregressive = getattr(model, "autoregressive", True)
 
     @classmethod
     def from_model_dir(
@@ -282,7 +341,7 @@ class TorchTranslator(Translator):
                 )
         elif quantize not in (None, "none"):
             raise ValueError(f"unknown quantization {quantize!r}: expected int8")
-        return cls(model, tokenizer, config.decode.with_overrides(**search))
+        return cls(model, tokenizer, config.decode).with_options(**search)
 
     def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options
@@ -292,7 +351,7 @@ class TorchTranslator(Translator):
         lengths = Lengths.of(opts, self.max_source_len)
         for rows in make_batches(sizes, sizes, opts.max_tokens, max_sentences=opts.batch_size):
             src = pad_batch([sources[i] for i in rows], self.device)
-            if not getattr(self.model, "autoregressive", True):  # fills in all at once
+            if not self.autoregressive:  # fills in all at once
                 found = mask_predict(
                     self.model, src, opts.iterations, opts.length_beam, opts.nbest, lengths
                 )

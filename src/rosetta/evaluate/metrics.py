@@ -25,6 +25,8 @@ class Score:
 
 
 def _check(hypotheses: list[str], references: list[str]) -> None:
+    if not references:  # sacreBLEU fails inside on an empty corpus
+        raise ValueError("no sentences to score: the test set is empty")
     if len(hypotheses) != len(references):
         raise ValueError(
             f"{len(hypotheses)} hypotheses but {len(references)} references: "

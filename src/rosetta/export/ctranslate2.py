@@ -24,7 +24,7 @@ import torch
 from rosetta.config import DecodeConfig, load_config
 from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Hypothesis
-from rosetta.decode.translator import Translator
+from rosetta.decode.translator import Translator, check_search_options
 from rosetta.device import resolve_device
 from rosetta.model.attention import CrossAttention, MultiHeadAttention, SelfAttention
 from rosetta.model.transformer import Transformer
@@ -222,7 +222,9 @@ class CTranslate2Translator(Translator):
         config = load_config(Path(export_dir) / CONFIG)
         place = resolve_device(device or config.decode.device)
         name = place.type if place.index is None else f"{place.type}:{place.index}"
-        return cls(export_dir, config.decode.with_overrides(**search), name)
+        options = config.decode.with_overrides(**search)
+        check_search_options(options, search, autoregressive=True)
+        return cls(export_dir, options, name)
 
     def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         opts = self.options

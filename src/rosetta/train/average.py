@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from rosetta.config import ExperimentConfig
+from rosetta.safeio import one_writer
 from rosetta.train.checkpoint import CheckpointError, load, step_checkpoints, step_of
 
 
@@ -45,23 +46,24 @@ def average_into_model_dir(
     if last < 1:
         raise ValueError(f"--last must be at least 1, not {last}")
     exp = config.experiment_dir
-    paths = step_checkpoints(exp / "checkpoints")[-last:]
-    tokenizer = Tokenizer.load(exp / "tokenizer")
-    model = model_for(config.model, tokenizer)
-    model.load_state_dict(average_checkpoints(paths, binding(config)))
-    valid = load_split(config, "valid")
-    score = validation_bleu(model, tokenizer, valid, config, config.train.valid_bleu_size)[0]
-    output = Path(output) if output else exp / "model"
-    names = [p.name for p in paths]
-    metadata = {
-        **{k: v for k, v in read_metadata(output).items() if k not in ("parameters", "sha256")},
-        "weights": f"average of {names}",
-        "validation": {
-            "steps": [step_of(p) for p in paths],
-            "valid_bleu": score.score,
-            "valid_bleu_signature": score.signature,
-        },
-    }
-    save_model_dir(output, config, exp / "tokenizer", model.eval(), metadata)
-    log(f"averaged {len(paths)} checkpoints ({', '.join(names)}), valid BLEU {score.score:.2f}")
+    with one_writer(exp, "rosetta average"):  # no training run prunes what is read
+        paths = step_checkpoints(exp / "checkpoints")[-last:]
+        tokenizer = Tokenizer.load(exp / "tokenizer")
+        model = model_for(config.model, tokenizer)
+        model.load_state_dict(average_checkpoints(paths, binding(config)))
+        valid = load_split(config, "valid")
+        score = validation_bleu(model, tokenizer, valid, config, config.train.valid_bleu_size)[0]
+        output = Path(output) if output else exp / "model"
+        names = [p.name for p in paths]
+        metadata = {
+            **{k: v for k, v in read_metadata(output).items() if k not in ("parameters", "sha256")},
+            "weights": f"average of {names}",
+            "validation": {
+                "steps": [step_of(p) for p in paths],
+                "valid_bleu": score.score,
+                "valid_bleu_signature": score.signature,
+            },
+        }
+        save_model_dir(output, config, exp / "tokenizer", model.eval(), metadata)
+        log(f"averaged {len(paths)} checkpoints ({', '.join(names)}), valid BLEU {score.score:.2f}")
     return output

@@ -49,7 +49,13 @@ def save(obj: dict[str, Any], path: Path) -> None:
     torch.save(obj, buffer)
     archive = buffer.getbuffer()
     header = f"sha256 {sha256_bytes(archive)} {len(archive)}\n".encode()
-    write_chunks_atomic(Path(path), [MAGIC, header, archive])
+    try:
+        write_chunks_atomic(Path(path), [MAGIC, header, archive])
+    except OSError as error:  # a full disk, a folder made read-only: say so, keep the rest
+        raise CheckpointError(
+            f"could not save {path}: {error.strerror or error}; the checkpoints saved "
+            "before are intact (free space, then continue with --resume)"
+        ) from None
 
 
 def load(path: Path, bound_to: dict[str, str] | None = None) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.translator import TorchTranslator
 from rosetta.model import model_for
 from rosetta.modeldir import check_finite
-from rosetta.safeio import remove_stale_temporaries
+from rosetta.safeio import check_writable, one_writer, remove_stale_temporaries
 from rosetta.train import checkpoint
 from rosetta.train.distributed import Context
 from rosetta.train.schedule import learning_rate
@@ -231,11 +231,22 @@ def train(
     Raises ``TrainingInterrupted`` after saving ``last.pt`` when SIGINT or
     SIGTERM arrives. ``context`` is this process's place in a torchrun job
     (``rosetta.train.distributed``); None joins the one the environment names,
-    or trains alone.
+    or trains alone. The process that writes (rank 0) holds the experiment's
+    one-writer lock for the whole run: a second run on it is refused at once.
     """
     if context is None:
         with Context.from_environment(config.train.device) as context:
             return train(config, resume, log, context)
+    if not context.is_main:
+        return _train(config, resume, log, context)
+    with one_writer(config.experiment_dir, "rosetta train"):  # rank 0 writes for the job
+        for folder in (config.experiment_dir / "checkpoints", config.experiment_dir):
+            check_writable(folder)  # a read-only place fails now, not at the first save
+        return _train(config, resume, log, context)
+
+
+def _train(config: ExperimentConfig, resume: bool | str | Path, log, context: Context) -> Path:
+    """``train``'s body, in the process that holds the experiment (or a rank > 0)."""
     tc = config.train
     exp = config.experiment_dir
     ckpt_dir = exp / "checkpoints"
