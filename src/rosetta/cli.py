@@ -72,8 +72,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     once every process of the job has ended, with 128 + the signal when one
     stopped it (``rosetta.train.distributed.launch``)."""
     import signal
+    from contextlib import ExitStack
 
     from rosetta.data.prepare import prepare
+    from rosetta.safeio import one_writer
     from rosetta.train.distributed import Context, DistributedError, launch
     from rosetta.train.trainer import train
 
@@ -92,8 +94,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             )
         return
     config = _config(args)
-    with Context.from_environment(config.train.device) as context:
-        if context.is_main:
+    with Context.from_environment(config.train.device) as context, ExitStack() as held:
+        if context.is_main:  # one writer from the data to the model directory
+            held.enter_context(one_writer(config.experiment_dir, "rosetta train"))
             prepare(config)
         context.barrier()
         train(config, resume=args.resume or False, context=context)

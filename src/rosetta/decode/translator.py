@@ -260,6 +260,12 @@ class Translator(ABC):
 
     autoregressive = True  # whether the engine's model writes left to right
 
+    @property
+    def search_options(self) -> list[str]:
+        """The options some search of this model reads (what a caller may set)."""
+        kinds = ["greedy", "beam", "sampling"] if self.autoregressive else ["mask-predict"]
+        return sorted(set().union(*(SEARCH_OPTIONS[kind] for kind in kinds)))
+
     def with_options(self, **search: Any) -> Translator:
         """The same engine and model with other search settings (``beam=4``, ...; None
         keeps one): a shallow copy, sharing the model, its memory and the lock. An

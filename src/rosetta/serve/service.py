@@ -175,6 +175,7 @@ class TranslationService:
             "training": {key: self.metadata.get(key) for key in ("steps", "weights")},
             "validation": self.metadata.get("validation"),
             "search": self.translator.options.model_dump(),
+            "search_options": self.translator.search_options,  # the others are refused
             "limits": self.config.model_dump(),
             "features": {
                 "attention": self.explains and limits.max_attention_weights > 0,

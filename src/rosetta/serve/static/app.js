@@ -220,7 +220,8 @@ function buildRequest(text) {
   const kinds = ["cross", ...SELF_KINDS.filter((kind) => withSelf && selfKindOffered(kind))];
   return {
     text,
-    beam: readBeam(),
+    // a model whose search has no beam (mask-predict) refuses the option
+    ...(state.model?.search_options?.includes("beam") === false ? {} : { beam: readBeam() }),
     return_attention: feats.attention !== false,
     attention_kinds: kinds,
     return_search: $("show-search").checked && feats.search !== false,
