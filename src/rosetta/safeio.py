@@ -261,6 +261,7 @@ def one_writer(directory: Path, purpose: str) -> Iterator[None]:
     the body: a second process asking for it gets ``DirectoryBusy`` naming the
     first, at once. The lock goes with the process (a crash or ``kill -9`` frees
     it), and the same process may take it again inside (``prepare`` in ``train``).
+    While held, the file names the holder; released, it is empty again.
     """
     directory = Path(directory)
     check_writable(directory)
@@ -303,4 +304,5 @@ def one_writer(directory: Path, purpose: str) -> Iterator[None]:
             if last:
                 del _held[key]
         if last:
+            os.ftruncate(fd, 0)  # no holder now: a run leaves the lock file as it found it
             os.close(fd)  # releases the lock
