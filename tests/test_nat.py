@@ -214,10 +214,13 @@ def test_mask_predict_projects_only_the_positions_it_fills_in():
     assert projected == masks and projected[-1] < projected[0]
 
 
-def test_a_nat_model_has_no_step_by_step_decoding():
+def test_a_nat_model_is_a_refiner_not_an_incremental_decoder():
+    from rosetta.model import Transformer
+    from rosetta.model.interface import IncrementalDecoder, IterativeRefiner
+
     model = tiny().eval()
-    with pytest.raises(TypeError, match="non-autoregressive"):
-        model.init_state(model.encode(torch.tensor(SOURCES[:1])))
+    assert isinstance(model, IterativeRefiner) and not isinstance(model, IncrementalDecoder)
+    assert not isinstance(model, Transformer) and not hasattr(model, "decode_step")
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ class Pieces:
 
 
 def _fills_in(translator: TorchTranslator) -> bool:
-    return not translator.model.autoregressive
+    return not translator.autoregressive
 
 
 def decoder_input(translator: TorchTranslator, src_ids: list[int], output: list[int]) -> list[int]:

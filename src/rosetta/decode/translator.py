@@ -42,7 +42,7 @@ from rosetta.decode.common import Hypothesis, Lengths
 from rosetta.decode.greedy import greedy_search
 from rosetta.decode.mask_predict import mask_predict
 from rosetta.decode.sampling import sample
-from rosetta.model.interface import Seq2Seq
+from rosetta.model.interface import IncrementalDecoder, Seq2Seq
 from rosetta.model.linear import as_plain_linear
 
 
@@ -323,7 +323,7 @@ class TorchTranslator(Translator):
         self.device = next(model.parameters()).device
         max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
         super().__init__(tokenizer, options, max_positions - 1)
-        self.autoregressive = getattr(model, "autoregressive", True)
+        self.autoregressive = isinstance(model, IncrementalDecoder)
 
     @classmethod
     def from_model_dir(

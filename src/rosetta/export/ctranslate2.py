@@ -79,7 +79,7 @@ def check_representable(model: torch.nn.Module) -> None:
     """Raises ``ValueError`` for a model CTranslate2's Transformer cannot hold: another
     architecture, or any attention other than standard softmax attention (a variant
     is a subclass, so it is caught without being named here)."""
-    if not isinstance(model, Transformer) or not model.autoregressive:
+    if not isinstance(model, Transformer):  # the left-to-right family only
         arch = getattr(getattr(model, "cfg", None), "arch", type(model).__name__)
         raise ValueError(f"CTranslate2 export supports the Transformer only, not {arch!r}")
     for name, module in model.named_modules():

@@ -6,11 +6,15 @@ A family (the Transformer, the RNN) subclasses ``Seq2Seq`` and so provides:
   ``forward`` (logits) and ``training_loss`` (the family's loss terms, which
   the trainer minimises and logs without knowing them) follow;
 - ``attention_maps(src, tgt_in)`` for plots;
-- the incremental interface below, for search;
+- ``encode(src)``, once per batch, and one of the capabilities below, for search;
 - ``prepare_for_inference()``: the model in eval mode with its linear layers'
   inference layouts made once (see ``rosetta.model.linear``).
 
-Decoding (``rosetta.decode``) never looks inside a model. It calls:
+Decoding (``rosetta.decode``) never looks inside a model: a search names the
+capability it needs, and a family has it by having its methods (a
+``typing.Protocol``), not by a flag or a base class that refuses.
+
+``IncrementalDecoder`` (the Transformer, the RNN), for left-to-right searches:
 
 1. ``encode(src)`` once per batch -> ``EncoderOutput``;
 2. ``init_state(encoder_output)`` -> ``DecoderState`` holding everything the
@@ -18,6 +22,11 @@ Decoding (``rosetta.decode``) never looks inside a model. It calls:
    layer and the growing self-attention K/V cache; the RNN: its hidden state);
 3. ``decode_step(tokens, state)`` -> next-token logits (batch, vocab), with the
    state advanced by one position.
+
+``IterativeRefiner`` (the non-autoregressive Transformer), for mask-predict:
+``encode``, then ``predict_lengths`` (target lengths to try), ``memories`` (the
+encoder side each pass reads) and ``fill_in`` (one pass over a target with
+``<mask>`` where unknown).
 
 A ``DecoderState`` keeps two kinds of batch-first tensors (any nesting of
 lists, tuples and dicts; an object with ``select_rows`` reorders itself):
@@ -137,17 +146,60 @@ class DecoderState:
         return int(next(_tensors(self.sources)).size(0))
 
 
+@runtime_checkable
+class IncrementalDecoder(Protocol):
+    """A model that writes left to right, one token per call, with a cache: what
+    greedy search, beam search and sampling need."""
+
+    def encode(self, src: torch.Tensor) -> EncoderOutput:
+        """src (batch, src_len) -> the encoder output, once per batch."""
+
+    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
+        """What the decoder carries between steps, at step 0."""
+
+    def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab);
+        advances ``state`` by one position."""
+
+
+@runtime_checkable
+class IterativeRefiner(Protocol):
+    """A model that fills in every target position at once and can be asked again
+    with some positions re-masked: what mask-predict needs."""
+
+    def encode(self, src: torch.Tensor) -> EncoderOutput:
+        """src (batch, src_len) -> the encoder output, once per batch."""
+
+    def predict_lengths(
+        self,
+        encoder_output: EncoderOutput,
+        src_lengths: torch.Tensor,
+        candidates: int,
+        max_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``candidates`` likeliest target lengths per source, best first, and
+        whether each is possible (within 1..``max_lengths``)."""
+
+    def memories(self, encoder_output: EncoderOutput) -> list[Any]:
+        """The encoder side every pass reads, made once (rows: ``select_rows``)."""
+
+    def fill_in(
+        self, memories: list[Any], tokens: torch.Tensor, where: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One pass over ``tokens`` (``<mask>`` where unknown): logits at every
+        position, or at the ``where`` positions only."""
+
+
 class Seq2Seq(Block, ABC):
     """Base of every model family. Subclasses set ``cfg``, ``src_vocab_size``,
-    ``tgt_vocab_size`` and ``output`` (the projection to the target vocabulary)."""
+    ``tgt_vocab_size`` and ``output`` (the projection to the target vocabulary),
+    and implement ``encode`` and the capability their search needs
+    (``IncrementalDecoder`` or ``IterativeRefiner``)."""
 
     cfg: Any
     src_vocab_size: int
     tgt_vocab_size: int
     output: nn.Module
-    # False for a family that fills in every target position at once (``nat``): it
-    # has no step-by-step interface, and search goes through its own generator
-    autoregressive: bool = True
 
     # ---- training ------------------------------------------------------------------
     @abstractmethod
@@ -220,15 +272,6 @@ class Seq2Seq(Block, ABC):
     @abstractmethod
     def encode(self, src: torch.Tensor) -> EncoderOutput:
         """src (batch, src_len) -> the encoder output, once per batch."""
-
-    @abstractmethod
-    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
-        """What the decoder carries between steps, at step 0."""
-
-    @abstractmethod
-    def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
-        """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab);
-        advances ``state`` by one position."""
 
     def prepare_for_inference(self, onednn: bool | None = None) -> Seq2Seq:
         """Eval mode, with every ``rosetta.model.linear.Linear``'s inference layout made

@@ -33,18 +33,17 @@ import torch.nn.functional as F
 from rosetta.config import NATConfig
 from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID
 from rosetta.model.attention import Memory
-from rosetta.model.interface import DecoderState, EncoderOutput
+from rosetta.model.interface import EncoderOutput
 from rosetta.model.linear import Linear
 from rosetta.model.packing import SourcePadding
-from rosetta.model.transformer import Transformer
+from rosetta.model.transformer import TransformerBase
 from rosetta.train.loss import label_smoothed_nll
 
 
-class NATransformer(Transformer):
+class NATransformer(TransformerBase):
     """Encoder as the Transformer's; a decoder without the causal mask reading
-    ``<mask>`` tokens; a target-length classifier."""
-
-    autoregressive = False
+    ``<mask>`` tokens; a target-length classifier. An ``IterativeRefiner``
+    (``rosetta.model.interface``): it has no step-by-step decoding."""
 
     def __init__(self, cfg: NATConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
         super().__init__(cfg, src_vocab_size, tgt_vocab_size)
@@ -89,16 +88,11 @@ class NATransformer(Transformer):
     def target_padding(self, tgt_in: torch.Tensor) -> SourcePadding:
         return SourcePadding(tgt_in.eq(PAD_ID), pack=False)
 
-    def decoder_states(self, memories: list[Memory], tokens: torch.Tensor) -> torch.Tensor:
-        """The decoder's states (batch, tgt_len, d_model) for ``tokens`` (target
-        tokens, ``<mask>`` where unknown, ``<pad>`` past the length; no ``<bos>``)."""
-        x, _ = self.decoder(self.tgt_embed(tokens), memories, padding=self.target_padding(tokens))
-        return x
-
     def fill_in(
         self, memories: list[Memory], tokens: torch.Tensor, where: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One pass of the decoder over ``tokens``: logits (batch, tgt_len, vocab) for
+        """One pass of the decoder over ``tokens`` (target tokens, ``<mask>`` where
+        unknown, ``<pad>`` past the length; no ``<bos>``): logits (batch, tgt_len, vocab) for
         every position, or with ``where`` (a boolean (batch, tgt_len)) logits (n, vocab)
         for its n true positions only, in row-major order (``tokens[where]``'s). The
         decoder always reads every position; the output projection, the largest
@@ -110,9 +104,6 @@ class NATransformer(Transformer):
         if bool(where.all()):  # every position (a single length, one pass): no gather
             return self.output(states).flatten(0, 1)
         return self.output(states[where])
-
-    def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        return self.decoder_states(self.memories(self.encode(src)), tgt_in)
 
     # ---- training --------------------------------------------------------------------
     def training_loss(self, batch, label_smoothing: float) -> dict[str, torch.Tensor]:
@@ -178,13 +169,3 @@ class NATransformer(Transformer):
         reveal = (wrong.float() * self.cfg.glancing).long()
         shown = self._random_order(real) < reveal[:, None]
         return torch.where(shown, target, all_masked), real & ~shown
-
-    # ---- no step-by-step decoding ----------------------------------------------------
-    def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
-        raise TypeError(
-            "a non-autoregressive model has no step-by-step decoding: "
-            "search it with rosetta.decode.mask_predict"
-        )
-
-    def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
-        raise TypeError("a non-autoregressive model has no step-by-step decoding")

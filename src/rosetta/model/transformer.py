@@ -1,13 +1,19 @@
 """The Transformer of "Attention Is All You Need" assembled from its parts.
 
-``hidden_states`` is the teacher-forced pass (training, and through it
-``forward`` and ``training_loss``); ``encode`` / ``init_state`` /
-``decode_step`` implement the incremental interface of
-``rosetta.model.interface`` for search, through the layers' one-step forms;
-``attention_maps`` returns every head's weights for plotting.
+``TransformerBase`` is what every Transformer family shares: embeddings, the
+encoder, the decoder stack and the output layer; ``hidden_states`` is the
+teacher-forced pass (training, and through it ``forward`` and
+``training_loss``) and ``attention_maps`` returns every head's weights for
+plotting. ``Transformer`` is the left-to-right model: its decoder is causal, and
+``init_state`` / ``decode_step`` make it an ``IncrementalDecoder``
+(``rosetta.model.interface``) through the layers' one-step forms. The
+non-autoregressive family (``rosetta.model.nat``) shares the base and fills in
+instead.
 """
 
 from __future__ import annotations
+
+from abc import abstractmethod
 
 import torch
 from torch import nn
@@ -34,8 +40,9 @@ def _positions(cfg: TransformerConfig) -> nn.Module:
     return SinusoidalPositions(cfg.d_model, cfg.max_positions)
 
 
-class Transformer(Seq2Seq):
-    """Encoder-decoder Transformer with optional tied embeddings."""
+class TransformerBase(Seq2Seq):
+    """Encoder-decoder Transformer with optional tied embeddings; how the decoder
+    reads its target (causally, or every position at once) is the subclass's."""
 
     def __init__(self, cfg: TransformerConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
         super().__init__()
@@ -63,7 +70,11 @@ class Transformer(Seq2Seq):
 
     # ---- teacher-forced pass ---------------------------------------------------------
     def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        x, _ = self.decoder(self.tgt_embed(tgt_in), self.memories(self.encode(src)))
+        return self.decoder_states(self.memories(self.encode(src)), tgt_in)
+
+    def decoder_states(self, memories: list[Memory], tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's states (batch, tgt_len, d_model) over target ``tokens``."""
+        x, _ = self.decoder(self.tgt_embed(tokens), memories, padding=self.target_padding(tokens))
         return x
 
     @torch.no_grad()
@@ -82,12 +93,12 @@ class Transformer(Seq2Seq):
             "cross": [layer["cross"] for layer in weights],
         }
 
+    @abstractmethod
     def target_padding(self, tgt_in: torch.Tensor) -> SourcePadding | None:
-        """What the decoder's self-attention is told about the target: nothing here
-        (causal); a non-autoregressive family gives its padding."""
-        return None
+        """What the decoder's self-attention is told about the target: None for a
+        causal decoder; a decoder that reads every position gets the padding."""
 
-    # ---- incremental interface -----------------------------------------------------
+    # ---- the encoder side ----------------------------------------------------------
     def encode(self, src: torch.Tensor, need_weights: bool = False) -> EncoderOutput:
         """src (batch, src_len) -> H_enc (batch, src_len, d_model) and its padding."""
         padding = SourcePadding(src.eq(PAD_ID))
@@ -101,6 +112,14 @@ class Transformer(Seq2Seq):
             for layer in self.decoder.layers
         ]
 
+
+class Transformer(TransformerBase):
+    """The left-to-right Transformer: a causal decoder, decoded step by step."""
+
+    def target_padding(self, tgt_in: torch.Tensor) -> None:
+        return None  # causal: position t sees positions up to t, never padding after
+
+    # ---- incremental interface (IncrementalDecoder) ----------------------------------
     def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
         caches = [layer.self_attn.new_cache() for layer in self.decoder.layers]
         return DecoderState(

@@ -253,7 +253,7 @@ class TranslationService:
         options = translator.options
         # only a left-to-right beam search has a tree (return_search implies torch)
         tree = request.return_search and options.beam > 1 and not options.sampling
-        tree = tree and translator.model.autoregressive
+        tree = tree and translator.autoregressive
         work = Work(
             translator,
             sources,
