@@ -68,7 +68,7 @@ def scored(model_dir: Path, config, alphas: list[float] | None) -> dict:
         translator = Translator.load(model_dir, beam=beam, length_penalty=alpha)
         result = evaluate_files(translator, src, ref)
         result.pop("hypotheses")
-        result["length_penalty"] = alpha = translator.options.length_penalty
+        result["length_penalty"] = alpha = translator.search.options.length_penalty
         search = "greedy" if beam == 1 else f"beam {beam}, length penalty {alpha}"
         print(
             f"{model_dir.name} {split} {search}: {result['bleu_text']}  "

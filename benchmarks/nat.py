@@ -166,7 +166,14 @@ def main() -> None:
         """A NAT trained on the distilled set in ``WORK/name``."""
         config = load_config(
             args.config,
-            [*student, "model.arch=nat", *overrides, f"experiment_dir={args.work / name}"],
+            # decode.search={}: the NAT's own search (mask-predict), not the config's beam
+            [
+                *student,
+                "model.arch=nat",
+                "decode.search={}",
+                *overrides,
+                f"experiment_dir={args.work / name}",
+            ],
         )
         return trained(config, label)
 

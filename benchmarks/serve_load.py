@@ -408,7 +408,7 @@ def main() -> None:
         "threads": args.threads,
         "model": str(args.model),
         "sentences": len(sentences),
-        "beam": Translator.load(args.model).options.beam,
+        "search": Translator.load(args.model).search.describe(),
         "engines": {},
     }
     with tempfile.TemporaryDirectory() as scratch:

@@ -226,8 +226,9 @@ def test_attention_lists_only_the_options_it_uses():
     options = {
         o for a in subparsers(build_parser())["attention"]._actions for o in a.option_strings
     }
-    assert {"--beam", "--length-penalty", "--device"} <= options
-    assert not {"--engine", "--quantize", "--nbest", "--sample", "--top-k"} & options
+    # the search drawn is any search (its trace is what is drawn), one hypothesis, torch
+    assert {"--search", "--beam", "--length-penalty", "--sample", "--device"} <= options
+    assert not {"--engine", "--quantize", "--nbest"} & options
 
 
 def test_demo_config_ships_with_the_package(tmp_path, monkeypatch):

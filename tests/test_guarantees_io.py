@@ -250,35 +250,71 @@ def test_distill_never_continues_over_a_changed_corpus(toy_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("given", "autoregressive", "message"),
+    ("given", "left_to_right", "message"),
     [
-        ({"sampling": True}, False, "cannot sample"),
+        ({"sampling": True}, False, "sampling search needs an IncrementalDecoder"),
+        ({"search": "beam"}, False, "beam search needs an IncrementalDecoder"),
         ({"temperature": 0.5}, False, "mask-predict search does not use temperature"),
         ({"seed": 3}, False, "does not use seed"),
         ({"beam": 4}, False, "does not use beam"),
         ({"nbest": 6}, False, r"nbest \(6\) cannot exceed length_beam \(5\)"),
-        ({"temperature": 0.5}, True, "beam search does not use temperature"),
-        ({"iterations": 3}, True, "does not use iterations"),
+        ({"iterations": 3}, True, "beam search does not use iterations"),
+        ({"temperature": 0.5}, True, "beam search does not use temperature"),  # sample by name
+        ({"search": "mask-predict"}, True, "mask-predict search needs an IterativeRefiner"),
         ({"sampling": True, "beam": 4}, True, "sampling search does not use beam"),
+        ({"search": "greedy", "nbest": 2}, True, "greedy search does not use nbest"),
+        ({"nbest": 6}, True, r"nbest \(6\) cannot exceed the beam size \(5\)"),
+        ({"search": "no-such"}, True, "unknown search 'no-such'"),
     ],
 )
-def test_an_option_the_search_cannot_honour_is_an_error(given, autoregressive, message):
-    from rosetta.decode.translator import check_search_options
+def test_an_option_the_search_cannot_honour_is_an_error(given, left_to_right, message):
+    from rosetta.decode.search import SEARCHES, MaskPredictSearch, configure
 
-    options = DecodeConfig().with_overrides(**given)
+    available = [s for s in SEARCHES if (s is MaskPredictSearch) != left_to_right]
     with pytest.raises(ConfigError, match=message):
-        check_search_options(options, given, autoregressive)
+        configure({}, given, available)
 
 
-def test_honoured_options_pass():
-    from rosetta.decode.translator import check_search_options
+def test_honoured_options_pass_and_pick_the_search_that_reads_them():
+    from rosetta.decode.search import SEARCHES, MaskPredictSearch, configure
 
-    for given, autoregressive in (
-        ({"iterations": 3, "length_beam": 2, "nbest": 2, "batch_size": 8}, False),
-        ({"sampling": True, "temperature": 0.5, "seed": 2, "nbest": 3}, True),
-        ({"beam": 1, "length_penalty": 1.0, "sampling": False}, True),
+    autoregressive = [s for s in SEARCHES if s is not MaskPredictSearch]
+    for given, left_to_right, kind in (
+        ({"iterations": 3, "length_beam": 2, "nbest": 2}, False, "mask-predict"),
+        ({"sampling": True, "temperature": 0.5, "seed": 2, "nbest": 3}, True, "sampling"),
+        ({"nbest": 3}, True, "beam"),
+        ({"beam": 1, "length_penalty": 1.0, "sampling": False}, True, "beam"),
+        ({"search": "greedy"}, True, "greedy"),
+        ({}, True, "beam"),  # the model's first search
+        ({}, False, "mask-predict"),
     ):
-        check_search_options(DecodeConfig().with_overrides(**given), given, autoregressive)
+        available = autoregressive if left_to_right else [MaskPredictSearch]
+        search = configure({}, given, available)
+        assert search.kind() == kind
+        options = search.describe()
+        assert all(options[k] == v for k, v in given.items() if k not in ("search", "sampling"))
+
+
+def test_old_flat_decode_sections_load_as_they_were_read():
+    """A model directory written before the search section: every flat key present,
+    read as then (sampling if set, else the model's search), the others ignored."""
+    from rosetta.decode.search import SEARCHES, MaskPredictSearch, configure
+
+    flat = dict(beam=4, nbest=2, length_penalty=1.0, sampling=False, temperature=1.0, top_k=0,
+                top_p=1.0, seed=1, iterations=3, length_beam=2)  # fmt: skip
+    section = DecodeConfig(**flat, max_len_b=7).search
+    assert configure(section, None, SEARCHES).describe() == {
+        "kind": "beam", "beam": 4, "nbest": 2, "length_penalty": 1.0
+    }  # fmt: skip
+    assert configure(section, None, [MaskPredictSearch]).describe() == {
+        "kind": "mask-predict", "iterations": 3, "length_beam": 2, "nbest": 2
+    }  # fmt: skip
+    sampled = configure(DecodeConfig(**{**flat, "sampling": True}).search, None, SEARCHES)
+    assert sampled.kind() == "sampling" and sampled.options.nbest == 2
+    with pytest.raises(ConfigError, match="beem is not a search option"):
+        configure({"beem": 4}, None, SEARCHES)
+    with pytest.raises(ConfigError, match="invalid beam search options:\n  beem: unknown key"):
+        configure({"kind": "beam", "beem": 4}, None, SEARCHES)
 
 
 def test_cli_refuses_ignored_options(untrained_model_dir, tmp_path, capsys):

@@ -187,23 +187,22 @@ def test_a_damaged_last_checkpoint_is_refused_and_previous_offered(trained, tmp_
 
 
 def test_nonfinite_batches_are_skipped_and_counted(trained, tmp_path, monkeypatch):
-    from rosetta.model.interface import Seq2Seq
+    from rosetta.train.objectives import TeacherForcing
 
     exp = tmp_path / "exp"
     for name in ("corpus", "tokenizer", "data"):
         shutil.copytree(trained / name, exp / name)
-    real = Seq2Seq.training_loss
+    real = TeacherForcing.loss
     calls = {"n": 0}
 
-    def sometimes_nan(model, batch, smoothing):
-        terms = real(model, batch, smoothing)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] in (3, 4):
-                terms["loss"] = terms["loss"] * float("nan")
+    def sometimes_nan(objective, model, batch, step):
+        terms = real(objective, model, batch, step)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):
+            terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(Seq2Seq, "training_loss", sometimes_nan)
+    monkeypatch.setattr(TeacherForcing, "loss", sometimes_nan)
     logged: list[str] = []
     model_dir = train(toy_config(exp, train={"valid_bleu": False}), log=logged.append)
     assert sum("skipped a batch" in line for line in logged) == 2
@@ -214,16 +213,16 @@ def test_nonfinite_batches_are_skipped_and_counted(trained, tmp_path, monkeypatc
 
 
 def test_only_nonfinite_losses_stop_training_with_a_message(trained, tmp_path, monkeypatch):
-    from rosetta.model.interface import Seq2Seq
+    from rosetta.train.objectives import TeacherForcing
 
     exp = copy_run(trained, tmp_path / "exp")
-    real = Seq2Seq.training_loss
+    real = TeacherForcing.loss
 
     def always_nan(*args):
         terms = real(*args)
         return {**terms, "loss": terms["loss"] * float("nan")}
 
-    monkeypatch.setattr(Seq2Seq, "training_loss", always_nan)
+    monkeypatch.setattr(TeacherForcing, "loss", always_nan)
     before = snapshot(exp / "checkpoints")
     config = toy_config(exp, train={"max_steps": 30, "max_nonfinite": 3})
     with pytest.raises(TrainingError, match="3 batches in a row gave a NaN"):
@@ -275,7 +274,7 @@ def test_decode_settings_may_be_edited(model_dir):
     data["decode"]["beam"] = 7
     path.write_text(yaml.safe_dump(data))
     config, _, _ = load_model_dir(model_dir)
-    assert config.decode.beam == 7
+    assert config.decode.search["beam"] == 7
 
 
 def test_another_sentencepiece_model_is_refused(model_dir, tmp_path):
@@ -354,15 +353,15 @@ RUNNER = textwrap.dedent(
 
     step_seconds = float(os.environ.get("SLOW_STEP", "0"))
     if step_seconds:  # slower steps, same numbers: time to send a signal mid-run
-        from rosetta.model.interface import Seq2Seq
+        from rosetta.train.objectives import TeacherForcing
 
-        loss = Seq2Seq.training_loss
+        loss = TeacherForcing.loss
 
         def slow_loss(*args):
             time.sleep(step_seconds)
             return loss(*args)
 
-        Seq2Seq.training_loss = slow_loss
+        TeacherForcing.loss = slow_loss
 
     slow = os.environ.get("SLOW_WRITE_MARKER")
     if slow:

@@ -144,3 +144,27 @@ def _pickled(layer: torch.nn.Module):
     torch.save(layer, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_int8_quantization_reaches_every_layer_a_step_calls():
+    """``quantize_dynamic`` swaps modules in ``_modules``; a ``Block`` keeps attribute
+    copies, which must follow, or the model would go on running float layers."""
+    from rosetta.config import TransformerConfig
+    from rosetta.model import build_model
+    from rosetta.model.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=32, d_ff=64, heads=2, encoder_layers=1, decoder_layers=1)
+    model = build_model(cfg, 40, 40).eval()
+    src, tgt_in = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[2, 9, 10]])
+    with torch.no_grad():
+        before = model(src, tgt_in)
+        quantized = quantize_int8(model)
+        after = quantized(src, tgt_in)
+    for module in quantized.modules():  # what attribute lookup finds: never a float layer
+        for name in module._modules:
+            found = getattr(module, name)
+            assert found is module._modules[name]
+            assert type(found) is not torch.nn.Linear, name
+    assert not torch.equal(before, after)  # int8 arithmetic, not the float layers
+    torch.testing.assert_close(after, before, atol=0.5, rtol=0.1)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from rosetta.config import DecodeConfig
 from rosetta.data.tokenizer import Tokenizer
-from rosetta.decode.common import Hypothesis
+from rosetta.decode.common import Found, Hypothesis
+from rosetta.decode.search import SEARCHES
 from rosetta.decode.translator import (
     WORD_START,
     Translator,
@@ -64,12 +65,16 @@ class EchoEngine(Translator):
         super().__init__(tokenizer, DecodeConfig(beam=nbest, nbest=nbest), limit)
         self.calls: list[list[list[int]]] = []
 
-    def engine_search(self, sources):
+    searches = SEARCHES
+
+    def engine_search(self, sources, trace=False):
         self.calls.append(sources)
         return [
-            [Hypothesis(list(ids), -float(len(ids)), -float(len(ids) + k)) for k in range(2)][
-                : self.options.nbest
-            ]
+            Found(
+                [Hypothesis(list(ids), -float(len(ids)), -float(len(ids) + k)) for k in range(2)][
+                    : self.search.nbest
+                ]
+            )
             for ids in sources
         ]
 
@@ -120,7 +125,7 @@ def test_the_real_translator_never_gives_the_model_more_than_it_takes(untrained_
     assert translator.max_source_len == 23
     seen: list[list[int]] = []
     search = translator.engine_search
-    translator.engine_search = lambda sources: seen.extend(sources) or search(sources)
+    translator.engine_search = lambda sources, trace=False: seen.extend(sources) or search(sources)
     long_line = " ".join([SENTENCE] * 20)
     results = translator.translate([long_line, "a dog."])
     assert len(results) == 2 and all("\n" not in r.text for r in results)

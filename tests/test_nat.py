@@ -13,10 +13,15 @@ from conftest import learning_config
 from rosetta.config import DecodeConfig, NATConfig, config_from_dict
 from rosetta.data.batching import Batch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, MASK_PIECE, PAD_ID
-from rosetta.decode.mask_predict import mask_predict
+from rosetta.decode.mask_predict import MaskPredictOptions, mask_predict
 from rosetta.model import NATransformer, build_model
+from rosetta.train.objectives import MaskedLM
 
 VOCAB = 40
+
+
+def objective(model: NATransformer, smoothing: float = 0.0) -> MaskedLM:
+    return MaskedLM(smoothing, model.cfg.length_loss_weight, model.cfg.glancing)
 
 
 def tiny(**overrides) -> NATransformer:
@@ -54,7 +59,8 @@ def test_config_and_mask_token():
     )
     assert isinstance(config.model, NATConfig) and config.model.glancing == 0.3
     assert MASK_ID == 4 and MASK_PIECE == "<mask>"
-    assert DecodeConfig().iterations == 10 and DecodeConfig().length_beam == 5
+    defaults = MaskPredictOptions()
+    assert defaults.iterations == 10 and defaults.length_beam == 5
 
 
 def test_length_classifier_shapes_and_loss_by_hand():
@@ -70,7 +76,8 @@ def test_length_classifier_shapes_and_loss_by_hand():
     classes = model.length_classes(torch.tensor([6, 2]), torch.tensor([5, 3]))
     assert classes.tolist() == [5, 3]
     assert model.length_classes(torch.tensor([20]), torch.tensor([3])).tolist() == [8]  # clipped
-    terms = model.training_loss(batch, 0.0)
+    with torch.no_grad():
+        terms = objective(model).validation(model, batch)
     torch.testing.assert_close(
         terms["length_loss"], F.cross_entropy(logits, classes, reduction="sum")
     )
@@ -112,7 +119,7 @@ def test_cmlm_and_glancing_masks():
     target = torch.tensor([[13, 14, 15, 16, 17, 18], [19, 20, PAD_ID, PAD_ID, PAD_ID, PAD_ID]])
     real = target.ne(PAD_ID)
     for _ in range(20):
-        decoder_in, masked = model._mask_uniformly(target, real)
+        decoder_in, masked = model.mask_uniformly(target, real)
         counts = masked.sum(1)
         assert (counts >= 1).all() and (counts <= real.sum(1)).all()
         assert not (masked & ~real).any()
@@ -120,12 +127,10 @@ def test_cmlm_and_glancing_masks():
         assert torch.equal(decoder_in[~masked], target[~masked])
     memories = model.memories(model.encode(batch_of(SOURCES, TARGETS).src))
     all_masked = target.masked_fill(real, MASK_ID)
-    glancing = tiny(glancing=1.0)
-    glancing.load_state_dict(model.state_dict())
     with torch.no_grad():
         guess = model.fill_in(memories, all_masked).argmax(-1)
     wrong = (guess.ne(target) & real).sum(1)
-    decoder_in, predicted = glancing._glance(memories, target, real, all_masked)
+    decoder_in, predicted = model.glance(memories, target, real, 1.0)
     shown = real & ~predicted
     assert shown.sum(1).tolist() == wrong.tolist()  # ratio 1: as many revealed as wrong
     assert torch.equal(decoder_in[shown], target[shown])
@@ -136,16 +141,17 @@ def test_training_steps_reduce_the_loss_with_both_objectives():
     batch = batch_of(SOURCES, TARGETS)
     for glancing in (0.0, 0.5):
         model = tiny(glancing=glancing)
-        before = float(model.eval().training_loss(batch, 0.0)["loss"].detach())  # all masked
+        training = objective(model)
+        before = float(training.validation(model.eval(), batch)["loss"].detach())  # all masked
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         model.train()
         for step in range(100):
             torch.manual_seed(step)
-            loss = model.training_loss(batch, 0.0)["loss"]
+            loss = training.loss(model, batch, step)["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        after = float(model.eval().training_loss(batch, 0.0)["loss"].detach())
+        after = float(training.validation(model.eval(), batch)["loss"].detach())
         assert after < 0.5 * before, (glancing, before, after)
 
 
@@ -330,7 +336,7 @@ def test_ctranslate2_export_refuses_a_nat_model():
 def test_attention_of_a_nat_model_is_its_last_pass(tmp_path):
     """``rosetta attention`` and the service show what the last mask-predict pass
     read (the output with <mask> where it filled in) and one row per output piece."""
-    from rosetta.decode.explain import Pieces, attention_weights, decoder_input
+    from rosetta.decode.explain import Pieces, attention_weights
     from rosetta.decode.translator import TorchTranslator
 
     class Tokens:  # the piece of an id is its number, <mask> its name
@@ -344,13 +350,14 @@ def test_attention_of_a_nat_model_is_its_last_pass(tmp_path):
     translator = TorchTranslator(model, Tokens(), DecodeConfig(iterations=3, length_beam=2))
     src_ids = SOURCES[0]
     found = mask_predict(model, torch.tensor([src_ids]), 3, 2, 1)[0][0]
-    read = decoder_input(translator, src_ids, found.tokens)
+    traced = translator.search_ids([src_ids], trace=True)[0]
+    assert traced.hypotheses[0].tokens == found.tokens  # the search the translator runs
+    trace = traced.trace
+    read = trace.decoder_input
     assert len(read) == len(found.tokens) and MASK_ID in read  # the last pass re-filled some
     assert all(r in (MASK_ID, t) for r, t in zip(read, found.tokens))
-    pieces = Pieces.of(translator, src_ids, found.tokens)
+    pieces = Pieces.of(translator, src_ids, trace)
     assert len(pieces.produced) == len(found.tokens)  # no <eos> row
-    weights = attention_weights(translator, src_ids, found.tokens, ("cross", "decoder_self"))
+    weights = attention_weights(translator, src_ids, trace, ("cross", "decoder_self"))
     assert weights["cross"].shape == (2, 2, len(found.tokens), len(src_ids))
     assert weights["decoder_self"].shape == (2, 2, len(found.tokens), len(found.tokens))
-    with pytest.raises(ValueError, match="not the model's own"):
-        decoder_input(translator, src_ids, [*found.tokens, 7])

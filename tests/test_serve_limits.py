@@ -52,8 +52,8 @@ def estimates(service: TranslationService, body: dict[str, Any]) -> tuple[int, i
     bound = (translator.options, translator.max_source_len)
     kinds = body.get("attention_kinds", ["cross"]) if body.get("return_attention") else []
     weights = attention_size(lengths, kinds, service.attention_maps, *bound)
-    tree = translator.options.beam if translator.options.beam > 1 else 0
     k = body.get("candidates", 5) if body.get("return_search") else 0
+    tree = translator.search.tree_width() if k else 0
     return weights, search_size(lengths, k, tree, *bound)
 
 

@@ -142,5 +142,5 @@ def test_the_length_penalty_is_chosen_on_validation_and_recorded(prepared, tmp_p
     ]
     assert list(sweep) == ["0.0", "1.0", "4.0"]
     best = max(grid, key=lambda a: sweep[str(a)])
-    assert load_model_dir(model_dir)[0].decode.length_penalty == best
-    assert Translator.load(model_dir).options.length_penalty == best  # translate uses it
+    assert load_model_dir(model_dir)[0].decode.search["length_penalty"] == best
+    assert Translator.load(model_dir).search.options.length_penalty == best  # translate uses it

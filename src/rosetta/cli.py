@@ -24,8 +24,9 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Annotated, Any
 
-from rosetta.config import ConfigError, ExperimentConfig, load_config, packaged_config
+from rosetta.config import ConfigError, ExperimentConfig, ServeConfig, load_config, packaged_config
 
 
 def version() -> str:
@@ -117,15 +118,16 @@ def _train_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def _search_overrides(args: argparse.Namespace) -> dict:
-    """The search options given on the command line; None keeps the model's default."""
-    names = ["beam", "nbest", "length_penalty", "batch_size", "max_tokens"]
-    names += ["iterations", "length_beam"]
-    names += ["temperature", "top_k", "top_p", "seed"]
+    """The search settings given on the command line (the flags ``_add_search_options``
+    made); None keeps the model's."""
+    from rosetta.decode.search import option_fields
+
+    names = [*option_fields(), "search", "batch_size", "max_tokens"]
     overrides = {name: getattr(args, name, None) for name in names}
     overrides["sampling"] = getattr(args, "sample", False) or None
     # n-best lines print each hypothesis's log-probability, which greedy search and
     # CTranslate2 compute only when asked
-    overrides["scores"] = overrides["nbest"] is not None or None
+    overrides["scores"] = overrides.get("nbest") is not None or None
     return overrides
 
 
@@ -195,7 +197,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     config = _config(args)
     if config.data.toy is not None:
         prepare(config)  # writes the generated toy corpus
-    teacher = Translator.load(args.teacher, device=args.device, beam=args.beam)
+    teacher = Translator.load(args.teacher, device=args.device, **_search_overrides(args))
     distill(teacher, Path(args.teacher), config, args.output or config.experiment_dir / "distilled")
 
 
@@ -242,8 +244,9 @@ def cmd_attention(args: argparse.Namespace) -> None:
         output = png_path(output)
     if output:
         check_output(output)
-    search = {"beam": args.beam, "length_penalty": args.length_penalty}
-    translator = TorchTranslator.from_model_dir(args.model_dir, args.device, **search)
+    translator = TorchTranslator.from_model_dir(
+        args.model_dir, args.device, **_search_overrides(args)
+    )
     attention = compute_attention(translator, args.src, args.kind)
     head = -1 if args.all_heads else args.head
     if args.format == "json":
@@ -273,7 +276,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     a bad limit flag is a one-line error naming it."""
     from pydantic import ValidationError
 
-    from rosetta.config import ServeConfig
     from rosetta.serve.server import run_server
 
     limits = {name: getattr(args, name) for name in ServeConfig.model_fields}
@@ -366,15 +368,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _add_beam_options(group) -> None:
-    group.add_argument("--beam", type=POSITIVE_INT, help="beam size; 1 = greedy search")
-    group.add_argument(
-        "--length-penalty",
-        type=NON_NEGATIVE_FLOAT,
-        help="GNMT length penalty alpha for beam search; 0 = none",
-    )
-
-
 def _add_device_option(group, key: str = "the model's decode.device, cpu unless set") -> None:
     group.add_argument(
         "--device",
@@ -383,34 +376,66 @@ def _add_device_option(group, key: str = "the model's decode.device, cpu unless 
     )
 
 
-def _add_search_options(parser: argparse.ArgumentParser, nbest: bool = True) -> None:
-    """Every search, batching and engine option of ``translate`` and (without
-    ``--nbest``: it scores the best hypothesis only) ``evaluate``."""
-    group = parser.add_argument_group("search (defaults: the model's decode section)")
-    _add_beam_options(group)
-    if nbest:
-        group.add_argument(
-            "--nbest",
-            type=POSITIVE_INT,
-            help="print N hypotheses per input as `id ||| text ||| log-probability` lines "
-            "(N <= beam; with --sample, N samples; N <= --length-beam for mask-predict)",
-        )
-    group.add_argument("--batch-size", type=POSITIVE_INT, help="max sentences per batch")
-    group.add_argument("--max-tokens", type=POSITIVE_INT, help="max padded source tokens per batch")
-    group = parser.add_argument_group("non-autoregressive models (model.arch nat): mask-predict")
-    group.add_argument("--iterations", type=POSITIVE_INT, help="refinement passes; 1 = single pass")
-    group.add_argument("--length-beam", type=POSITIVE_INT, help="target lengths tried per input")
-    group = parser.add_argument_group("sampling")
+def _option_type(name: str, info: Any):
+    """An argparse ``type`` for search option ``name``: its pydantic type and bounds
+    (``info``), so a bad value is a usage error naming them before anything runs."""
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(Annotated[info.annotation, info])
+
+    def parse(text: str):
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"].replace("Input should be", "expected")
+            raise argparse.ArgumentTypeError(f"{text!r}: {reason}") from None
+
+    parse.__name__ = info.annotation.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _add_search_options(
+    parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), engines: bool = True
+) -> None:
+    """The search flags, one per option of rosetta's searches (``--beam``,
+    ``--temperature``, ...: ``rosetta.decode.search.option_fields``, less
+    ``exclude``), ``--search`` and ``--sample``, and the batching options; with
+    ``engines``, the engine options too."""
+    from rosetta.decode.search import KINDS, SEARCHES
+
+    group = parser.add_argument_group("search (defaults: the model's decode.search section)")
+    group.add_argument(
+        "--search",
+        choices=list(KINDS),
+        help="the search (default: the model's, or the one the options given need)",
+    )
     group.add_argument(
         "--sample", action="store_true", help="draw from the model instead of searching"
     )
-    for flag, kind, text in (
-        ("--temperature", POSITIVE_FLOAT, "divide the logits by T: > 1 flatter, < 1 sharper"),
-        ("--top-k", NON_NEGATIVE_INT, "sample among the K likeliest tokens; 0 = all"),
-        ("--top-p", PROBABILITY, "sample among the likeliest tokens holding probability P"),
-        ("--seed", int, "random seed of the samples (same seed, same output)"),
-    ):
-        group.add_argument(flag, type=kind, help=f"{text} (default: the model's decode section)")
+    seen = set(exclude)
+    for search in SEARCHES:
+        for name, info in search.Options.model_fields.items():
+            if name == "kind" or name in seen:
+                continue
+            seen.add(name)
+            said = {
+                reader.kind(): reader.Options.model_fields[name].description
+                for reader in SEARCHES
+                if name in reader.reads()
+            }
+            if len(set(said.values())) == 1:
+                text = f"{info.description} ({', '.join(said)})"
+            else:
+                text = "; ".join(f"{kind}: {text}" for kind, text in said.items())
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                type=_option_type(name, info),
+                help=f"{text} (default: the model's)",
+            )
+    group.add_argument("--batch-size", type=POSITIVE_INT, help="max sentences per batch")
+    group.add_argument("--max-tokens", type=POSITIVE_INT, help="max padded source tokens per batch")
+    if not engines:
+        return
     group = parser.add_argument_group("engine")
     _add_device_option(group)
     group.add_argument(
@@ -529,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--ref", required=True, help="reference file, one sentence per line")
     sub.add_argument("-o", "--output", type=Path, help="also write the translations here")
     sub.add_argument("--json", help="also write the scores and signatures to this JSON file")
-    _add_search_options(sub, nbest=False)
+    _add_search_options(sub, exclude=("nbest",))
     sub.set_defaults(func=cmd_evaluate)
 
     sub = with_config("average", "average the last N checkpoints into the model directory")
@@ -552,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. data.root=..."
     )
     sub.add_argument("-o", "--output", type=Path, help="corpus folder (default EXP/distilled)")
-    sub.add_argument("--beam", type=POSITIVE_INT, help="the teacher's beam (default: its own)")
+    _add_search_options(sub, exclude=("nbest",), engines=False)  # the teacher's search
     _add_device_option(sub)
     sub.set_defaults(func=cmd_distill)
 
@@ -583,9 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--format", choices=["png", "json"], default="png", help="png (default) or json"
     )
-    group = sub.add_argument_group("search (defaults: the model's decode section)")
-    _add_beam_options(group)
-    _add_device_option(group)
+    _add_search_options(sub, exclude=("nbest",), engines=False)
+    _add_device_option(sub)
     sub.set_defaults(func=cmd_attention)
 
     sub = verb(
@@ -633,8 +657,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="uvicorn's log level (info: one line per request)",
     )
-    from rosetta.config import ServeConfig
-
     group = sub.add_argument_group("batching and limits")
     for name, field in ServeConfig.model_fields.items():
         kind = float if field.annotation in (float, "float") else int

@@ -360,40 +360,51 @@ class TrainConfig(Section):
         return self
 
 
-class DecodeConfig(Section):
-    """How to search: the one place that holds the search defaults, used by
-    validation BLEU, ``translate``, ``evaluate``, the Python API and the service
-    (``with_overrides`` applies a caller's choices) and read by the search
-    functions' own defaults.
+# The flat ``decode`` keys of configurations written before the search section: read
+# into ``decode.search`` (a frozen list; ``rosetta.decode.search`` reads such sections)
+LEGACY_SEARCH_KEYS = frozenset(
+    {"beam", "nbest", "length_penalty", "sampling", "temperature", "top_k", "top_p", "seed",
+     "iterations", "length_beam"}
+)  # fmt: skip
 
-    With ``sampling``, ``nbest`` samples are drawn per input (in the order drawn)
-    and ``seed`` seeds them; otherwise ``nbest`` <= ``beam`` (or, for mask-predict,
-    ``length_beam``), checked with the model (``check_search_options`` in
-    ``rosetta.decode.translator``). ``scores`` asks for every hypothesis's
-    log-probability even where the search does not need it (greedy search and
-    CTranslate2 skip it otherwise).
+
+class DecodeConfig(Section):
+    """How to search: the one place that holds the search settings, used by
+    validation BLEU, ``translate``, ``evaluate``, the Python API and the service.
+
+    ``search`` names the search and its options, e.g. ``{kind: beam, beam: 5,
+    nbest: 1, length_penalty: 0.6}`` (kinds and options: ``rosetta.decode.search``,
+    which checks the section against the model when a translator is made; empty:
+    the model's own default, beam search or mask-predict). The other keys apply to
+    every search. ``scores`` asks for every hypothesis's log-probability even where
+    the search does not need it (greedy search and CTranslate2 skip it otherwise).
+    The flat keys of older configurations (``beam: 5``, ``sampling: true``, ...)
+    are read into ``search``.
     """
 
-    beam: int = Field(5, ge=1)  # 1 = greedy search
-    nbest: int = Field(1, ge=1)
-    length_penalty: float = Field(0.6, ge=0.0)  # GNMT alpha; 0 = none
+    search: dict[str, Any] = {}
     max_len_a: float = Field(1.5, ge=0.0)  # output budget: a * source length + b
     max_len_b: int = Field(10, ge=1)
     max_tokens: int = Field(4000, gt=0)  # padded source tokens per batch
     batch_size: int = Field(64, ge=1)  # sentences per batch
-    sampling: bool = False
-    temperature: float = Field(1.0, gt=0.0)
-    top_k: int = Field(0, ge=0)  # 0 = off
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 1
     scores: bool = False
-    # a non-autoregressive model's search (mask-predict): refinement passes, and
-    # target lengths tried per source; the fields above about steps do not apply
-    iterations: int = Field(10, ge=1)
-    length_beam: int = Field(5, ge=1)
     device: str = "cpu"  # cpu | auto (CUDA when there is one) | cuda | cuda:N
 
     _device = field_validator("device")(lambda value: check_device_name(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_search_keys(cls, values: Any) -> Any:
+        """Older configurations' flat search keys, moved into ``search``; given over a
+        search section (``with_overrides(beam=1)``), they make it one of that form."""
+        if not isinstance(values, dict) or not LEGACY_SEARCH_KEYS & set(values):
+            return values
+        values = dict(values)
+        section = dict(values.get("search") or {})
+        section.pop("kind", None)
+        for key in LEGACY_SEARCH_KEYS & set(values):
+            section[key] = values.pop(key)
+        return {**values, "search": section}
 
     def with_overrides(self, **overrides: Any) -> DecodeConfig:
         """A copy with every override that is not None, validated as a whole."""
@@ -401,7 +412,7 @@ class DecodeConfig(Section):
         try:
             return DecodeConfig.model_validate(values)
         except ValidationError as error:
-            raise ConfigError(f"invalid search options:\n{_format_error(error)}") from None
+            raise ConfigError(f"invalid search options:\n{format_error(error)}") from None
 
 
 class ServeConfig(Section):
@@ -469,7 +480,8 @@ def parse_duration(text: str) -> float:
     return value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def _format_error(error: ValidationError) -> str:
+def format_error(error: ValidationError) -> str:
+    """A validation error as lines ``  key: what is wrong``."""
     lines = []
     for item in error.errors():
         loc = list(item["loc"])
@@ -526,7 +538,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Experiment
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"invalid configuration in {source}:\n{_format_error(error)}") from None
+        raise ConfigError(f"invalid configuration in {source}:\n{format_error(error)}") from None
 
 
 def packaged_config(name: str) -> Path:

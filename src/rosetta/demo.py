@@ -36,7 +36,8 @@ def run_demo(config: ExperimentConfig) -> float:
     src = root / f"{config.data.test}.{config.data.src_lang}"
     ref = root / f"{config.data.test}.{config.data.tgt_lang}"
     result = evaluate_files(translator, src, ref)
-    print(f"\ntest set ({src.name}, beam {translator.options.beam}):")
+    search = ", ".join(f"{k} {v}" for k, v in translator.search.describe().items())
+    print(f"\ntest set ({src.name}; search: {search}):")
     print(result["bleu_text"])
     print(f"  signature: {result['bleu_signature']}")
     print(f"chrF2 = {result['chrf']:.2f}")

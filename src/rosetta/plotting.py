@@ -80,12 +80,11 @@ def compute_attention(translator: TorchTranslator, sentence: str, kind: str = "c
             f"the sentence has {len(source.ids)} subwords; the model takes at most "
             f"{translator.max_source_len} in one piece, so its attention cannot be drawn"
         )
-    result = translator.translate_encoded([source])[0]
-    output = result.hypotheses[0][1].tokens
-    weights = attention_weights(translator, source.ids, output, (kind,))
+    result = translator.translate_encoded([source], trace=True)[0]
+    weights = attention_weights(translator, source.ids, result.trace, (kind,))
     if kind not in weights:
         raise ValueError(f"this model has no {kind.replace('_', ' ')} attention")
-    queries, keys = Pieces.of(translator, source.ids, output).axes(kind)
+    queries, keys = Pieces.of(translator, source.ids, result.trace).axes(kind)
     return Attention(kind, queries, keys, weights[kind], result.text)
 
 

@@ -17,23 +17,51 @@ sequence as exhaustive search (see the tests).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     DEFAULT_LENGTHS,
-    DEFAULTS,
+    Found,
     Hypothesis,
     Lengths,
+    Search,
+    SearchOptions,
+    Trace,
     forbid_tokens,
     force_eos,
     length_penalty,
 )
-from rosetta.model.interface import Seq2Seq
+from rosetta.decode.greedy import GreedySearch
+from rosetta.model.interface import IncrementalDecoder, Seq2Seq
 
 NEG_INF = float("-inf")
+
+
+class BeamOptions(SearchOptions):
+    """``kind: beam``: the ``beam`` best prefixes kept at every step, ranked with the
+    GNMT length penalty; ``nbest`` <= ``beam`` of the finished returned."""
+
+    kind: Literal["beam"] = "beam"
+    beam: int = Field(
+        5, ge=1, description="beam size; 1 = greedy search", json_schema_extra={"work": True}
+    )
+    nbest: int = Field(
+        1, ge=1, description="hypotheses returned per input (<= beam)",
+        json_schema_extra={"work": True},
+    )  # fmt: skip
+    length_penalty: float = Field(0.6, ge=0.0, description="GNMT length penalty alpha; 0 = none")
+
+    @model_validator(mode="after")
+    def _nbest_within_beam(self) -> BeamOptions:
+        if self.nbest > self.beam:
+            raise ValueError(
+                f"nbest ({self.nbest}) cannot exceed the beam size ({self.beam}) unless sampling"
+            )
+        return self
 
 
 @dataclass
@@ -119,14 +147,18 @@ class BeamTrace:
         for row in rows.tolist():
             self.chosen[row] = [n for n in self._finished[row][:nbest] if n is not None]
 
+    def of_row(self, row: int) -> dict[str, Any]:
+        """Row ``row``'s tree: ``{nodes, chosen}``."""
+        return {"nodes": self.nodes[row], "chosen": self.chosen.get(row, [])}
+
 
 @torch.inference_mode()
 def beam_search(
     model: Seq2Seq,
     src: torch.Tensor,
-    beam: int = DEFAULTS.beam,
-    alpha: float = DEFAULTS.length_penalty,
-    nbest: int = DEFAULTS.nbest,
+    beam: int = BeamOptions().beam,
+    alpha: float = BeamOptions().length_penalty,
+    nbest: int = 1,
     lengths: Lengths = DEFAULT_LENGTHS,
     trace: BeamTrace | None = None,
 ) -> list[list[Hypothesis]]:
@@ -247,3 +279,48 @@ def beam_search(
             )
         results.append(hyps)
     return results
+
+
+class BeamSearch(Search):
+    in_ctranslate2 = True
+    Options = BeamOptions
+    needs = IncrementalDecoder
+    options: BeamOptions
+
+    def run(
+        self,
+        model: Any,
+        src: torch.Tensor,
+        lengths: Lengths,
+        *,
+        scores: bool = True,
+        trace: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[Found]:
+        opts = self.options
+        if opts.beam == 1 and opts.nbest == 1:  # greedy search, without a tree (as cheap)
+            greedy = GreedySearch(GreedySearch.Options())
+            return greedy.run(model, src, lengths, scores=scores, trace=trace)
+        tree = BeamTrace() if trace else None
+        found = beam_search(model, src, opts.beam, opts.length_penalty, opts.nbest, lengths, tree)
+        if tree is None:
+            return [Found(hyps) for hyps in found]
+        settings = {"size": opts.beam, "length_penalty": opts.length_penalty}
+        return [
+            Found(hyps, Trace.left_to_right(hyps[0].tokens, settings | tree.of_row(row)))
+            for row, hyps in enumerate(found)
+        ]
+
+    def for_hypotheses(self, count: int) -> dict[str, Any]:
+        return {"beam": max(self.options.beam, count), "nbest": count}
+
+    def tree_width(self) -> int:
+        return 2 * self.options.beam if self.options.beam > 1 else 0
+
+    def ctranslate2(self, vocab_size: int) -> dict[str, Any]:
+        opts = self.options
+        return {
+            "beam_size": opts.beam,
+            "num_hypotheses": opts.nbest,
+            "length_penalty": opts.length_penalty if opts.beam > 1 else 0.0,
+        }

@@ -1,16 +1,26 @@
-"""Pieces shared by the search algorithms."""
+"""What every search shares: the ``Search`` interface, its result, length budgets
+and the masks of tokens that cannot come next.
+
+A search is one class (``Search``) with one signature: ``run(model, src,
+lengths, ...)`` on a padded batch of sources gives one ``Found`` per source (its
+n-best ``Hypothesis`` list and, on request, a ``Trace``). Its options are a
+pydantic class (``SearchOptions``), the single statement of their names, types,
+bounds and help, from which the command line, the HTTP schema and the
+CTranslate2 mapping are derived. ``rosetta.decode.search`` lists the searches
+and is the one place that chooses among them.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from rosetta.config import DecodeConfig
+from rosetta.config import DecodeConfig, Section
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-# The search functions' defaults are the ``decode`` section's: one place holds them.
-DEFAULTS = DecodeConfig()
 MAX_LEN = 1024  # the longest output when the caller gives no model limit
 
 
@@ -33,8 +43,8 @@ class Lengths:
     at most ``limit`` and at least ``min_len`` before <eos> (``min_len`` forces equal
     output lengths when systems are timed against each other)."""
 
-    a: float = DEFAULTS.max_len_a
-    b: int = DEFAULTS.max_len_b
+    a: float = DecodeConfig().max_len_a
+    b: int = DecodeConfig().max_len_b
     limit: int = MAX_LEN
     min_len: int = 0
 
@@ -80,3 +90,121 @@ def force_eos(log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     """GNMT length penalty ((5 + |Y|) / 6) ** alpha (Wu et al., 2016); 1 when alpha = 0."""
     return ((5.0 + length.float()) / 6.0) ** alpha
+
+
+class SearchOptions(Section):
+    """A search's settings; each search subclasses it with a ``kind`` literal and its
+    own fields (``Field(description=...)`` is the help the CLI and the HTTP schema
+    show). A field whose ``json_schema_extra`` holds ``{"work": True}`` multiplies
+    the work per sentence (the service bounds it by ``serve.max_beam``)."""
+
+    kind: str
+
+
+@dataclass
+class Trace:
+    """What a search did for one source's best hypothesis, for people (attention
+    and search views): ``decoder_input``, what the decoder read in producing it
+    (<bos> and the output, left to right; a refining search's last input);
+    ``produced``, what each of those decoder positions produced; ``tree``, the
+    beam search's tree (``rosetta.decode.beam.BeamTrace`` of the source), if any."""
+
+    decoder_input: list[int]
+    produced: list[int]
+    tree: dict[str, Any] | None = None
+
+    @classmethod
+    def left_to_right(cls, tokens: list[int], tree: dict[str, Any] | None = None) -> Trace:
+        """The trace of an output written left to right: read <bos> and the output,
+        produced the output and <eos>."""
+        return cls([BOS_ID, *tokens], [*tokens, EOS_ID], tree)
+
+
+@dataclass
+class Found:
+    """A search's result for one source: its hypotheses, best first (or in the order
+    drawn, for sampling), and, when asked for, its ``Trace``."""
+
+    hypotheses: list[Hypothesis]
+    trace: Trace | None = None
+
+
+class Search(ABC):
+    """One search algorithm with its options.
+
+    ``Options``: its ``SearchOptions`` subclass; ``needs``: the model capability
+    it runs on (a runtime-checkable Protocol of ``rosetta.model.interface``).
+    """
+
+    Options: ClassVar[type[SearchOptions]]
+    needs: ClassVar[type]
+    in_ctranslate2: ClassVar[bool] = False  # CTranslate2 runs it (``ctranslate2``)
+    random: ClassVar[bool] = False  # draws at random: used only when asked for by name
+
+    def __init__(self, options: SearchOptions) -> None:
+        self.options = options
+
+    @classmethod
+    def kind(cls) -> str:
+        """The name configurations use (``decode.search.kind``)."""
+        return cls.Options.model_fields["kind"].default
+
+    @classmethod
+    def reads(cls) -> set[str]:
+        """The option names this search reads."""
+        return set(cls.Options.model_fields) - {"kind"}
+
+    @classmethod
+    def runs_on(cls, model: Any) -> bool:
+        """Whether ``model`` has the capability this search needs."""
+        return isinstance(model, cls.needs)
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of a search that draws at random (each ``Translator`` call starts
+        from it, so the same call gives the same output); None: deterministic."""
+        return None
+
+    @abstractmethod
+    def run(
+        self,
+        model: Any,
+        src: torch.Tensor,
+        lengths: Lengths,
+        *,
+        scores: bool = True,
+        trace: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[Found]:
+        """Searches a padded source batch (batch, src_len): one ``Found`` per row.
+        ``scores=False`` lets a search skip log-probabilities it does not need
+        (then NaN); ``trace`` asks for each row's ``Trace``."""
+
+    @property
+    def nbest(self) -> int:
+        """How many hypotheses the search returns per source."""
+        return getattr(self.options, "nbest", 1)
+
+    def for_hypotheses(self, count: int) -> dict[str, Any]:
+        """The settings to ask for (``Translator.with_options``) to get ``count``
+        hypotheses per source from this search."""
+        return {"nbest": count} if count > 1 else {}
+
+    def tree_width(self) -> int:
+        """Tree nodes a traced search adds per output step (0: no tree)."""
+        return 0
+
+    @property
+    def has_tree(self) -> bool:
+        """Whether a trace of this search holds a search tree."""
+        return self.tree_width() > 0
+
+    def ctranslate2(self, vocab_size: int) -> dict[str, Any]:
+        """This search as CTranslate2's ``translate_batch`` arguments (``beam_size``,
+        ``num_hypotheses``, ``length_penalty``, ``sampling_*``), for a search with
+        ``in_ctranslate2``."""
+        raise NotImplementedError(f"CTranslate2 does not run {self.kind()} search")
+
+    def describe(self) -> dict[str, Any]:
+        """The settings, as configurations and responses show them."""
+        return self.options.model_dump(mode="json")

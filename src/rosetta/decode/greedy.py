@@ -8,18 +8,23 @@ one hypothesis per source row, finished sentences dropped from the batch
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.decode.common import (
     DEFAULT_LENGTHS,
+    Found,
     Hypothesis,
     Lengths,
+    Search,
+    SearchOptions,
+    Trace,
     forbid_tokens,
     force_eos,
 )
-from rosetta.model.interface import Seq2Seq
+from rosetta.model.interface import IncrementalDecoder, Seq2Seq
 
 
 def decode_rows(
@@ -93,3 +98,35 @@ def greedy_search(
     step; returns one hypothesis per row. Callers that only want the tokens pass
     ``with_scores=False`` (as HF's ``generate`` and CTranslate2 do by default)."""
     return decode_rows(model, src, lambda logits: logits.argmax(dim=-1), lengths, with_scores)
+
+
+class GreedyOptions(SearchOptions):
+    """``kind: greedy``: the most probable token at every step (one hypothesis)."""
+
+    kind: Literal["greedy"] = "greedy"
+
+
+class GreedySearch(Search):
+    in_ctranslate2 = True
+    Options = GreedyOptions
+    needs = IncrementalDecoder
+
+    def run(
+        self,
+        model: Any,
+        src: torch.Tensor,
+        lengths: Lengths,
+        *,
+        scores: bool = True,
+        trace: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[Found]:
+        found = greedy_search(model, src, lengths, with_scores=scores)
+        return [Found([h], Trace.left_to_right(h.tokens) if trace else None) for h in found]
+
+    def for_hypotheses(self, count: int) -> dict[str, Any]:
+        # several hypotheses: the beam search just wide enough for them
+        return {"search": "beam", "beam": count, "nbest": count} if count > 1 else {}
+
+    def ctranslate2(self, vocab_size: int) -> dict[str, Any]:
+        return {"beam_size": 1, "num_hypotheses": 1, "length_penalty": 0.0}

@@ -22,22 +22,60 @@ sparser passes cost what they decode.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
+from pydantic import Field, model_validator
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
-from rosetta.decode.common import DEFAULT_LENGTHS, DEFAULTS, Hypothesis, Lengths
-from rosetta.model.nat import NATransformer
+from rosetta.decode.common import (
+    DEFAULT_LENGTHS,
+    Found,
+    Hypothesis,
+    Lengths,
+    Search,
+    SearchOptions,
+    Trace,
+)
+from rosetta.model.interface import IterativeRefiner
 
 NEVER = (PAD_ID, BOS_ID, EOS_ID, MASK_ID)  # ids a filled-in position never takes
 
 
+class MaskPredictOptions(SearchOptions):
+    """``kind: mask-predict``: the search of a model that fills in every position at
+    once; ``nbest`` <= ``length_beam`` (one hypothesis per target length tried)."""
+
+    kind: Literal["mask-predict"] = "mask-predict"
+    iterations: int = Field(
+        10, ge=1, description="refinement passes; 1 = single pass",
+        json_schema_extra={"work": True},
+    )  # fmt: skip
+    length_beam: int = Field(
+        5, ge=1, description="target lengths tried per input", json_schema_extra={"work": True}
+    )
+    nbest: int = Field(
+        1, ge=1, description="hypotheses returned per input (<= length_beam)",
+        json_schema_extra={"work": True},
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _nbest_within_length_beam(self) -> MaskPredictOptions:
+        if self.nbest > self.length_beam:
+            raise ValueError(
+                f"nbest ({self.nbest}) cannot exceed length_beam ({self.length_beam}): "
+                "mask-predict returns one hypothesis per target length tried"
+            )
+        return self
+
+
 @torch.inference_mode()
 def mask_predict(
-    model: NATransformer,
+    model: IterativeRefiner,
     src: torch.Tensor,
-    iterations: int = DEFAULTS.iterations,
-    length_beam: int = DEFAULTS.length_beam,
-    nbest: int = DEFAULTS.nbest,
+    iterations: int = MaskPredictOptions().iterations,
+    length_beam: int = MaskPredictOptions().length_beam,
+    nbest: int = 1,
     lengths: Lengths = DEFAULT_LENGTHS,
     final_inputs: list[list[int]] | None = None,
 ) -> list[list[Hypothesis]]:
@@ -97,3 +135,32 @@ def mask_predict(
                 final_inputs.append(last_input[k, :length].tolist())
         results.append(hyps)
     return results
+
+
+class MaskPredictSearch(Search):
+    Options = MaskPredictOptions
+    needs = IterativeRefiner
+    options: MaskPredictOptions
+
+    def run(
+        self,
+        model: Any,
+        src: torch.Tensor,
+        lengths: Lengths,
+        *,
+        scores: bool = True,
+        trace: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[Found]:
+        opts = self.options
+        inputs: list[list[int]] | None = [] if trace else None
+        found = mask_predict(
+            model, src, opts.iterations, opts.length_beam, opts.nbest, lengths, inputs
+        )
+        if inputs is None:
+            return [Found(hyps) for hyps in found]
+        # the decoder read its last pass's input and produced the output, position by position
+        return [Found(hyps, Trace(read, hyps[0].tokens)) for hyps, read in zip(found, inputs)]
+
+    def for_hypotheses(self, count: int) -> dict[str, Any]:
+        return {"length_beam": max(self.options.length_beam, count), "nbest": count}

@@ -9,11 +9,48 @@ already).
 
 from __future__ import annotations
 
-import torch
+from typing import Any, Literal
 
-from rosetta.decode.common import DEFAULT_LENGTHS, DEFAULTS, Hypothesis, Lengths
+import torch
+from pydantic import Field
+
+from rosetta.decode.common import (
+    DEFAULT_LENGTHS,
+    Found,
+    Hypothesis,
+    Lengths,
+    Search,
+    SearchOptions,
+    Trace,
+)
 from rosetta.decode.greedy import decode_rows
-from rosetta.model.interface import Seq2Seq
+from rosetta.model.interface import IncrementalDecoder, Seq2Seq
+
+# Below this temperature CTranslate2's float32 division could overflow to NaN; sampling
+# there draws the best token, which is what rosetta's sampling does (``tempered``)
+GREEDY_TEMPERATURE = 1e-30
+
+
+class SamplingOptions(SearchOptions):
+    """``kind: sampling``: draw each token from the model's distribution; ``nbest``
+    samples per input, in the order drawn, seeded by ``seed``."""
+
+    kind: Literal["sampling"] = "sampling"
+    nbest: int = Field(
+        1, ge=1, description="samples drawn per input", json_schema_extra={"work": True}
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="divide the logits by T: > 1 flatter, < 1 sharper"
+    )
+    top_k: int = Field(
+        0, ge=0, le=1_000_000, description="sample among the K likeliest tokens; 0 = all"
+    )
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="sample among the likeliest tokens holding probability P"
+    )
+    seed: int = Field(
+        1, ge=0, le=2**32 - 1, description="random seed of the samples (same seed, same output)"
+    )
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -56,9 +93,9 @@ def sample(
     model: Seq2Seq,
     src: torch.Tensor,
     generator: torch.Generator | None = None,
-    temperature: float = DEFAULTS.temperature,
-    top_k: int = DEFAULTS.top_k,
-    top_p: float = DEFAULTS.top_p,
+    temperature: float = SamplingOptions().temperature,
+    top_k: int = SamplingOptions().top_k,
+    top_p: float = SamplingOptions().top_p,
     lengths: Lengths = DEFAULT_LENGTHS,
 ) -> list[Hypothesis]:
     """Draws one translation per source row.
@@ -76,3 +113,52 @@ def sample(
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return decode_rows(model, src, draw, lengths, True)
+
+
+class SamplingSearch(Search):
+    in_ctranslate2 = True
+    random = True
+    Options = SamplingOptions
+    needs = IncrementalDecoder
+    options: SamplingOptions
+
+    @property
+    def seed(self) -> int:
+        return self.options.seed
+
+    def run(
+        self,
+        model: Any,
+        src: torch.Tensor,
+        lengths: Lengths,
+        *,
+        scores: bool = True,
+        trace: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[Found]:
+        opts, n = self.options, self.options.nbest
+        # n samples per source: its row repeated n times
+        drawn = sample(
+            model, src.repeat_interleave(n, dim=0), generator,
+            opts.temperature, opts.top_k, opts.top_p, lengths,
+        )  # fmt: skip
+        return [
+            Found(drawn[k : k + n], Trace.left_to_right(drawn[k].tokens) if trace else None)
+            for k in range(0, len(drawn), n)
+        ]
+
+    def ctranslate2(self, vocab_size: int) -> dict[str, Any]:
+        """CTranslate2's random sampling (beam 1), as rosetta's sampling reads the
+        options: a ``top_k`` over the vocabulary keeps every token (CTranslate2
+        refuses it), and a temperature under ``GREEDY_TEMPERATURE`` draws the best
+        token (``top_k`` 1), which is what sampling at such a temperature does."""
+        opts = self.options
+        top_k = 1 if opts.temperature < GREEDY_TEMPERATURE else min(opts.top_k, vocab_size)
+        return {
+            "beam_size": 1,
+            "num_hypotheses": opts.nbest,
+            "length_penalty": 0.0,
+            "sampling_topk": top_k,
+            "sampling_topp": opts.top_p,
+            "sampling_temperature": max(opts.temperature, GREEDY_TEMPERATURE),
+        }

@@ -1,9 +1,11 @@
 """Text in, text out: clean, tokenise, split what is too long, search, detokenise.
 
 ``Translator`` is the Python API and what every engine shares: rosetta's own
-search (``TorchTranslator`` below) and CTranslate2 (``rosetta.export.ctranslate2``)
+search (``TorchTranslator`` below) and CTranslate2 (``rosetta.decode.ctranslate2``)
 differ only in ``engine_search``, which turns id sequences of at most
-``max_source_len`` subwords into hypotheses. Around it, and the same for both:
+``max_source_len`` subwords into hypotheses, and in the searches they can run.
+The search itself is a ``rosetta.decode.common.Search`` chosen by
+``rosetta.decode.search.configure``. Around it, and the same for both:
 
 - every line goes through ``rosetta.data.text.clean_line``; a blank line gives
   one empty hypothesis of log-probability 0, so N lines in give N results out;
@@ -23,9 +25,8 @@ from __future__ import annotations
 import copy
 import re
 import threading
-import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from rosetta.config import ConfigError, DecodeConfig
+from rosetta.config import DecodeConfig
 from rosetta.data.batching import make_batches
 from rosetta.data.text import clean_line, one_line
 from rosetta.data.tokenizer import PAD_ID, Tokenizer
-from rosetta.decode.beam import beam_search
-from rosetta.decode.common import Hypothesis, Lengths
-from rosetta.decode.greedy import greedy_search
-from rosetta.decode.mask_predict import mask_predict
-from rosetta.decode.sampling import sample
-from rosetta.model.interface import IncrementalDecoder, Seq2Seq
-from rosetta.model.linear import as_plain_linear
+from rosetta.decode.common import Found, Hypothesis, Lengths, Search, Trace
+from rosetta.decode.search import configure, option_fields, runnable
+from rosetta.model.interface import Seq2Seq
+from rosetta.model.quantize import quantize_int8
+from rosetta.modeldir import load_model_dir
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,7 @@ class Translation:
 
     source: str
     hypotheses: list[tuple[str, Hypothesis]] = field(default_factory=list)
+    trace: Trace | None = None  # what the search did for the best one, when asked for
 
     @property
     def text(self) -> str:
@@ -135,76 +135,50 @@ def join_hypotheses(parts: list[list[Hypothesis]]) -> list[Hypothesis]:
     ]
 
 
-# The options each search reads; the batching, length and device options of
-# ``DecodeConfig`` are read by all. An option given for a search that does not read it
-# is an error (``check_search_options``), never silently ignored.
-SEARCH_OPTIONS = {
-    "greedy": {"beam", "nbest", "length_penalty"},  # beam search of size 1
-    "beam": {"beam", "nbest", "length_penalty"},
-    "sampling": {"sampling", "nbest", "temperature", "top_k", "top_p", "seed"},
-    "mask-predict": {"iterations", "length_beam", "nbest"},
-}
-_EVERY_SEARCH = {"max_len_a", "max_len_b", "max_tokens", "batch_size", "scores", "device"}
-
-
-def search_kind(options: DecodeConfig, autoregressive: bool) -> str:
-    """The search ``options`` select for a model (mask-predict for a model that fills
-    in every position at once)."""
-    if not autoregressive:
-        return "mask-predict"
-    if options.sampling:
-        return "sampling"
-    return "greedy" if options.beam == 1 and options.nbest == 1 else "beam"
-
-
-def check_search_options(
-    options: DecodeConfig, given: dict[str, Any], autoregressive: bool
-) -> None:
-    """Raises ``ConfigError`` naming every option in ``given`` (a caller's explicit
-    choices; None and ``sampling=False`` mean "not given") that the selected search
-    would ignore, and an n-best the search cannot return."""
-    kind = search_kind(options, autoregressive)
-    if not autoregressive and options.sampling:
-        raise ConfigError("a non-autoregressive model searches by mask-predict: it cannot sample")
-    ignored = [
-        name
-        for name, value in given.items()
-        if value is not None
-        and not (name == "sampling" and value is False)
-        and name not in SEARCH_OPTIONS[kind] | _EVERY_SEARCH
-    ]
-    if ignored:
-        raise ConfigError(
-            f"{kind} search does not use {', '.join(ignored)} (it reads "
-            f"{', '.join(sorted(SEARCH_OPTIONS[kind]))})"
-        )
-    if kind in ("greedy", "beam") and options.nbest > options.beam:
-        raise ConfigError(
-            f"nbest ({options.nbest}) cannot exceed the beam size ({options.beam}) unless sampling"
-        )
-    if kind == "mask-predict" and options.nbest > options.length_beam:
-        raise ConfigError(
-            f"nbest ({options.nbest}) cannot exceed length_beam ({options.length_beam}): "
-            "mask-predict returns one hypothesis per target length tried"
-        )
-
-
 class Translator(ABC):
     """Raw sentences to translations: the Python API, the same for every engine.
 
     ``Translator.load(model_dir, engine=...)`` gives rosetta's own PyTorch search
     (``TorchTranslator``) or CTranslate2 on an exported model
-    (``rosetta.export.ctranslate2.CTranslate2Translator``); an engine implements
-    only ``engine_search``. A translator may be shared by threads: its calls run
-    one at a time (a lock), each using the whole machine.
+    (``rosetta.decode.ctranslate2.CTranslate2Translator``); an engine implements
+    ``engine_search`` and ``searches``. ``search`` is the ``Search`` that runs
+    (``options.search`` states it). A translator may be shared by threads: its
+    calls run one at a time (a lock), each using the whole machine.
     """
 
-    def __init__(self, tokenizer: Tokenizer, options: DecodeConfig, max_source_len: int) -> None:
-        """``max_source_len``: the longest source, in subwords, the engine accepts."""
+    def __init__(
+        self, tokenizer: Tokenizer, options: DecodeConfig, max_source_len: int, **given: Any
+    ) -> None:
+        """``max_source_len``: the longest source, in subwords, the engine accepts;
+        ``given``: settings over ``options``, as ``with_options`` takes them."""
         self.tokenizer = tokenizer
-        self.options = options
         self.max_source_len = max_source_len
         self._lock = threading.Lock()
+        self.options, self.search = self._settings(options, given)
+
+    def _settings(
+        self, options: DecodeConfig, given: dict[str, Any]
+    ) -> tuple[DecodeConfig, Search]:
+        """``options`` with a caller's choices (``with_options``), and its search."""
+        shared = set(DecodeConfig.model_fields) - {"search"}
+        search = configure(
+            options.search,
+            {k: v for k, v in given.items() if k not in shared},
+            self.searches,
+            self.describe(),
+        )
+        common = {k: v for k, v in given.items() if k in shared}
+        options = options.with_overrides(**common).model_copy(update={"search": search.describe()})
+        return options, search
+
+    @property
+    @abstractmethod
+    def searches(self) -> Sequence[type[Search]]:
+        """The searches this engine can run on its model, the default first."""
+
+    def describe(self) -> str:
+        """The engine and model, as errors name them."""
+        return "this model"
 
     @staticmethod
     def load(
@@ -221,7 +195,8 @@ class Translator(ABC):
         if engine == "torch":
             return TorchTranslator.from_model_dir(model_dir, device, quantize, **search)
         if engine == "ctranslate2":
-            from rosetta.export.ctranslate2 import CTranslate2Translator
+            # CTranslate2 is an optional dependency: imported only when asked for
+            from rosetta.decode.ctranslate2 import CTranslate2Translator
 
             if quantize not in (None, "none"):
                 raise ValueError(
@@ -232,18 +207,19 @@ class Translator(ABC):
         raise ValueError(f"unknown engine {engine!r}: expected torch or ctranslate2")
 
     @abstractmethod
-    def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+    def engine_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
         """The engine's search on non-empty sources of at most ``max_source_len`` ids:
-        ``options.nbest`` hypotheses per source, best first, in input order."""
+        ``search.nbest`` hypotheses per source, best first, in input order; with
+        ``trace``, each with its ``Trace`` (an engine that cannot says so)."""
 
-    def search_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+    def search_ids(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
         """Runs the configured search on id sequences of any length, in input order.
 
         An empty source gives one empty hypothesis of log-probability 0; a source
         over ``max_source_len`` is split (``split_source``) and its parts'
-        hypotheses joined (``join_hypotheses``).
+        hypotheses joined (``join_hypotheses``), without a trace.
         """
-        results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sources]
+        results = [Found([Hypothesis([], 0.0, 0.0)]) for _ in sources]
         segments: list[list[int]] = []
         spans: dict[int, range] = {}  # source index -> its segments
         for index, ids in enumerate(sources):
@@ -253,26 +229,35 @@ class Translator(ABC):
             parts = split_source(list(ids), pieces, self.max_source_len)
             spans[index] = range(len(segments), len(segments) + len(parts))
             segments += parts
-        found = self.engine_search(segments) if segments else []
+        found = self.engine_search(segments, trace) if segments else []
         for index, span in spans.items():
-            results[index] = join_hypotheses(found[span.start : span.stop])
+            parts = found[span.start : span.stop]
+            if len(parts) == 1:
+                results[index] = parts[0]
+            else:
+                results[index] = Found(join_hypotheses([part.hypotheses for part in parts]))
         return results
 
-    autoregressive = True  # whether the engine's model writes left to right
+    def settings(self) -> dict[str, Any]:
+        """Every setting in one flat mapping, as responses show it: the search's
+        (``kind`` and its options) and the others of ``options``."""
+        return {**self.options.model_dump(exclude={"search"}), **self.search.describe()}
 
     @property
     def search_options(self) -> list[str]:
-        """The options some search of this model reads (what a caller may set)."""
-        kinds = ["greedy", "beam", "sampling"] if self.autoregressive else ["mask-predict"]
-        return sorted(set().union(*(SEARCH_OPTIONS[kind] for kind in kinds)))
+        """The options some search of this engine and model reads (what a caller may
+        set, with ``search``, the kind)."""
+        return sorted(option_fields(self.searches))
 
-    def with_options(self, **search: Any) -> Translator:
-        """The same engine and model with other search settings (``beam=4``, ...; None
-        keeps one): a shallow copy, sharing the model, its memory and the lock. An
-        option the selected search would ignore is a ``ConfigError`` naming it."""
+    def with_options(self, **given: Any) -> Translator:
+        """The same engine and model with other settings: ``search="sampling"`` (a
+        kind), any search option (``beam=4``, ``temperature=0.5``, ...; None keeps
+        one; see ``rosetta.decode.search.configure``) and the ``decode`` keys every
+        search reads (``batch_size``, ``scores``, ...). A shallow copy, sharing the
+        model, its memory and the lock. An option the chosen search would ignore is
+        a ``ConfigError`` naming it."""
         configured = copy.copy(self)
-        configured.options = self.options.with_overrides(**search)
-        check_search_options(configured.options, search, self.autoregressive)
+        configured.options, configured.search = self._settings(self.options, given)
         return configured
 
     def encode(self, sentences: list[str]) -> list[Source]:
@@ -283,16 +268,19 @@ class Translator(ABC):
             Source(text, ids) for text, ids in zip(cleaned, self.tokenizer.encode_source(cleaned))
         ]
 
-    def translate_encoded(self, sources: list[Source]) -> list[Translation]:
-        """Translates encoded sentences: one ``Translation`` per source, each text one line."""
+    def translate_encoded(self, sources: list[Source], trace: bool = False) -> list[Translation]:
+        """Translates encoded sentences: one ``Translation`` per source, each text one
+        line; ``trace`` asks for what the search did (``Translation.trace``)."""
         with self._lock:
-            found = self.search_ids([source.ids for source in sources])
-        return [self.translation(source, hyps) for source, hyps in zip(sources, found)]
+            found = self.search_ids([source.ids for source in sources], trace)
+        return [self.translation(source, result) for source, result in zip(sources, found)]
 
-    def translation(self, source: Source, hypotheses: list[Hypothesis]) -> Translation:
-        """The ``Translation`` of ``source`` from its hypotheses (detokenised, one line each)."""
+    def translation(self, source: Source, found: Found) -> Translation:
+        """The ``Translation`` of ``source`` from its search result (detokenised, one
+        line each)."""
         detokenise = self.tokenizer.decode_target
-        return Translation(source.text, [(one_line(detokenise(h.tokens)), h) for h in hypotheses])
+        hypotheses = [(one_line(detokenise(h.tokens)), h) for h in found.hypotheses]
+        return Translation(source.text, hypotheses, found.trace)
 
     def translate(self, sentences: list[str]) -> list[Translation]:
         """Translates raw sentences: one ``Translation`` per sentence, each text one line."""
@@ -312,9 +300,12 @@ class Translator(ABC):
 
 
 class TorchTranslator(Translator):
-    """rosetta's own search (greedy, beam or sampling) on a PyTorch model."""
+    """rosetta's own search on a PyTorch model: every search the model can run."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, options: DecodeConfig) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Tokenizer, options: DecodeConfig, **given: Any
+    ) -> None:
+        """``given``: settings over ``options`` (``beam=4``, ...: ``with_options``)."""
         # eval mode with the CPU inference layouts made once (a dynamically quantized
         # model has no rosetta ``Linear`` left to prepare: it is put in eval mode)
         if isinstance(model, Seq2Seq):
@@ -322,8 +313,15 @@ class TorchTranslator(Translator):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         max_positions = getattr(getattr(model, "cfg", None), "max_positions", 1024)
-        super().__init__(tokenizer, options, max_positions - 1)
-        self.autoregressive = isinstance(model, IncrementalDecoder)
+        super().__init__(tokenizer, options, max_positions - 1, **given)
+
+    @property
+    def searches(self) -> list[type[Search]]:
+        return runnable(self.model)
+
+    def describe(self) -> str:
+        arch = getattr(getattr(self.model, "cfg", None), "arch", type(self.model).__name__)
+        return f"this model (model.arch {arch})"
 
     @classmethod
     def from_model_dir(
@@ -332,53 +330,25 @@ class TorchTranslator(Translator):
         """Loads a model directory; ``quantize="int8"`` applies PyTorch's dynamic int8
         quantization to every linear layer (CPU only; weights int8, activations
         quantized on the fly)."""
-        from rosetta.modeldir import load_model_dir
-
         config, tokenizer, model = load_model_dir(directory, device)
         if quantize == "int8":
-            if next(model.parameters()).device.type != "cpu":
-                raise ValueError("dynamic int8 quantization runs on the CPU only")
-            with warnings.catch_warnings():
-                # PyTorch 2.13 announces the removal of quantized tensors (torchao takes
-                # over); the API still works, so keep the user's terminal clean
-                warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-                model = torch.ao.quantization.quantize_dynamic(
-                    as_plain_linear(model), {torch.nn.Linear}, dtype=torch.qint8
-                )
+            model = quantize_int8(model)
         elif quantize not in (None, "none"):
             raise ValueError(f"unknown quantization {quantize!r}: expected int8")
-        return cls(model, tokenizer, config.decode).with_options(**search)
+        return cls(model, tokenizer, config.decode, **search)
 
-    def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+    def engine_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
         opts = self.options
-        results: list[list[Hypothesis]] = [[] for _ in sources]
+        results: list[Found] = [Found([]) for _ in sources]
         sizes = np.array([len(s) for s in sources])
-        generator = torch.Generator(device=self.device).manual_seed(opts.seed)
+        seed = self.search.seed  # one generator per call: the same call, the same output
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         lengths = Lengths.of(opts, self.max_source_len)
         for rows in make_batches(sizes, sizes, opts.max_tokens, max_sentences=opts.batch_size):
             src = pad_batch([sources[i] for i in rows], self.device)
-            if not self.autoregressive:  # fills in all at once
-                found = mask_predict(
-                    self.model, src, opts.iterations, opts.length_beam, opts.nbest, lengths
-                )
-            elif opts.sampling:  # nbest samples per source: its row repeated nbest times
-                drawn = sample(
-                    self.model,
-                    src.repeat_interleave(opts.nbest, dim=0),
-                    generator,
-                    opts.temperature,
-                    opts.top_k,
-                    opts.top_p,
-                    lengths,
-                )
-                found = [drawn[k : k + opts.nbest] for k in range(0, len(drawn), opts.nbest)]
-            elif opts.beam == 1 and opts.nbest == 1:
-                hyps = greedy_search(self.model, src, lengths, with_scores=opts.scores)
-                found = [[h] for h in hyps]
-            else:
-                found = beam_search(
-                    self.model, src, opts.beam, opts.length_penalty, opts.nbest, lengths
-                )
-            for row, hyps in zip(rows, found):
-                results[row] = hyps
+            found = self.search.run(
+                self.model, src, lengths, scores=opts.scores, trace=trace, generator=generator
+            )
+            for row, result in zip(rows, found):
+                results[row] = result
         return results

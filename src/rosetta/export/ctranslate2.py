@@ -1,4 +1,5 @@
-"""Export a rosetta Transformer to CTranslate2, and translate with it.
+"""Export a rosetta Transformer to CTranslate2 (translating with the export is
+``rosetta.decode.ctranslate2``'s).
 
 The conversion goes through CTranslate2's own Python specifications
 (``ctranslate2.specs.TransformerSpec``): every weight of rosetta's modules is
@@ -16,35 +17,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from rosetta.config import DecodeConfig, load_config
-from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
-from rosetta.decode.common import Hypothesis
-from rosetta.decode.translator import Translator, check_search_options
-from rosetta.device import resolve_device
+from rosetta.data.tokenizer import SPECIAL_PIECES, Tokenizer
+from rosetta.decode.ctranslate2 import CTranslate2Translator, ctranslate2_module
 from rosetta.model.attention import CrossAttention, MultiHeadAttention, SelfAttention
 from rosetta.model.transformer import Transformer
-from rosetta.modeldir import CONFIG, load_model_dir, verify_checksums, write_metadata
+from rosetta.modeldir import CONFIG, load_model_dir, write_metadata
 from rosetta.safeio import replace_directory
-
-# below it, logits / temperature can pass float32's largest value in CTranslate2
-# (NaN probabilities from 1e-39 on a toy model); a logit would have to be over
-# 3e8 to overflow at this one
-GREEDY_TEMPERATURE = 1e-30
-
-
-def _ctranslate2():
-    try:
-        import ctranslate2
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "CTranslate2 is not installed: pip install 'rosetta-nmt[export]'"
-        ) from error
-    return ctranslate2
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -95,7 +77,7 @@ def check_representable(model: torch.nn.Module) -> None:
 
 def build_spec(model: Transformer, tokenizer: Tokenizer):
     """The ``TransformerSpec`` holding ``model``'s weights and vocabularies."""
-    _ctranslate2()  # a clear error if it is missing
+    ctranslate2_module()  # a clear error if it is missing
     from ctranslate2.specs import common_spec, transformer_spec
 
     check_representable(model)
@@ -164,136 +146,4 @@ def export_ctranslate2(
     return output_dir
 
 
-class CTranslate2Translator(Translator):
-    """The same ``translate`` as ``rosetta.decode.translator.TorchTranslator``, run by
-    CTranslate2 (``Translator.load(..., engine="ctranslate2")``).
-
-    Everything around the search (cleaning, long inputs, n-best assembly,
-    streaming, the lock) is ``Translator``'s, shared with rosetta's own engine. Within
-    the search, as rosetta does: <bos> and <pad> can never be produced; sampling
-    draws with beam 1 (CTranslate2's random sampling), ``nbest`` samples per
-    input, seeded once per translator by ``options.seed``. Each hypothesis's
-    ``log_prob`` (with ``options.scores``) is CTranslate2's own scoring of it:
-    the total log-probability with <eos>, as rosetta reports. Differences: beam
-    search ranks by log-probability / length ** length_penalty rather than the
-    GNMT penalty, and ``score`` is that normalised value. The length limit is one
-    number per call, so sentences go to it in groups of equal length budget
-    (``max_len_a * source length + max_len_b``), as rosetta's search gives each
-    sentence its own: an output that runs to the limit ends where rosetta's does.
-    """
-
-    def __init__(
-        self,
-        export_dir: str | Path,
-        options: DecodeConfig | None = None,
-        device: str = "cpu",
-        threads: int = 0,
-    ) -> None:
-        """``options``: the search settings (default: the export's ``decode`` section);
-        ``device``: cpu, cuda or cuda:N."""
-        ct2 = _ctranslate2()
-        export_dir = Path(export_dir)
-        if not (export_dir / "model.bin").exists():
-            raise FileNotFoundError(
-                f"{export_dir} is not a CTranslate2 export (run `rosetta export` first)"
-            )
-        verify_checksums(export_dir)
-        self.config = load_config(export_dir / CONFIG)
-        options = options if options is not None else self.config.decode
-        tokenizer = Tokenizer.load(export_dir)
-        super().__init__(tokenizer, options, self.config.model.max_positions - 1)
-        # CTranslate2's sampling generators are seeded when its worker threads start
-        ct2.set_random_seed(options.seed)
-        kind, _, index = device.partition(":")
-        self.engine = ct2.Translator(
-            str(export_dir),
-            device=kind,
-            device_index=int(index or 0),
-            inter_threads=1,
-            intra_threads=threads or torch.get_num_threads(),
-        )
-
-    @classmethod
-    def from_export(
-        cls, export_dir: str | Path, device: str | None = None, **search: Any
-    ) -> CTranslate2Translator:
-        """An export with its own ``decode`` settings, overridden by ``search``, on
-        ``device`` (None: the export's ``decode.device``)."""
-        config = load_config(Path(export_dir) / CONFIG)
-        place = resolve_device(device or config.decode.device)
-        name = place.type if place.index is None else f"{place.type}:{place.index}"
-        options = config.decode.with_overrides(**search)
-        check_search_options(options, search, autoregressive=True)
-        return cls(export_dir, options, name)
-
-    def engine_search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
-        opts = self.options
-        limit = self.max_source_len
-        pieces = [self.tokenizer.source_pieces(ids) for ids in sources]
-        # rosetta's budget counts the <eos>; CTranslate2's limit counts tokens before it
-        groups: dict[int, list[int]] = {}
-        for k, p in enumerate(pieces):
-            budget = min(int(len(p) * opts.max_len_a + opts.max_len_b), limit) - 1
-            groups.setdefault(max(budget, 1), []).append(k)
-        found: list = [None] * len(pieces)
-        for budget, members in groups.items():
-            outputs = self.engine.translate_batch(
-                [pieces[k] for k in members],
-                beam_size=1 if opts.sampling else opts.beam,
-                num_hypotheses=opts.nbest,
-                length_penalty=0.0 if opts.sampling or opts.beam == 1 else opts.length_penalty,
-                max_decoding_length=budget,
-                max_input_length=0,  # sources are within the limit already; never cut
-                max_batch_size=opts.batch_size,
-                batch_type="examples",
-                return_scores=True,
-                suppress_sequences=[[SPECIAL_PIECES[BOS_ID]], [SPECIAL_PIECES[PAD_ID]]],
-                **self.sampling_options(),
-            )
-            for k, output in zip(members, outputs):
-                found[k] = output
-        target = self.tokenizer.target
-        results = [
-            [
-                Hypothesis([target.piece_to_id(p) for p in tokens], float(score), float("nan"))
-                for tokens, score in zip(output.hypotheses, output.scores)
-            ]
-            for output in found
-        ]
-        if opts.scores:
-            self._score(pieces, results, [output.hypotheses for output in found])
-        return results
-
-    def sampling_options(self) -> dict[str, Any]:
-        """CTranslate2's sampling arguments for ``options``, as rosetta's sampling reads
-        them: a ``top_k`` over the vocabulary keeps every token (CTranslate2 refuses
-        it), and a temperature under ``GREEDY_TEMPERATURE``, whose float32 division
-        could overflow to NaN there, draws the best token, which is what sampling
-        at such a temperature does (``rosetta.decode.sampling.tempered``)."""
-        opts = self.options
-        if not opts.sampling:
-            return {"sampling_topk": 1, "sampling_topp": 1.0, "sampling_temperature": 1.0}
-        top_k = min(opts.top_k, self.tokenizer.tgt_vocab_size)
-        if opts.temperature < GREEDY_TEMPERATURE:
-            top_k = 1
-        return {
-            "sampling_topk": top_k,
-            "sampling_topp": opts.top_p,
-            "sampling_temperature": max(opts.temperature, GREEDY_TEMPERATURE),
-        }
-
-    def _score(
-        self, pieces: list[list[str]], results: list[list[Hypothesis]], outputs: list
-    ) -> None:
-        """Sets each hypothesis's ``log_prob`` to its total log-probability with <eos>.
-
-        CTranslate2's search score leaves out the <eos> of an output cut at the
-        length limit and is divided by length ** length_penalty in beam search;
-        scoring the output again gives exactly rosetta's quantity.
-        """
-        sources = [p for p, hyps in zip(pieces, outputs) for _ in hyps]
-        targets = [tokens for hyps in outputs for tokens in hyps]
-        scored = iter(self.engine.score_batch(sources, targets, max_input_length=0))
-        for hyps in results:
-            for hypothesis in hyps:
-                hypothesis.log_prob = float(sum(next(scored).log_probs))
+__all__ = ["CTranslate2Translator", "build_spec", "check_representable", "export_ctranslate2"]

@@ -42,6 +42,19 @@ class Block(nn.Module):
         super().__delattr__(name)
 
 
+def resync_blocks(model: nn.Module) -> nn.Module:
+    """Points every ``Block``'s instance-dict copies at its registered submodules
+    again. A tool that swaps submodules in ``_modules`` directly, bypassing
+    ``__setattr__`` (PyTorch's ``quantize_dynamic`` does), would otherwise leave
+    the model calling the modules it replaced."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            for name, child in module._modules.items():
+                if name in module.__dict__:
+                    object.__setattr__(module, name, child)
+    return model
+
+
 class FeedForward(Block):
     """Position-wise FFN: Linear(d_model, d_ff) -> ReLU/GELU -> dropout -> Linear(d_ff, d_model).
 

@@ -195,7 +195,7 @@ def create_app(service: TranslationService) -> FastAPI:
         """Translates one text or a list; optionally with attention and the search."""
         job = service.submit(body)
         translations = await result_of(request, job)
-        search = job.payload.translator.options.model_dump()
+        search = job.payload.translator.settings()
         return await json_response(
             {"translations": translations, "engine": service.engine, "search": search}
         )
@@ -259,14 +259,10 @@ def create_app(service: TranslationService) -> FastAPI:
             )
         if body.format != "text":
             raise RequestError(400, "only format text is supported")
-        nbest = 1 + body.alternatives
-        beam = max(min(service.translator.options.beam, config.max_beam), nbest)
-        if beam > config.max_beam:
-            raise RequestError(
-                400, f"{body.alternatives} alternatives need a beam over max_beam "
-                f"({config.max_beam})", "max_beam", config.max_beam,
-            )  # fmt: skip
-        request_body = TranslateRequest(text=body.q, beam=beam, nbest=nbest, scores=False)
+        # the model's search, asked for 1 + alternatives hypotheses (a beam over
+        # max_beam is refused by the service, as a 400 here)
+        wanted = service.translator.search.for_hypotheses(1 + body.alternatives)
+        request_body = TranslateRequest(text=body.q, scores=False, **wanted)
         try:
             job = service.submit(request_body)
         except RequestError as error:  # LibreTranslate's code for an invalid request

@@ -61,17 +61,17 @@ def attention_size(
 def search_size(
     source_lengths: Sequence[int],
     candidates: int,
-    tree_beam: int,
+    tree_width: int,
     options: DecodeConfig,
     limit: int,
 ) -> int:
     """The most search items a request can get back: for each non-empty source,
-    ``candidates`` per output piece and, with ``tree_beam`` > 0 (a traced beam
-    search), the root and ``2 * tree_beam`` nodes per step."""
+    ``candidates`` per output piece and, with ``tree_width`` > 0 (a traced search
+    with a tree, ``Search.tree_width``), the root and ``tree_width`` nodes per step."""
     total = 0
     for length in source_lengths:
         if length == 0:
             continue
         rows = longest_output(length, options, limit)
-        total += candidates * rows + (1 + 2 * tree_beam * rows if tree_beam else 0)
+        total += candidates * rows + (1 + tree_width * rows if tree_width else 0)
     return total

@@ -11,9 +11,13 @@ checked by the service, which names the setting in its error.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
+
+from rosetta.decode.sampling import SamplingOptions
+from rosetta.decode.search import KINDS, option_fields
 
 AttentionKind = Literal["cross", "encoder_self", "decoder_self"]
 
@@ -24,24 +28,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-class Sampling(Strict):
-    """Draw the output instead of searching: ``nbest`` samples per text."""
-
-    temperature: float = Field(1.0, gt=0.0, le=100.0)
-    top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = Field(1, ge=0, le=2**32 - 1)
+def _optional(info: FieldInfo) -> tuple[Any, FieldInfo]:
+    """A search option as a request field: its type and bounds, None by default
+    (the model's setting)."""
+    return info.annotation | None, FieldInfo.merge_field_infos(info, default=None)
 
 
-class TranslateRequest(Strict):
-    """``POST /v1/translate``. Search settings left out keep the model's defaults
-    (``GET /v1/model`` lists them)."""
+# The search options are the searches' own (``rosetta.decode.search``), not listed here
+Sampling = create_model(
+    "Sampling",
+    __base__=Strict,
+    __doc__="Draw the output instead of searching (the same as ``search: sampling``).",
+    **{
+        name: (info.annotation, info)
+        for name, info in SamplingOptions.model_fields.items()
+        if name not in ("kind", "nbest")
+    },
+)
+
+
+class Request(Strict):
+    """What ``POST /v1/translate`` takes besides the search options."""
 
     text: str | list[str] = Field(description="one text, or a list (one translation each)")
-    beam: int | None = Field(None, ge=1, description="beam size; 1 = greedy search")
-    nbest: int | None = Field(None, ge=1, description="hypotheses per text (<= beam)")
-    length_penalty: float | None = Field(None, ge=0.0, le=10.0, description="GNMT alpha")
-    sampling: Sampling | None = None
+    search: Literal[tuple(KINDS)] | None = Field(  # type: ignore[valid-type]
+        None, description="the search; left out: the model's, or the one the options given need"
+    )
+    sampling: Sampling | None = None  # type: ignore[valid-type]
     scores: bool = Field(True, description="each hypothesis's log-probability")
     return_attention: bool = False
     attention_kinds: list[AttentionKind] = Field(default_factory=lambda: ["cross"], max_length=3)
@@ -49,6 +62,15 @@ class TranslateRequest(Strict):
         False, description="top-k candidates per position and, for beam search, the tree"
     )
     candidates: int = Field(5, ge=1, le=20, description="k of the top-k candidates")
+
+
+TranslateRequest = create_model(
+    "TranslateRequest",
+    __base__=Request,
+    __doc__="``POST /v1/translate``. Search settings left out keep the model's defaults "
+    "(``GET /v1/model`` lists them); the options are those of rosetta's searches.",
+    **{name: _optional(info) for name, info in option_fields().items()},
+)
 
 
 class Hypothesis(BaseModel):

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from rosetta.config import ConfigError, ServeConfig, load_config
-from rosetta.decode.explain import Pieces, attention_weights, candidates, traced_beam_search
+from rosetta.decode.explain import Pieces, attention_weights, candidates, tree
+from rosetta.decode.search import option_fields
 from rosetta.decode.translator import Source, TorchTranslator, Translation, Translator
 from rosetta.modeldir import CONFIG, read_metadata
 from rosetta.serve.batcher import Batcher, Job, ModelThread, QueueFull
@@ -174,7 +175,8 @@ class TranslationService:
             "max_source_pieces": self.translator.max_source_len,
             "training": {key: self.metadata.get(key) for key in ("steps", "weights")},
             "validation": self.metadata.get("validation"),
-            "search": self.translator.options.model_dump(),
+            "search": self.translator.settings(),
+            "searches": [search.kind() for search in self.translator.searches],
             "search_options": self.translator.search_options,  # the others are refused
             "limits": self.config.model_dump(),
             "features": {
@@ -207,23 +209,21 @@ class TranslationService:
                 ) from None
 
     def configured(self, request: TranslateRequest) -> Translator:
-        """The translator with the request's search settings (422 when they conflict)."""
+        """The translator with the request's search settings (422 when they conflict,
+        or when an option that multiplies the work is over ``max_beam``)."""
         limit = self.config.max_beam
-        for name in ("beam", "nbest"):
+        fields = option_fields()
+        for name, info in fields.items():
             value = getattr(request, name)
-            if value is not None and value > limit:
+            work = isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("work")
+            if work and value is not None and value > limit:
                 raise RequestError(
                     422, f"{name} {value} is over max_beam {limit}", "max_beam", limit
                 )
-        search: dict[str, Any] = {
-            "beam": request.beam,
-            "nbest": request.nbest,
-            "length_penalty": request.length_penalty,
-            "scores": request.scores,
-            "sampling": request.sampling is not None,
-        }
-        if request.sampling is not None:
-            search |= request.sampling.model_dump()
+        search: dict[str, Any] = {name: getattr(request, name) for name in fields}
+        search |= {"search": request.search, "scores": request.scores}
+        if request.sampling is not None:  # the same as search: sampling, with its options
+            search |= {"sampling": True, **request.sampling.model_dump()}
         try:
             return self.translator.with_options(**search)
         except ConfigError as error:
@@ -250,10 +250,8 @@ class TranslationService:
                         422, f"text {index} has {len(source.ids)} subwords; attention and the "
                         f"search are shown for at most {limit}", "max_source_pieces", limit,
                     )  # fmt: skip
-        options = translator.options
-        # only a left-to-right beam search has a tree (return_search implies torch)
-        tree = request.return_search and options.beam > 1 and not options.sampling
-        tree = tree and translator.autoregressive
+        # return_search implies torch; only some searches have a tree (beam search)
+        tree = request.return_search and translator.search.has_tree
         work = Work(
             translator,
             sources,
@@ -263,7 +261,7 @@ class TranslationService:
         )
         if explain:
             self.check_explained(work)
-        key = (options.model_dump_json(), tree)
+        key = (translator.options.model_dump_json(), explain)
         size = max(1, sum(len(source.ids) for source in sources))
         try:
             return self.batcher.submit(key, size, work)
@@ -291,47 +289,36 @@ class TranslationService:
                 f"max_attention_weights ({limit:,}): ask for fewer texts or kinds, or "
                 "shorter texts", "max_attention_weights", limit,
             )  # fmt: skip
-        beam = translator.options.beam if work.tree else 0
-        items = search_size(lengths, work.candidates, beam, *bound)
+        width = translator.search.tree_width() if work.tree else 0
+        items = search_size(lengths, work.candidates, width, *bound)
         if items > limits.max_search_items:
             limit = limits.max_search_items
             raise RequestError(
                 413, f"the search view asked for ({texts}, {work.candidates} candidates"
-                f"{f', beam {beam}' if beam else ''}) could hold {items:,} candidates and "
-                f"tree nodes; at most max_search_items ({limit:,}): ask for fewer texts "
-                "or candidates, a smaller beam, or shorter texts", "max_search_items", limit,
+                f"{f', a tree of {width} nodes a step' if width else ''}) could hold "
+                f"{items:,} candidates and tree nodes; at most max_search_items ({limit:,}): "
+                "ask for fewer texts or candidates, a smaller beam, or shorter texts",
+                "max_search_items", limit,
             )  # fmt: skip
 
     # ---- the worker ---------------------------------------------------------------------
     def _process(self, group: list[Work]) -> list[list[dict[str, Any]]]:
-        """Decodes one group (same search settings) together; runs on the worker."""
+        """Decodes one group (same search settings) together; runs on the worker. A
+        group that explains keeps each search's trace (attention and the search
+        view are read from it, nothing is searched again)."""
         translator = group[0].translator
         sources = [source for work in group for source in work.sources]
-        trees: list[dict | None] = [None] * len(sources)
-        if group[0].tree:  # traced search, sentence by sentence
-            assert isinstance(translator, TorchTranslator)
-            translations = []
-            for index, source in enumerate(sources):
-                if not source.ids:
-                    translations += translator.translate_encoded([source])
-                    continue
-                hyps, trees[index] = traced_beam_search(translator, source.ids)
-                translations.append(translator.translation(source, hyps))
-        else:
-            translations = translator.translate_encoded(sources)
+        explain = any(work.attention or work.candidates for work in group)
+        translations = translator.translate_encoded(sources, trace=explain)
         release_memory()
         results, start = [], 0
         for work in group:
             span = range(start, start + len(work.sources))
             start = span.stop
-            results.append(
-                [self._result(work, translations[i], sources[i], trees[i]) for i in span]
-            )
+            results.append([self._result(work, translations[i], sources[i]) for i in span])
         return results
 
-    def _result(
-        self, work: Work, translation: Translation, source: Source, tree: dict | None
-    ) -> dict[str, Any]:
+    def _result(self, work: Work, translation: Translation, source: Source) -> dict[str, Any]:
         result: dict[str, Any] = {
             "source": translation.source,
             "text": translation.text,
@@ -346,10 +333,11 @@ class TranslationService:
             return result
         translator = work.translator
         assert isinstance(translator, TorchTranslator)
-        output = translation.hypotheses[0][1].tokens
-        pieces = Pieces.of(translator, source.ids, output)
+        trace = translation.trace
+        assert trace is not None  # an explaining group is traced
+        pieces = Pieces.of(translator, source.ids, trace)
         if work.attention:
-            weights = attention_weights(translator, source.ids, output, work.attention)
+            weights = attention_weights(translator, source.ids, trace, work.attention)
             result["attention"] = {
                 "source_pieces": pieces.source,
                 "target_pieces": pieces.produced,
@@ -357,17 +345,14 @@ class TranslationService:
                 **{kind: rounded(w) for kind, w in weights.items()},
             }
         if work.candidates:
-            top = candidates(translator, source.ids, output, work.candidates)
+            top = candidates(translator, source.ids, trace, work.candidates)
             pieces_of = translator.tokenizer.target_pieces
             shown = [
                 [{"piece": p, "prob": prob} for p, prob in zip(names, rounded([q for _, q in row]))]
                 for names, row in ((pieces_of([token for token, _ in row]), row) for row in top)
             ]
-            beam = None
-            if tree is not None:
-                options = translator.options
-                nodes = [_shown_node(node) for node in tree["nodes"]]
-                beam = {"size": options.beam, "length_penalty": options.length_penalty}
-                beam |= {"nodes": nodes, "chosen": tree["chosen"]}
-            result["search"] = {"candidates": shown, "beam": beam}
+            shown_tree = tree(translator, trace) if work.tree else None
+            if shown_tree is not None:
+                shown_tree["nodes"] = [_shown_node(node) for node in shown_tree["nodes"]]
+            result["search"] = {"candidates": shown, "beam": shown_tree}
         return result

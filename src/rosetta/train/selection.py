@@ -27,11 +27,12 @@ import torch
 from rosetta.config import ExperimentConfig
 from rosetta.data.prepare import TokenizedSplit, binding, load_split
 from rosetta.data.tokenizer import Tokenizer
+from rosetta.decode.search import configure, runnable, validation_search
 from rosetta.decode.translator import TorchTranslator
 from rosetta.evaluate.metrics import Score, bleu
+from rosetta.model import model_for
 from rosetta.modeldir import save_model_dir
 from rosetta.train import checkpoint
-from rosetta.train.average import average_checkpoints
 
 
 def validation_bleu(
@@ -41,20 +42,25 @@ def validation_bleu(
     config: ExperimentConfig,
     limit: int = 0,
 ) -> tuple[Score, list[str]]:
-    """Greedy BLEU on (the first ``limit`` pairs of) a split; returns score and outputs."""
-    options = config.decode.with_overrides(beam=1, nbest=1, sampling=False)
-    return _split_bleu(model, tokenizer, split, options, limit)
+    """BLEU of the validation search (greedy where the model can run it:
+    ``rosetta.decode.search.validation_search``) on (the first ``limit`` pairs of) a
+    split; returns score and outputs."""
+    search = validation_search(config.decode.search, model)
+    options = config.decode.model_copy(update={"search": search.describe()})
+    return _split_bleu(TorchTranslator(model, tokenizer, options), split, limit)
 
 
 def _split_bleu(
-    model: torch.nn.Module, tokenizer: Tokenizer, split: TokenizedSplit, options, limit: int = 0
+    translator: TorchTranslator, split: TokenizedSplit, limit: int = 0
 ) -> tuple[Score, list[str]]:
-    """BLEU of ``options``' search on (the first ``limit`` pairs of) a split, and outputs."""
+    """BLEU of ``translator``'s search on (the first ``limit`` pairs of) a split, and
+    the outputs."""
+    tokenizer = translator.tokenizer
     count = len(split) if limit <= 0 else min(limit, len(split))
     sources = [split.source(i).tolist() for i in range(count)]
     references = [tokenizer.decode_target(split.target(i).tolist()) for i in range(count)]
-    found = TorchTranslator(model, tokenizer, options).search_ids(sources)
-    hypotheses = [tokenizer.decode_target(h[0].tokens) for h in found]
+    found = translator.search_ids(sources)
+    hypotheses = [tokenizer.decode_target(result.hypotheses[0].tokens) for result in found]
     return bleu(hypotheses, references), hypotheses
 
 
@@ -74,18 +80,19 @@ def averaging_sizes(average_last: int) -> list[int]:
 def choose_length_penalty(
     model: torch.nn.Module, config: ExperimentConfig, grid: list[float], log=print
 ) -> tuple[float, dict[str, float]]:
-    """The GNMT alpha of ``grid`` whose beam search (``decode.beam``) scores the best
-    BLEU on the whole validation set, and every alpha's BLEU (ties: the first)."""
+    """The GNMT alpha of ``grid`` whose search (``decode.search``, one that reads a
+    ``length_penalty``: beam search) scores the best BLEU on the whole validation
+    set, and every alpha's BLEU (ties: the first)."""
     exp = config.experiment_dir
-    tokenizer = Tokenizer.load(exp / "tokenizer")
+    translator = TorchTranslator(model, Tokenizer.load(exp / "tokenizer"), config.decode)
     valid = load_split(config, "valid")
     sweep = {}
     for alpha in grid:
-        options = config.decode.with_overrides(length_penalty=alpha, nbest=1, sampling=False)
-        sweep[str(alpha)] = _split_bleu(model, tokenizer, valid, options)[0].score
+        tried = translator.with_options(length_penalty=alpha, **translator.search.for_hypotheses(1))
+        sweep[str(alpha)] = _split_bleu(tried, valid)[0].score
     best = max(grid, key=lambda a: sweep[str(a)])
-    tried = ", ".join(f"{a}: {b:.2f}" for a, b in sweep.items())
-    log(f"length penalty {best} (valid BLEU, beam {config.decode.beam}: {tried})")
+    scores = ", ".join(f"{a}: {b:.2f}" for a, b in sweep.items())
+    log(f"length penalty {best} (valid BLEU, {translator.search.describe()}: {scores})")
     return best, sweep
 
 
@@ -139,7 +146,7 @@ def select_weights(
     tried = [f"best checkpoint {top:.2f}"]
     for n in sizes:
         paths = steps[-n:]
-        model.load_state_dict(average_checkpoints(paths, bound_to))
+        model.load_state_dict(checkpoint.average_checkpoints(paths, bound_to))
         score = validation_bleu(model, tokenizer, valid, config, limit)[0]
         tried.append(f"last {n} averaged {score.score:.2f}")
         if score.score >= top:
@@ -179,10 +186,12 @@ def export_model_dir(
     chosen, validation = select_weights(config, model, history, steps, log)
     model.eval()
     grid = config.train.length_penalty_grid
-    if grid and model.autoregressive and config.decode.beam > 1:
+    search = configure(config.decode.search, None, runnable(model))
+    if grid and "length_penalty" in search.reads():
         alpha, sweep = choose_length_penalty(model, config, grid, log)
+        tuned = configure(search.describe(), {"length_penalty": alpha}, runnable(model))
         config = config.model_copy(
-            update={"decode": config.decode.with_overrides(length_penalty=alpha)}
+            update={"decode": config.decode.model_copy(update={"search": tuned.describe()})}
         )
         validation["length_penalty_valid_bleu"] = sweep
     metadata = {
@@ -204,8 +213,6 @@ def export_model_dir(
 def export_at_step(config: ExperimentConfig, step: int, dest: Path, log=print) -> Path:
     """The model directory a run of ``step`` updates would have written, made from the
     checkpoints of a longer run of ``config`` (whose ``last.pt`` holds the history)."""
-    from rosetta.model import model_for
-
     ckpt_dir = config.experiment_dir / "checkpoints"
     state = checkpoint.load(ckpt_dir / checkpoint.LAST, binding(config))
     model = model_for(config.model, Tokenizer.load(config.experiment_dir / "tokenizer"))
