@@ -46,6 +46,7 @@ from rosetta.decode.translator import pad_batch
 from rosetta.export.ctranslate2 import export_ctranslate2
 from rosetta.model import build_model
 from rosetta.modeldir import save_model_dir
+from rosetta.train.objectives import TeacherForcing
 
 VOCAB = 8000
 MAX_TOKENS = 4096
@@ -140,8 +141,10 @@ def marian_to_ctranslate2(model, directory: Path) -> Path:
 
 # ---- training ------------------------------------------------------------------------
 def rosetta_train_step(model, optimizer) -> Callable:
+    objective = TeacherForcing(0.1)
+
     def step(batch) -> None:
-        loss = model.training_loss(batch, 0.1)["loss"]
+        loss = objective.loss(model, batch, 0)["loss"]
         (loss / batch.num_tgt_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rosetta.data.tokenizer import PAD_ID
-from rosetta.train.loss import label_smoothed_nll
+from rosetta.model.loss import label_smoothed_nll
 from rosetta.train.schedule import learning_rate
 
 

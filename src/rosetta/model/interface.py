@@ -3,8 +3,9 @@
 A family (the Transformer, the RNN) subclasses ``Seq2Seq`` and so provides:
 
 - ``hidden_states(src, tgt_in)``: the teacher-forced decoder states, from which
-  ``forward`` (logits) and ``training_loss`` (the family's loss terms, which
-  the trainer minimises and logs without knowing them) follow;
+  ``forward`` (logits) follows, and with ``output`` the training objectives'
+  losses (``rosetta.train.objectives``; the model holds no loss of its own);
+- ``scheduled_states``, the decoder states under scheduled sampling;
 - ``attention_maps(src, tgt_in)`` for plots;
 - ``encode(src)``, once per batch, and one of the capabilities below, for search;
 - ``prepare_for_inference()``: the model in eval mode with its linear layers'
@@ -52,7 +53,6 @@ from torch import nn
 
 from rosetta.data.tokenizer import PAD_ID
 from rosetta.model.layers import Block
-from rosetta.train.loss import label_smoothed_nll
 
 
 @dataclass
@@ -211,31 +211,13 @@ class Seq2Seq(Block, ABC):
         """Logits (batch, tgt_len, tgt_vocab) for every target position."""
         return self.output(self.hidden_states(src, tgt_in))
 
-    def training_loss(
-        self, batch: Any, label_smoothing: float, own_rate: float = 0.0, sample_own: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """The loss terms of a batch (``rosetta.data.batching.Batch``), each summed over
-        its target tokens: ``loss`` (what training minimises) and ``nll`` (the
-        label-free negative log-likelihood, which validation reports). A family with
-        more terms (a length loss, a second pass) adds them under their own names.
-
-        ``own_rate > 0``: scheduled sampling, each decoder input after <bos> being the
-        model's own prediction with that probability (``scheduled_states``).
-        Only the real (non-padding) positions are projected to the vocabulary.
-        """
-        real = batch.tgt_out.ne(PAD_ID)  # (batch, tgt_len)
-        if own_rate > 0:
-            states = self.scheduled_states(batch.src, batch.tgt_in, own_rate, sample_own)
-        else:
-            states = self.hidden_states(batch.src, batch.tgt_in)
-        states = states[real]  # (tokens, d_model)
-        loss, nll = label_smoothed_nll(self.output(states), batch.tgt_out[real], label_smoothing)
-        return {"loss": loss, "nll": nll}
-
     def scheduled_states(
         self, src: torch.Tensor, tgt_in: torch.Tensor, rate: float, sample: bool = False
     ) -> torch.Tensor:
-        """``hidden_states`` under scheduled sampling: here the parallel two-pass form
+        """``hidden_states`` under scheduled sampling (Bengio et al. 2015), each decoder
+        input after <bos> being the model's own prediction with probability ``rate``
+        (``rosetta.train.objectives.ScheduledSampling`` calls it; it is meant for an
+        ``IncrementalDecoder``). Here the parallel two-pass form
         (``with_own_predictions``); a family that decodes step by step in training
         anyway (the RNN) overrides it with the classic per-step form."""
         return self.hidden_states(src, self.with_own_predictions(src, tgt_in, rate, sample))

@@ -9,35 +9,34 @@ over that position's token. How long the target is comes first, from a
 classifier on the mean-pooled encoder output: the offset of the target length
 from the source length, within ``±max_length_offset``.
 
-Training (``training_loss``) minimises the token loss on the positions to
-predict plus ``length_loss_weight`` times the length classifier's loss:
+Training (``rosetta.train.objectives.MaskedLM``) minimises the token loss on
+the positions to predict plus ``length_loss_weight`` times the length
+classifier's loss; the model gives it the two ways of choosing those positions:
 
-- CMLM: a number of target tokens drawn uniformly from 1..length is masked and
-  predicted from the rest;
-- glancing (GLAT, Qian et al. 2021; ``glancing > 0``): a first pass predicts
-  every token from all masks (no gradient); a share ``glancing`` of its wrong
-  tokens' count is revealed as gold tokens at random positions, and the second
-  pass learns the rest. The better the model, the less it is shown, which is
-  what makes single-pass decoding good.
+- CMLM (``mask_uniformly``): a number of target tokens drawn uniformly from
+  1..length is masked and predicted from the rest;
+- glancing (``glance``; GLAT, Qian et al. 2021; ``glancing > 0``): a first pass
+  predicts every token from all masks (no gradient); a share ``glancing`` of its
+  wrong tokens' count is revealed as gold tokens at random positions, and the
+  second pass learns the rest. The better the model, the less it is shown, which
+  is what makes single-pass decoding good.
 
-Validation (eval mode) scores the single-pass case, every token from all masks
-at the gold length, which is deterministic, and counts the sentences whose
-length the classifier gets right. Search is ``rosetta.decode.mask_predict``.
+Validation scores the single-pass case, every token from all masks at the gold
+length, which is deterministic, and counts the sentences whose length the
+classifier gets right. Search is ``rosetta.decode.mask_predict``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rosetta.config import NATConfig
-from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID
+from rosetta.data.tokenizer import MASK_ID, PAD_ID
 from rosetta.model.attention import Memory
 from rosetta.model.interface import EncoderOutput
 from rosetta.model.linear import Linear
 from rosetta.model.packing import SourcePadding
 from rosetta.model.transformer import TransformerBase
-from rosetta.train.loss import label_smoothed_nll
 
 
 class NATransformer(TransformerBase):
@@ -105,39 +104,10 @@ class NATransformer(TransformerBase):
             return self.output(states).flatten(0, 1)
         return self.output(states[where])
 
-    # ---- training --------------------------------------------------------------------
-    def training_loss(self, batch, label_smoothing: float) -> dict[str, torch.Tensor]:
-        """``loss`` (tokens to predict + weighted length loss), ``nll`` (of the tokens
-        predicted), ``length_loss``; in eval mode also ``length_correct`` and
-        ``sentences``. Sums, as ``Seq2Seq.training_loss``."""
-        target = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS_ID), PAD_ID)  # no <eos>
-        real = target.ne(PAD_ID)
-        tgt_lengths = real.sum(1)
-        encoded = self.encode(batch.src)
-        memories = self.memories(encoded)
-        length_logits = self.length_logits(encoded)
-        classes = self.length_classes(tgt_lengths, batch.src_lengths)
-        length_loss = F.cross_entropy(length_logits.float(), classes, reduction="sum")
-
-        all_masked = target.masked_fill(real, MASK_ID)
-        if not self.training:
-            hidden = all_masked, real
-        elif self.cfg.glancing > 0:
-            hidden = self._glance(memories, target, real, all_masked)
-        else:
-            hidden = self._mask_uniformly(target, real)
-        decoder_in, predicted = hidden
-        x = self.decoder_states(memories, decoder_in)
-        loss, nll = label_smoothed_nll(
-            self.output(x[predicted]), target[predicted], label_smoothing
-        )
-        terms = {"loss": loss + self.cfg.length_loss_weight * length_loss, "nll": nll}
-        terms["length_loss"] = length_loss.detach()
-        if not self.training:
-            terms["length_correct"] = length_logits.argmax(-1).eq(classes).sum()
-            terms["sentences"] = torch.tensor(target.size(0))
-        return terms
-
+    # ---- training: which target positions a pass learns -------------------------------
+    # (``target``: (batch, tgt_len) gold tokens without <eos>, <pad> after; ``real``:
+    # its non-padding positions. Each returns the decoder input, ``<mask>`` where a
+    # token is to be predicted, and those positions, both (batch, tgt_len).)
     @staticmethod
     def _random_order(real: torch.Tensor) -> torch.Tensor:
         """Each real position's rank in a random order of its row's real positions
@@ -145,7 +115,7 @@ class NATransformer(TransformerBase):
         noise = torch.rand(real.shape, device=real.device).masked_fill(~real, 2.0)
         return noise.argsort(dim=1).argsort(dim=1)
 
-    def _mask_uniformly(
+    def mask_uniformly(
         self, target: torch.Tensor, real: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """CMLM: ``n ~ U{1..length}`` random real positions of each row masked."""
@@ -154,18 +124,16 @@ class NATransformer(TransformerBase):
         masked = self._random_order(real) < count[:, None]
         return target.masked_fill(masked, MASK_ID), masked
 
-    def _glance(
-        self,
-        memories: list[Memory],
-        target: torch.Tensor,
-        real: torch.Tensor,
-        all_masked: torch.Tensor,
+    def glance(
+        self, memories: list[Memory], target: torch.Tensor, real: torch.Tensor, share: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GLAT: reveal ``glancing`` x (wrong tokens of a first pass) gold tokens."""
+        """GLAT: reveal ``share`` x (wrong tokens of a first pass from all masks) gold
+        tokens at random positions; the rest stay masked."""
+        all_masked = target.masked_fill(real, MASK_ID)
         with torch.no_grad():
             guess = self.fill_in(memories, all_masked, real).argmax(-1)
             wrong = torch.zeros_like(target).masked_scatter(real, guess.ne(target[real]).long())
             wrong = wrong.sum(1)
-        reveal = (wrong.float() * self.cfg.glancing).long()
+        reveal = (wrong.float() * share).long()
         shown = self._random_order(real) < reveal[:, None]
         return torch.where(shown, target, all_masked), real & ~shown

@@ -65,15 +65,18 @@ class DistributedError(RuntimeError):
 
 
 class LossModule(torch.nn.Module):
-    """A model's ``training_loss`` as ``forward``: DDP synchronises gradients through
-    the module it wraps, so the loss must be computed by calling it."""
+    """The training objective's ``loss`` of the model as ``forward``: DDP synchronises
+    gradients through the module it wraps, so the loss must be computed by calling
+    it. ``objective`` is a ``rosetta.train.objectives.Objective``; it holds no
+    parameters (DDP sees the model's alone)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, objective: Any) -> None:
         super().__init__()
         self.model = model
+        self.objective = objective
 
-    def forward(self, batch: Any, label_smoothing: float, **options: Any) -> dict:
-        return self.model.training_loss(batch, label_smoothing, **options)
+    def forward(self, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        return self.objective.loss(self.model, batch, step)
 
 
 @dataclass
@@ -124,10 +127,11 @@ class Context:
 
     # ---- the model -------------------------------------------------------
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module whose ``forward`` is the training loss: DDP around it when
-        several processes train (it copies rank 0's weights to every process)."""
-        module = LossModule(model)
+    def wrap(self, model: torch.nn.Module, objective: Any) -> torch.nn.Module:
+        """The module whose ``forward(batch, step)`` is ``objective``'s training loss of
+        ``model``: DDP around it when several processes train (it copies rank 0's
+        weights to every process)."""
+        module = LossModule(model, objective)
         if not self.distributed:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None

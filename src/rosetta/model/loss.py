@@ -59,7 +59,7 @@ def label_smoothed_nll(
 
     ``logits`` is either (batch, len, vocab) with ``labels`` (batch, len), or
     already restricted to the real tokens: (tokens, vocab) with ``labels``
-    (tokens,) holding no <pad> (see ``Seq2Seq.training_loss``).
+    (tokens,) holding no <pad> (as ``rosetta.train.objectives`` passes them).
     """
     if logits.dim() == 3:
         keep = labels.ne(PAD_ID)

@@ -1,0 +1,197 @@
+"""Training objectives: what a training step minimises and what validation reports.
+
+The training loop (``rosetta.train.trainer``) knows one key of one method: it
+minimises ``loss``. Everything else an objective computes, logs or reports goes
+through these four methods, so a new way of training (sequence-level risk,
+REINFORCE, ...) is a new class here and one line in ``objective_for``, never a
+key in the loop:
+
+- ``loss(model, batch, step)``: the terms of a training batch, each a 0-dim
+  tensor *summed* over the batch: ``loss``, what training minimises, and any
+  other term the objective wants logged (``nll``, ``length_loss``; detached
+  where they are not part of ``loss``). The trainer divides by the update's
+  target tokens, so accumulation and several processes give the gradient of one
+  large batch; the training log shows each term per target token. ``step`` is
+  the number of updates made before this one (for schedules);
+- ``validation(model, batch)``: the terms of a validation batch; the trainer
+  calls it in eval mode without gradients and sums the terms over the split;
+- ``report(sums, tokens)``: the validation record from those sums and the
+  split's target tokens: ``valid_nll`` (which selects the best checkpoint when
+  BLEU is off) and ``valid_ppl``, and whatever the objective adds;
+- ``logged(step)``: numbers logged beside the training terms of the update made
+  at ``step`` (scheduled sampling's rate).
+
+Where an objective needs a family's insides (the RNN's per-step scheduled
+sampling, NAT's glancing pass), it calls a method of the model; the model holds
+no loss of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from rosetta.config import ConfigError, ExperimentConfig, ScheduledSamplingConfig
+from rosetta.data.batching import Batch
+from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID
+from rosetta.model.interface import IncrementalDecoder, Seq2Seq
+from rosetta.model.loss import label_smoothed_nll
+from rosetta.model.nat import NATransformer
+
+
+class Objective(ABC):
+    """The interface the trainer calls (see the module docstring). ``loss`` and
+    ``validation`` are each objective's own; ``report`` and ``logged`` have the
+    defaults of an objective whose only validation term that matters is ``nll``."""
+
+    @abstractmethod
+    def loss(self, model: Seq2Seq, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """The summed terms of a training batch; ``loss`` is minimised."""
+
+    @abstractmethod
+    def validation(self, model: Seq2Seq, batch: Batch) -> dict[str, torch.Tensor]:
+        """The summed terms of a validation batch (eval mode, no gradients)."""
+
+    def report(self, sums: dict[str, float], tokens: int) -> dict[str, float]:
+        """``valid_nll``: the summed ``nll`` per target token; ``valid_ppl``: exp of it."""
+        nll = sums["nll"] / max(tokens, 1)
+        return {"valid_nll": nll, "valid_ppl": math.exp(min(nll, 50))}
+
+    def logged(self, step: int) -> dict[str, float]:
+        """Nothing beside the training terms."""
+        return {}
+
+
+def token_terms(
+    model: Seq2Seq, states: torch.Tensor, tgt_out: torch.Tensor, smoothing: float
+) -> dict[str, torch.Tensor]:
+    """``loss`` (label-smoothed) and ``nll`` summed over the real target tokens, from
+    decoder states (batch, tgt_len, d_model); only the real positions are projected
+    to the vocabulary."""
+    real = tgt_out.ne(PAD_ID)  # (batch, tgt_len)
+    loss, nll = label_smoothed_nll(model.output(states[real]), tgt_out[real], smoothing)
+    return {"loss": loss, "nll": nll}
+
+
+class TeacherForcing(Objective):
+    """Label-smoothed cross-entropy of each target token given the gold tokens
+    before it (SPEC §1 step 9)."""
+
+    def __init__(self, label_smoothing: float) -> None:
+        self.label_smoothing = label_smoothing
+
+    def loss(self, model: Seq2Seq, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        states = model.hidden_states(batch.src, batch.tgt_in)
+        return token_terms(model, states, batch.tgt_out, self.label_smoothing)
+
+    def validation(self, model: Seq2Seq, batch: Batch) -> dict[str, torch.Tensor]:
+        """``nll``: the label-free negative log-likelihood of the target tokens."""
+        states = model.hidden_states(batch.src, batch.tgt_in)
+        return {"nll": token_terms(model, states, batch.tgt_out, 0.0)["nll"]}
+
+
+class ScheduledSampling(TeacherForcing):
+    """Teacher forcing where each decoder input after <bos> is, with probability
+    ``schedule.rate(step)``, the model's own prediction (``Seq2Seq.scheduled_states``:
+    the parallel two-pass form, the RNN's per-step form). Validation stays teacher
+    forced; the rate is logged as ``own_rate``."""
+
+    def __init__(self, label_smoothing: float, schedule: ScheduledSamplingConfig) -> None:
+        super().__init__(label_smoothing)
+        self.schedule = schedule
+
+    def loss(self, model: Seq2Seq, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        rate = self.schedule.rate(step)
+        if rate <= 0:  # no draws at all: the random streams stay as teacher forcing's
+            return super().loss(model, batch, step)
+        states = model.scheduled_states(batch.src, batch.tgt_in, rate, self.schedule.sample)
+        return token_terms(model, states, batch.tgt_out, self.label_smoothing)
+
+    def logged(self, step: int) -> dict[str, float]:
+        return {"own_rate": self.schedule.rate(step)}
+
+
+class MaskedLM(Objective):
+    """The non-autoregressive Transformer's objective (``rosetta.model.nat``): the
+    label-smoothed loss of the target tokens a pass predicts, which CMLM masks at
+    random and glancing (GLAT, ``glancing > 0``) chooses from a first pass's
+    errors, plus ``length_loss_weight`` times the length classifier's
+    cross-entropy. The target has no <eos>: the length is predicted, not ended.
+
+    Validation predicts every token from all masks at the gold length (the single
+    pass, deterministic) and counts the sentences whose length the classifier
+    gets right; ``report`` adds ``valid_length_accuracy``."""
+
+    def __init__(self, label_smoothing: float, length_loss_weight: float, glancing: float) -> None:
+        self.label_smoothing = label_smoothing
+        self.length_loss_weight = length_loss_weight
+        self.glancing = glancing
+
+    def loss(self, model: NATransformer, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """``loss``, ``nll`` (of the tokens predicted) and ``length_loss``."""
+        terms, _ = self._terms(model, batch, self.label_smoothing, training=True)
+        return terms
+
+    def validation(self, model: NATransformer, batch: Batch) -> dict[str, torch.Tensor]:
+        """The terms of ``loss`` from all masks, ``length_correct`` and ``sentences``."""
+        terms, length_correct = self._terms(model, batch, 0.0, training=False)
+        sentences = torch.tensor(batch.src.size(0), device=batch.src.device)
+        return {**terms, "length_correct": length_correct, "sentences": sentences}
+
+    def report(self, sums: dict[str, float], tokens: int) -> dict[str, float]:
+        record = super().report(sums, tokens)
+        if sums.get("sentences"):
+            record["valid_length_accuracy"] = sums["length_correct"] / sums["sentences"]
+        return record
+
+    def _terms(
+        self, model: NATransformer, batch: Batch, smoothing: float, training: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss terms, and how many sentences' length class the classifier gets."""
+        target = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS_ID), PAD_ID)  # (batch, tgt_len)
+        real = target.ne(PAD_ID)
+        encoded = model.encode(batch.src)
+        memories = model.memories(encoded)
+        length_logits = model.length_logits(encoded)  # (batch, classes)
+        classes = model.length_classes(real.sum(1), batch.src_lengths)
+        length_loss = F.cross_entropy(length_logits.float(), classes, reduction="sum")
+        if not training:
+            decoder_in, predicted = target.masked_fill(real, MASK_ID), real
+        elif self.glancing > 0:
+            decoder_in, predicted = model.glance(memories, target, real, self.glancing)
+        else:
+            decoder_in, predicted = model.mask_uniformly(target, real)
+        states = model.decoder_states(memories, decoder_in)  # (batch, tgt_len, d_model)
+        loss, nll = label_smoothed_nll(
+            model.output(states[predicted]), target[predicted], smoothing
+        )
+        terms = {
+            "loss": loss + self.length_loss_weight * length_loss,
+            "nll": nll,
+            "length_loss": length_loss.detach(),
+        }
+        return terms, length_logits.argmax(-1).eq(classes).sum()
+
+
+def objective_for(config: ExperimentConfig, model: Seq2Seq) -> Objective:
+    """The objective a run trains ``model`` with: the NAT's masked-LM objective for
+    a ``NATransformer``, scheduled sampling when ``train.scheduled_sampling`` is
+    set, else teacher forcing. A setting the model cannot train with is a
+    ``ConfigError`` that names both."""
+    tc = config.train
+    if tc.scheduled_sampling is not None and not isinstance(model, IncrementalDecoder):
+        counterpart = " (glancing is its counterpart)" if isinstance(model, NATransformer) else ""
+        raise ConfigError(
+            "train.scheduled_sampling feeds a left-to-right decoder its own previous tokens; "
+            f"model.arch {config.model.arch} ({type(model).__name__}) does not decode left "
+            f"to right{counterpart}"
+        )
+    if isinstance(model, NATransformer):
+        cfg = model.cfg
+        return MaskedLM(tc.label_smoothing, cfg.length_loss_weight, cfg.glancing)
+    if tc.scheduled_sampling is not None:
+        return ScheduledSampling(tc.label_smoothing, tc.scheduled_sampling)
+    return TeacherForcing(tc.label_smoothing)
