@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rosetta.checkpointdir import holds_training
 from rosetta.config import ExperimentConfig
 from rosetta.data.corpus import ReadStats, read_split, split_paths
 from rosetta.data.tokenizer import Tokenizer
+from rosetta.data.toy import ToySplits, write_corpus
 from rosetta.safeio import (
     atomic_write_bytes,
     atomic_write_text,
@@ -156,8 +158,6 @@ def describe_changes(old: dict, settings: dict, inputs: dict[str, str] | None) -
 
 
 def _holds_trained_work(exp: Path) -> bool:
-    from rosetta.train.checkpoint import holds_training
-
     return holds_training(exp / "checkpoints") or (exp / "model").exists()
 
 
@@ -337,8 +337,6 @@ def _prepare(config: ExperimentConfig, force: bool, log) -> dict:
 
 
 def _write_toy_corpus(config: ExperimentConfig) -> None:
-    from rosetta.data.toy import ToySplits, write_corpus
-
     toy = config.data.toy
     assert toy is not None
     sizes = ToySplits(train=toy.train_size, valid=toy.valid_size, test=toy.test_size)

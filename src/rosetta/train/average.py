@@ -1,34 +1,19 @@
-"""Checkpoint averaging (the paper averages the last 5 checkpoints)."""
+"""``rosetta average``: the mean of an experiment's last step checkpoints as its
+model directory (the paper averages the last 5 checkpoints); the averaging itself is
+``rosetta.train.checkpoint.average_checkpoints``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from rosetta.config import ExperimentConfig
+from rosetta.data.prepare import binding, load_split
+from rosetta.data.tokenizer import Tokenizer
+from rosetta.model import model_for
+from rosetta.modeldir import read_metadata, save_model_dir
 from rosetta.safeio import one_writer
-from rosetta.train.checkpoint import CheckpointError, load, step_checkpoints, step_of
-
-
-def average_checkpoints(
-    paths: list[Path], bound_to: dict[str, str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Element-wise mean of the ``model`` weights of several checkpoints (all bound to
-    ``bound_to``'s data and tokenizer when it is given)."""
-    if not paths:
-        raise CheckpointError("no checkpoints to average")
-    total: dict[str, torch.Tensor] = {}
-    for path in paths:
-        weights = load(path, bound_to)["model"]
-        if total and weights.keys() != total.keys():
-            raise CheckpointError(f"{path} holds a different model than {paths[0]}")
-        for name, tensor in weights.items():
-            if name in total:
-                total[name] += tensor.double()
-            else:
-                total[name] = tensor.double().clone()
-    return {name: (tensor / len(paths)).float() for name, tensor in total.items()}
+from rosetta.train.checkpoint import average_checkpoints, step_checkpoints, step_of
+from rosetta.train.selection import validation_bleu
 
 
 def average_into_model_dir(
@@ -37,12 +22,6 @@ def average_into_model_dir(
     """``rosetta average``: averages the last ``last`` step checkpoints of an experiment,
     scores the result on (``train.valid_bleu_size`` sentences of) the validation split
     and writes a model directory (default ``EXP/model``)."""
-    from rosetta.data.prepare import binding, load_split
-    from rosetta.data.tokenizer import Tokenizer
-    from rosetta.model import model_for
-    from rosetta.modeldir import read_metadata, save_model_dir
-    from rosetta.train.selection import validation_bleu
-
     if last < 1:
         raise ValueError(f"--last must be at least 1, not {last}")
     exp = config.experiment_dir

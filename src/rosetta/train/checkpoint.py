@@ -4,7 +4,8 @@
 schedule position, data position, RNG states); ``previous.pt`` is the state
 before it, kept so a damaged ``last.pt`` costs one validation interval, not the
 run; ``best.pt`` and the rolling ``step_N.pt`` files hold model weights for
-translation and averaging.
+translation and averaging (``average_checkpoints``; the file names are
+``rosetta.checkpointdir``'s).
 
 The file format is a two-line header followed by a ``torch.save`` archive::
 
@@ -25,7 +26,6 @@ import io
 import os
 import pickle
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from rosetta.checkpointdir import BEST, LAST, PREVIOUS, holds_training, step_checkpoints, step_of
 from rosetta.safeio import TEMP_PREFIX, sha256_bytes, write_chunks_atomic
 
+# the file names come from rosetta.checkpointdir (the data layer reads them too) and
+# stay part of this module's API: checkpoint.LAST, checkpoint.step_of, ...
+__all__ = [
+    "BEST",
+    "LAST",
+    "MAGIC",
+    "PREVIOUS",
+    "CheckpointError",
+    "average_checkpoints",
+    "describe_fallback",
+    "holds_training",
+    "load",
+    "prune",
+    "restore_rng_states",
+    "rng_states",
+    "save",
+    "save_training_state",
+    "step_checkpoints",
+    "step_of",
+]
+
 MAGIC = b"ROSETTA-CHECKPOINT 1\n"
-LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -164,33 +185,27 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-
-
-def step_of(path: Path) -> int:
-    """The N of a ``step_N.pt`` file."""
-    match = _STEP_FILE.match(Path(path).name)
-    if not match:
-        raise ValueError(f"{path} is not a step checkpoint (step_N.pt)")
-    return int(match.group(1))
-
-
-def step_checkpoints(directory: Path) -> list[Path]:
-    """The rolling ``step_N.pt`` files, oldest first."""
-    found = []
-    for path in directory.glob("step_*.pt"):
-        match = _STEP_FILE.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
 def prune(directory: Path, keep: int) -> None:
     """Deletes all but the newest ``keep`` step checkpoints."""
     for path in step_checkpoints(directory)[:-keep]:
         path.unlink()
 
 
-def holds_training(directory: Path) -> bool:
-    """Whether a checkpoints folder holds any checkpoint (trained work to protect)."""
-    return Path(directory).is_dir() and any(Path(directory).glob("*.pt"))
+def average_checkpoints(
+    paths: list[Path], bound_to: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the ``model`` weights of several checkpoints (all bound to
+    ``bound_to``'s data and tokenizer when it is given)."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        weights = load(path, bound_to)["model"]
+        if total and weights.keys() != total.keys():
+            raise CheckpointError(f"{path} holds a different model than {paths[0]}")
+        for name, tensor in weights.items():
+            if name in total:
+                total[name] += tensor.double()
+            else:
+                total[name] = tensor.double().clone()
+    return {name: (tensor / len(paths)).float() for name, tensor in total.items()}
