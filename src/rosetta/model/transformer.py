@@ -2,8 +2,8 @@
 
 ``TransformerBase`` is what every Transformer family shares: embeddings, the
 encoder, the decoder stack and the output layer; ``hidden_states`` is the
-teacher-forced pass (training, and through it ``forward`` and
-``training_loss``) and ``attention_maps`` returns every head's weights for
+teacher-forced pass (training, through ``forward`` and the training
+objectives) and ``attention_maps`` returns every head's weights for
 plotting. ``Transformer`` is the left-to-right model: its decoder is causal, and
 ``init_state`` / ``decode_step`` make it an ``IncrementalDecoder``
 (``rosetta.model.interface``) through the layers' one-step forms. The
