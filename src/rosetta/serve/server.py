@@ -13,7 +13,12 @@ import socket
 import sys
 from pathlib import Path
 
+import torch
+import uvicorn
+
 from rosetta.config import ServeConfig
+from rosetta.serve.app import create_app
+from rosetta.serve.service import TranslationService
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -73,12 +78,6 @@ def run_server(
     Binds first, then loads the model (on ``threads`` CPU threads, if given) and
     prints where it serves to stderr; uvicorn's graceful shutdown waits up to
     ``config.timeout_s`` + 5 s for the requests in flight."""
-    import torch
-    import uvicorn
-
-    from rosetta.serve.app import create_app
-    from rosetta.serve.service import TranslationService
-
     listener = listen(host, port)
     if threads:
         torch.set_num_threads(threads)  # CTranslate2 takes the same count
