@@ -23,7 +23,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # lowest first; a unit is a top-level module or package of rosetta (a package holds
 # all its modules), and "rosetta" is the package's own __init__ (the public API)
 LAYERS: list[tuple[str, ...]] = [
-    ("rosetta.config", "rosetta.device", "rosetta.safeio", "rosetta.checkpointdir"),
+    (
+        "rosetta.config",
+        "rosetta.device",
+        "rosetta.safeio",
+        "rosetta.checkpointdir",
+        "rosetta.version",
+    ),
     ("rosetta.data",),
     ("rosetta.model",),
     ("rosetta.modeldir",),

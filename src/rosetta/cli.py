@@ -27,18 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from rosetta.config import ConfigError, ExperimentConfig, ServeConfig, load_config, packaged_config
-
-
-def version() -> str:
-    """The installed distribution's version, else the package's own."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("rosetta-nmt")
-    except metadata.PackageNotFoundError:
-        from rosetta import __version__
-
-        return __version__
+from rosetta.version import version
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:

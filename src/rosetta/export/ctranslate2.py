@@ -1,5 +1,5 @@
 """Export a rosetta Transformer to CTranslate2 (translating with the export is
-``rosetta.decode.ctranslate2``'s).
+``rosetta.decode.translator.CTranslate2Translator``'s).
 
 The conversion goes through CTranslate2's own Python specifications
 (``ctranslate2.specs.TransformerSpec``): every weight of rosetta's modules is
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from rosetta.data.tokenizer import SPECIAL_PIECES, Tokenizer
-from rosetta.decode.ctranslate2 import CTranslate2Translator, ctranslate2_module
+from rosetta.decode.translator import CTranslate2Translator, ctranslate2_module
 from rosetta.model.attention import CrossAttention, MultiHeadAttention, SelfAttention
 from rosetta.model.transformer import Transformer
 from rosetta.modeldir import CONFIG, load_model_dir, write_metadata

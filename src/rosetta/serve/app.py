@@ -42,11 +42,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rosetta import __version__
 from rosetta.serve.batcher import Job
 from rosetta.serve.jsonbody import encode
 from rosetta.serve.schemas import Error, LibreTranslateRequest, TranslateRequest, TranslateResponse
 from rosetta.serve.service import LANGUAGE_NAMES, RequestError, TranslationService
+from rosetta.version import version
 
 STATIC = resources.files("rosetta.serve") / "static"
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -139,7 +139,7 @@ def create_app(service: TranslationService) -> FastAPI:
 
     app = FastAPI(
         title="rosetta",
-        version=__version__,
+        version=version(),
         summary="Neural machine translation, with the attention and the search made visible.",
         lifespan=lifespan,
     )
