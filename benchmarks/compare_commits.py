@@ -44,7 +44,11 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 
     from rosetta import config as config_module
     from rosetta.data.batching import collate, make_batches
-    from rosetta.data.prepare import TokenizedSplit
+
+    try:
+        from rosetta.data.arrays import TokenizedSplit
+    except ImportError:  # a commit before the arrays module
+        from rosetta.data.prepare import TokenizedSplit
     from rosetta.decode import beam_search, greedy_search
     from rosetta.decode.translator import pad_batch
     from rosetta.model import build_model

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rosetta.data.arrays import TokenizedSplit
 from rosetta.data.batching import BatchIterator, collate, make_batches, padded_size
-from rosetta.data.prepare import TokenizedSplit
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 

@@ -27,13 +27,13 @@ def test_prepare_toy_task_and_rerun_is_a_no_op(tmp_path):
     first_source = (tmp_path / "exp" / "corpus" / "train.en").read_text().splitlines()[0]
     assert tokenizer.encode_source([first_source])[0] == train.source(0).tolist()
 
-    cached = (tmp_path / "exp" / "data" / "train.npz").stat().st_mtime_ns
+    cached = (tmp_path / "exp" / "data" / "train" / "src.npy").stat().st_mtime_ns
     messages.clear()
     prepare(config, log=messages.append)
     assert messages == [
         f"{tmp_path / 'exp' / 'data'} is up to date (inputs unchanged); nothing to do"
     ]
-    assert (tmp_path / "exp" / "data" / "train.npz").stat().st_mtime_ns == cached
+    assert (tmp_path / "exp" / "data" / "train" / "src.npy").stat().st_mtime_ns == cached
 
     changed = toy_config(tmp_path / "exp", tokenizer={"vocab_size": 280})
     messages.clear()

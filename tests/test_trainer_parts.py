@@ -15,8 +15,8 @@ from torch import nn
 
 from conftest import copy_prepared, quiet, toy_config
 from rosetta.config import ConfigError, NATConfig, RNNConfig, ScheduledSamplingConfig
+from rosetta.data.arrays import TokenizedSplit
 from rosetta.data.batching import Batch, BatchIterator, Update
-from rosetta.data.prepare import TokenizedSplit
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rosetta.model import build_model
 from rosetta.train.distributed import Context

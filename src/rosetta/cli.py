@@ -44,12 +44,14 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from rosetta.data.batching import BatchIterator
-    from rosetta.data.prepare import load_split, prepare
+    from rosetta.data.prepare import corpus_mixture, load_split, prepare
 
     config = _config(args)
     prepare(config, force=args.force)
     train = load_split(config, "train")
-    batches = BatchIterator(train, config.train.max_tokens, seed=config.train.seed)
+    batches = BatchIterator(
+        train, config.train.max_tokens, config.train.seed, corpus_mixture(config)
+    )
     print(
         f"{len(batches.epoch_batches(0)):,} batches of <= {config.train.max_tokens:,} tokens "
         f"per epoch; padding {batches.padding_fraction(0):.1%}"

@@ -61,24 +61,67 @@ class ToyData(Section):
         return self
 
 
+class TrainingCorpus(Section):
+    """One training corpus of several: a file prefix (``PATH.{src,tgt}``, each
+    possibly compressed) or a TSV, under ``data.root`` unless absolute, and the
+    share of the training pairs it gives (its ``weight`` over the sum of all)."""
+
+    path: str
+    weight: float | None = Field(None, gt=0.0)
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
 class DataConfig(Section):
-    """Where the parallel corpus lives and how it is filtered."""
+    """Where the parallel corpus lives and how it is filtered.
+
+    ``train`` is one corpus (a file prefix or a TSV) or a list of corpora, each
+    optionally weighted: with weights, each epoch draws the corpora in those
+    proportions (over- or under-sampling them); without, it is their union."""
 
     root: Path | None = None
     src_lang: str = "en"
     tgt_lang: str = "de"
-    train: str = "train"
+    train: str | list[TrainingCorpus] = "train"
     valid: str = "valid"
     test: str | None = "test"
     toy: ToyData | None = None
     max_len: int = Field(128, gt=0)
     max_ratio: float = Field(3.0, gt=1.0)
+    remove_duplicates: bool = False  # training pairs seen before, exactly, after cleaning
+    remove_copies: bool = False  # training pairs whose source equals their target
 
     @model_validator(mode="after")
     def _root_or_toy(self) -> DataConfig:
         if self.root is None and self.toy is None:
             raise ValueError("set data.root (a folder holding the corpus) or data.toy")
         return self
+
+    @model_validator(mode="after")
+    def _corpora(self) -> DataConfig:
+        if isinstance(self.train, str):
+            return self
+        if not self.train:
+            raise ValueError("train: give at least one corpus")
+        if self.toy is not None:
+            raise ValueError("train: the toy task is one corpus; give train as a name")
+        weighted = [corpus.weight is not None for corpus in self.train]
+        if any(weighted) and not all(weighted):
+            raise ValueError("train: give every corpus a weight, or none")
+        labels = [corpus.label for corpus in self.train]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"train: corpus names must differ, got {labels} (set name:)")
+        return self
+
+    @property
+    def corpora(self) -> list[TrainingCorpus]:
+        """The training corpora, one when ``train`` is a name."""
+        if isinstance(self.train, str):
+            return [TrainingCorpus(path=self.train)]
+        return list(self.train)
 
 
 class TokenizerConfig(Section):

@@ -217,6 +217,20 @@ def replace_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_staging(target: Path) -> int:
+    """Deletes the staging folders an interrupted ``replace_directory(target)`` left
+    beside ``target`` (call it while holding ``one_writer``). A staging folder is
+    never the only copy of anything (the swap renames it away); the ``.old.``
+    folder of a swap cut short may be, and is left alone. Returns how many."""
+    target = Path(target)
+    removed = 0
+    for path in target.parent.glob(f"{TEMP_PREFIX}{target.name}.*"):
+        if path.is_dir() and "." not in path.name.removeprefix(f"{TEMP_PREFIX}{target.name}."):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def remove_stale_temporaries(directory: Path) -> int:
     """Deletes the temporary files an interrupted atomic write left in ``directory``.
 

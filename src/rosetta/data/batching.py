@@ -5,7 +5,12 @@ into batches whose *padded* size stays within ``max_tokens``, and the batch
 order is shuffled. Both the tie-breaking and the shuffle draw from a generator
 seeded with ``(seed, epoch)``, so the epoch's batch list is a pure function of
 the seed and the epoch number: resuming training just rebuilds it and skips
-the batches already seen.
+the batches already seen. With weighted training corpora, an epoch is first a
+draw of pairs from each corpus in proportion to its weight (``mix``), from its
+own generator seeded the same way.
+
+All of it is vectorised: numpy works a batch at a time, never a pair at a time,
+so an epoch of millions of pairs is ordered in seconds.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rosetta.data.prepare import TokenizedSplit
+from rosetta.data.arrays import TokenizedSplit
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -75,28 +80,70 @@ def make_batches(
     generator seeded by ``(seed, epoch)``. A pair longer than the budget gets a
     batch of its own rather than being dropped. ``bucket=False`` keeps the
     pairs in (seeded) random order instead of sorting them by length.
+
+    Batches are cut greedily along the order: a batch ends before the first
+    pair that would take its padded size over the budget (or its count over
+    ``max_sentences``). The padded size of a growing batch only grows, so each
+    cut is the first ``True`` of a vectorised test over a window of the order,
+    made twice the last batch's size (and doubled until it holds the cut).
     """
     n = len(src_lengths)
     rng = np.random.default_rng([seed, epoch]) if seed is not None else None
     tie_break = rng.permutation(n) if rng is not None else np.arange(n)
     # without bucketing the pairs stay in (seeded) random order: the benchmark baseline
     order = np.lexsort((tie_break, src_lengths, tgt_lengths)) if bucket else tie_break
-    batches, start = [], 0
-    max_src = max_tgt = 0
-    for position, index in enumerate(order):
-        new_src = max(max_src, int(src_lengths[index]))
-        new_tgt = max(max_tgt, int(tgt_lengths[index]))
-        size = position - start + 1
-        full = max_sentences and size > max_sentences
-        if size > 1 and (padded_size(new_src, new_tgt, size) > max_tokens or full):
-            batches.append(order[start:position])
-            start, new_src, new_tgt = position, int(src_lengths[index]), int(tgt_lengths[index])
-        max_src, max_tgt = new_src, new_tgt
-    if start < n:
-        batches.append(order[start:])
+    del tie_break
+    src_sorted = np.asarray(src_lengths, dtype=np.int64)[order]
+    tgt_sorted = np.asarray(tgt_lengths, dtype=np.int64)[order]
+    batches, start, window = [], 0, 64
+    while start < n:
+        while True:
+            end = min(n, start + window)
+            size = np.arange(1, end - start + 1)
+            longest = np.maximum(
+                np.maximum.accumulate(src_sorted[start:end]),
+                np.maximum.accumulate(tgt_sorted[start:end]) + 1,
+            )
+            over = size * longest > max_tokens  # padded_size of each prefix
+            if max_sentences:
+                over |= size > max_sentences
+            over[0] = False  # a batch holds at least one pair
+            cut = int(over.argmax())
+            if cut:
+                end = start + cut
+                break
+            if end == n:
+                break
+            window *= 2
+        batches.append(order[start:end])
+        window = 2 * (end - start) + 2
+        start = end
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def mix(corpora: list[tuple[int, int, float]], seed: int, epoch: int) -> np.ndarray:
+    """One epoch's draw of training pairs from weighted corpora.
+
+    ``corpora`` holds each corpus' pairs ``[first, end)`` in the split and its
+    weight. The epoch has as many pairs as the corpora together; corpus ``c``
+    gives ``round(total * weight_c / sum of weights)`` of them: whole passes over
+    it in a random order, then a random subset without repeats (a corpus is
+    over-sampled by repeating it, under-sampled by a subset; every pair of it
+    is seen before any is seen again). Deterministic in ``(seed, epoch)``.
+    """
+    rng = np.random.default_rng([seed, epoch, 1])  # a stream apart from make_batches'
+    total = sum(end - first for first, end, _ in corpora)
+    weights = np.array([weight for _, _, weight in corpora], dtype=np.float64)
+    shares = np.round(total * weights / weights.sum()).astype(np.int64)
+    drawn = []
+    for (first, end, _), share in zip(corpora, shares):
+        size = end - first
+        passes, rest = divmod(int(share), size) if size else (0, 0)
+        drawn += [first + rng.permutation(size) for _ in range(passes)]
+        drawn.append(first + rng.permutation(size)[:rest])
+    return np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
 
 
 def collate(split: TokenizedSplit, indices: np.ndarray) -> Batch:
@@ -144,15 +191,33 @@ class BatchIterator:
     what makes exact resume possible (see ``rosetta.train.trainer``).
     """
 
-    def __init__(self, split: TokenizedSplit, max_tokens: int, seed: int | None = 1) -> None:
+    def __init__(
+        self,
+        split: TokenizedSplit,
+        max_tokens: int,
+        seed: int | None = 1,
+        corpora: list[tuple[int, int, float]] | None = None,
+    ) -> None:
         self.split = split
         self.max_tokens = max_tokens
         self.seed = seed
+        self.corpora = corpora  # weighted corpora to ``mix`` each epoch, or None: all pairs
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        return make_batches(
-            self.split.src_lengths, self.split.tgt_lengths, self.max_tokens, self.seed, epoch
+        """The epoch's batches, as indices of pairs in the split."""
+        if self.corpora is None:
+            return make_batches(
+                self.split.src_lengths, self.split.tgt_lengths, self.max_tokens, self.seed, epoch
+            )
+        drawn = mix(self.corpora, self.seed or 0, epoch)
+        batches = make_batches(
+            self.split.src_lengths[drawn],
+            self.split.tgt_lengths[drawn],
+            self.max_tokens,
+            self.seed,
+            epoch,
         )
+        return [drawn[batch] for batch in batches]
 
     def updates(
         self, epoch: int, start: int = 0, per_rank: int = 1, rank: int = 0, world_size: int = 1

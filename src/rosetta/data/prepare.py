@@ -1,89 +1,65 @@
-"""``rosetta prepare``: corpus → SentencePiece → id arrays cached on disk.
+"""``rosetta prepare``: corpus → SentencePiece → id arrays on disk, streaming.
 
 The experiment directory after preparation::
 
     EXP/corpus/            the generated toy corpus (only with ``data.toy``)
     EXP/tokenizer/         spm.model + spm.vocab (or spm.src.* and spm.tgt.*)
-    EXP/data/train.npz     source and target ids, flattened, with offsets
-    EXP/data/valid.npz     (and test.npz when the corpus has a test split)
+    EXP/data/train/        source and target ids, flat, with offsets (``data.arrays``)
+    EXP/data/valid/        (and test/ when the corpus has a test split)
     EXP/data/manifest.json what was read, kept and skipped, and a fingerprint
 
-The fingerprint hashes the input files and every setting that changes the
-arrays, so re-running ``prepare`` is a no-op unless something changed, and
-training never re-tokenises.
+Preparation streams, so a corpus of any size is prepared in memory that does
+not grow with it (a chunk of pairs, plus 8 bytes a training pair while
+duplicates are looked for):
+
+1. *read*: each split's corpora are read (compressed or not), cleaned and
+   filtered (an empty side; for training, with ``data.remove_copies`` and
+   ``data.remove_duplicates``, pairs whose sides are equal and pairs seen
+   before), and the cleaned text is written to the staging folder;
+2. *tokenizer*: SentencePiece trains on the cleaned training text, on a sample
+   of ``tokenizer.input_sentence_size`` sentences that it draws itself when
+   that is set (the manifest says how many it saw);
+3. *encode*: the cleaned text is encoded a chunk at a time by SentencePiece's
+   own threads (every core), the length filters apply to the ids, and the
+   arrays are appended to their files.
+
+Everything is built in staging folders swapped in only when all of it
+succeeded: an error, a full disk or Ctrl-C leaves the previous tokenizer and
+arrays as they were, and the next run starts over (removing what an
+interrupted one left). The fingerprint hashes the input files and every
+setting that changes the arrays, so re-running ``prepare`` is a no-op unless
+something changed, and training never re-tokenises.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import json
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from rosetta.checkpointdir import holds_training
 from rosetta.config import ExperimentConfig
-from rosetta.data.corpus import ReadStats, read_split, split_paths
+from rosetta.data.arrays import SplitWriter, TokenizedSplit
+from rosetta.data.corpus import ReadStats, iter_split, split_paths
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.data.toy import ToySplits, write_corpus
 from rosetta.safeio import (
-    atomic_write_bytes,
     atomic_write_text,
     one_writer,
+    remove_stale_staging,
     replace_directory,
     sha256_file,
 )
 
 MANIFEST = "manifest.json"
-
-
-@dataclass
-class TokenizedSplit:
-    """Id sequences of one split, stored flat: pair ``i`` is ``src[src_off[i]:src_off[i+1]]``."""
-
-    src: np.ndarray
-    src_offsets: np.ndarray
-    tgt: np.ndarray
-    tgt_offsets: np.ndarray
-
-    @classmethod
-    def from_lists(cls, src: list[list[int]], tgt: list[list[int]]) -> TokenizedSplit:
-        def flatten(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-            np.cumsum([len(s) for s in seqs], out=offsets[1:])
-            flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=offsets[-1])
-            return flat, offsets
-
-        return cls(*flatten(src), *flatten(tgt))
-
-    def __len__(self) -> int:
-        return len(self.src_offsets) - 1
-
-    @property
-    def src_lengths(self) -> np.ndarray:
-        return np.diff(self.src_offsets)
-
-    @property
-    def tgt_lengths(self) -> np.ndarray:
-        return np.diff(self.tgt_offsets)
-
-    def source(self, i: int) -> np.ndarray:
-        return self.src[self.src_offsets[i] : self.src_offsets[i + 1]]
-
-    def target(self, i: int) -> np.ndarray:
-        return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
-
-    def save(self, path: Path) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **self.__dict__)
-        atomic_write_bytes(path, buffer.getvalue())
-
-    @classmethod
-    def load(cls, path: Path) -> TokenizedSplit:
-        with np.load(path) as arrays:
-            return cls(**{name: arrays[name] for name in arrays.files})
+CHUNK = 50_000  # pairs read, filtered or encoded at a time
 
 
 def corpus_root(config: ExperimentConfig) -> Path:
@@ -94,36 +70,68 @@ def corpus_root(config: ExperimentConfig) -> Path:
     return config.data.root
 
 
-def split_names(config: ExperimentConfig) -> dict[str, str]:
-    """Maps rosetta's split names (train/valid/test) to the corpus' file prefixes."""
-    names = {"train": config.data.train, "valid": config.data.valid}
+def split_sources(config: ExperimentConfig) -> dict[str, list[str]]:
+    """Maps rosetta's split names (train/valid/test) to the corpora they are read
+    from (file prefixes or TSVs): training may have several, the others one."""
+    sources = {"train": [corpus.path for corpus in config.data.corpora]}
+    sources["valid"] = [config.data.valid]
     if config.data.test:
-        names["test"] = config.data.test
-    return names
+        sources["test"] = [config.data.test]
+    return sources
 
 
 class PrepareError(ValueError):
     """Preparation that would break an experiment's trained work, or data that can't be used."""
 
 
-def _settings(config: ExperimentConfig) -> dict:
-    """Every setting that changes the tokenizer or the id arrays (not where the files are).
+# settings that came after experiments were prepared without them: at these
+# defaults they are left out of the fingerprint, so those experiments stay up to date
+_ADDED_LATER: dict[tuple[str, ...], object] = {
+    ("data", "toy", "sentences"): [1, 1],
+    ("data", "remove_duplicates"): False,
+    ("data", "remove_copies"): False,
+}
 
-    ``data.toy.sentences`` came later than the rest: at its default it is left out,
-    so that experiments prepared before it existed stay up to date."""
-    data = config.data.model_dump(mode="json", exclude={"root"})
-    if data["toy"] is not None and tuple(data["toy"]["sentences"]) == (1, 1):
-        del data["toy"]["sentences"]
-    return {"data": data, "tokenizer": config.tokenizer.model_dump(mode="json")}
+
+def _settings(config: ExperimentConfig) -> dict:
+    """Every setting that changes the tokenizer or the id arrays (not where the files
+    are, and not the corpora's weights: those are read when training)."""
+    settings = {
+        "data": config.data.model_dump(mode="json", exclude={"root"}),
+        "tokenizer": config.tokenizer.model_dump(mode="json"),
+    }
+    if isinstance(settings["data"]["train"], list):
+        for corpus in settings["data"]["train"]:
+            del corpus["weight"]
+    for path, default in _ADDED_LATER.items():
+        *parents, key = path
+        section = settings
+        for parent in parents:
+            section = section.get(parent) or {}
+        if key in section and section[key] == default:
+            del section[key]
+    return settings
+
+
+def _corpus_files(config: ExperimentConfig, root: Path) -> dict[str, list[Path]]:
+    """The files each split is read from, by split."""
+    data = config.data
+    return {
+        split: [
+            path for name in names for path in split_paths(root, name, data.src_lang, data.tgt_lang)
+        ]
+        for split, names in split_sources(config).items()
+    }
 
 
 def _input_digests(config: ExperimentConfig, root: Path) -> dict[str, str]:
-    """SHA-256 of each corpus file, by file name."""
+    """SHA-256 of each corpus file, by its path under ``root`` (or absolute)."""
     digests = {}
-    for name in split_names(config).values():
-        for path in split_paths(root, name, config.data.src_lang, config.data.tgt_lang):
+    for paths in _corpus_files(config, root).values():
+        for path in paths:
             if path.exists():
-                digests[path.name] = sha256_file(path)
+                key = path.relative_to(root) if path.is_relative_to(root) else path
+                digests[str(key)] = sha256_file(path)
     return digests
 
 
@@ -206,22 +214,6 @@ def binding(config: ExperimentConfig) -> dict[str, str]:
     return {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer"]}
 
 
-def _filter_by_length(
-    src: list[list[int]], tgt: list[list[int]], max_len: int, max_ratio: float, stats: ReadStats
-) -> tuple[list[list[int]], list[list[int]]]:
-    kept_src, kept_tgt = [], []
-    for s, t in zip(src, tgt):
-        if max(len(s), len(t)) > max_len:
-            stats.skip(f"longer than {max_len} subwords")
-        elif max(len(s), len(t)) > max_ratio * max(1, min(len(s), len(t))):
-            stats.skip(f"length ratio above {max_ratio:g}")
-        else:
-            kept_src.append(s)
-            kept_tgt.append(t)
-    stats.kept = len(kept_src)
-    return kept_src, kept_tgt
-
-
 def prepare(config: ExperimentConfig, force: bool = False, log=print) -> dict:
     """Reads, tokenises and caches every split; returns the manifest.
 
@@ -249,11 +241,7 @@ def _prepare(config: ExperimentConfig, force: bool, log) -> dict:
     if trained and old is not None and old.get("settings") != settings:
         raise _refuse(exp, f"these settings differ: {describe_changes(old, settings, None)}")
     root = corpus_root(config)
-    corpus_files = [
-        path
-        for name in split_names(config).values()
-        for path in split_paths(root, name, config.data.src_lang, config.data.tgt_lang)
-    ]
+    corpus_files = [path for paths in _corpus_files(config, root).values() for path in paths]
     if config.data.toy is not None and (
         old is None
         or old.get("settings") != settings
@@ -278,24 +266,27 @@ def _prepare(config: ExperimentConfig, force: bool, log) -> dict:
         changes = describe_changes(old, settings, inputs)
         raise _refuse(exp, f"the corpus or tokenizer differs ({changes})")
 
-    pairs, stats = {}, {}
-    for split, name in split_names(config).items():
-        stats[split] = ReadStats()
-        pairs[split] = read_split(
-            root, name, config.data.src_lang, config.data.tgt_lang, stats[split]
-        )
-        if not pairs[split]:
-            raise PrepareError(f"the {split} split ({root}/{name}) holds no usable pair")
-
-    tok_cfg = config.tokenizer
-    log(f"training {tok_cfg.type} SentencePiece ({tok_cfg.vocab_size} pieces) on the train split")
+    removed = remove_stale_staging(data_dir) + remove_stale_staging(exp / "tokenizer")
+    if removed:
+        log(f"removed {removed} staging folder(s) an interrupted preparation left")
     # the manifest is swapped in last (data after tokenizer): it is the commit point
     with (
         replace_directory(data_dir) as data_stage,
         replace_directory(exp / "tokenizer") as tok_stage,
     ):
+        text, stats, corpora = _read(config, root, data_stage, log)
+
+        tok_cfg = config.tokenizer
+        offered = text["train"].pairs * (2 if tok_cfg.joint else 1)
+        sample = min(offered, tok_cfg.input_sentence_size or offered)
+        log(
+            f"training {tok_cfg.type} SentencePiece ({tok_cfg.vocab_size} pieces) on "
+            f"{sample:,} of the {offered:,} training sentences"
+            + ("" if tok_cfg.joint else " of each side")
+        )
+        start = time.monotonic()
         tokenizer = Tokenizer.train(
-            pairs["train"],
+            text["train"],
             tok_stage,
             vocab_size=tok_cfg.vocab_size,
             joint=tok_cfg.joint,
@@ -310,30 +301,240 @@ def _prepare(config: ExperimentConfig, force: bool, log) -> dict:
             "root": str(root),
             "settings": settings,
             "inputs": inputs,
+            "tokenizer_sample": {
+                "sentences": offered,
+                "input_sentence_size": tok_cfg.input_sentence_size,
+                "sampled": sample,
+                "seconds": round(time.monotonic() - start, 1),
+            },
             "splits": {},
         }
-        for split, split_pairs in pairs.items():
-            src = tokenizer.encode_source([s for s, _ in split_pairs])
-            tgt = tokenizer.encode_target([t for _, t in split_pairs])
-            if split == "train":
-                src, tgt = _filter_by_length(
-                    src, tgt, config.data.max_len, config.data.max_ratio, stats[split]
-                )
-            arrays = TokenizedSplit.from_lists(src, tgt)
-            arrays.save(data_stage / f"{split}.npz")
-            manifest["splits"][split] = {
+        for split in split_sources(config):
+            # length filters apply to training only: validation and test pairs are all
+            # kept, so that scores are comparable with other systems
+            limits = (config.data.max_len, config.data.max_ratio) if split == "train" else None
+            writer, kept = _encode(text[split], tokenizer, limits, data_stage / split, stats[split])
+            text[split].remove()
+            summary = {
                 "read": stats[split].read,
                 "kept": stats[split].kept,
                 "skipped": stats[split].skipped,
-                "src_tokens": int(arrays.src_lengths.sum()),
-                "tgt_tokens": int(arrays.tgt_lengths.sum()),
+                "src_tokens": writer.tokens["src"],
+                "tgt_tokens": writer.tokens["tgt"],
             }
+            if split == "train":
+                summary["corpora"] = _corpus_ranges(config, corpora, kept)
+            manifest["splits"][split] = summary
             log(f"{split:>5}: {stats[split].summary()}")
         manifest["src_vocab_size"] = tokenizer.src_vocab_size
         manifest["tgt_vocab_size"] = tokenizer.tgt_vocab_size
         manifest["joint_vocab"] = tokenizer.joint
         atomic_write_text(data_stage / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def _read(
+    config: ExperimentConfig, root: Path, stage: Path, log: Callable
+) -> tuple[dict[str, _CleanText], dict[str, ReadStats], list[dict]]:
+    """Step 1: every split's corpora read, cleaned and filtered into ``stage``.
+    Returns the cleaned text by split, the counts by split, and where each
+    training corpus' pairs are in the cleaned text."""
+    src_lang, tgt_lang = config.data.src_lang, config.data.tgt_lang
+    text, stats, corpora = {}, {}, []
+    for split, names in split_sources(config).items():
+        text[split], stats[split] = _CleanText(stage / f".{split}"), ReadStats()
+        training = split == "train"
+        duplicates = _Duplicates() if training and config.data.remove_duplicates else None
+        for name in names:
+            corpus_stats = ReadStats()
+            pairs = iter_split(root, name, src_lang, tgt_lang, corpus_stats)
+            if training:
+                pairs = _filtered(pairs, config.data.remove_copies, duplicates, corpus_stats)
+            first = text[split].pairs
+            text[split].write(pairs, desc=f"reading {split}", log=log)
+            if training:
+                corpora.append({"read": corpus_stats.read, "pairs": [first, text[split].pairs]})
+            stats[split].add(corpus_stats)
+        if not text[split].pairs:
+            where = ", ".join(str(root / name) for name in names)
+            raise PrepareError(f"the {split} split ({where}) holds no usable pair")
+    return text, stats, corpora
+
+
+class _Duplicates:
+    """Finds training pairs seen before, exactly (after cleaning), in 8 bytes a pair.
+
+    A pair is known by a 64-bit BLAKE2b digest of its two sides; the digests
+    seen so far are one sorted array that each chunk is looked up in and merged
+    into. Two different pairs share a digest with probability about
+    n² / 2⁶⁵ (at 10M pairs: 3e-6), the one way a pair could be dropped wrongly.
+    """
+
+    def __init__(self) -> None:
+        self.seen = np.empty(0, dtype=np.uint64)
+
+    def fresh(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """A mask of the pairs seen neither in earlier chunks nor earlier in this one."""
+        digests = np.frombuffer(
+            b"".join(
+                hashlib.blake2b(f"{src}\t{tgt}".encode(), digest_size=8).digest()
+                for src, tgt in pairs
+            ),
+            dtype=np.uint64,
+        )
+        _, first = np.unique(digests, return_index=True)
+        fresh = np.zeros(len(pairs), dtype=bool)
+        fresh[first] = True
+        if len(self.seen):
+            found = self.seen[np.minimum(np.searchsorted(self.seen, digests), len(self.seen) - 1)]
+            fresh &= found != digests
+        # two sorted runs: the stable sort (timsort) merges them in linear time
+        self.seen = np.sort(np.concatenate([self.seen, np.sort(digests[fresh])]), kind="stable")
+        return fresh
+
+
+def _chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _filtered(
+    pairs: Iterable[tuple[str, str]],
+    remove_copies: bool,
+    duplicates: _Duplicates | None,
+    stats: ReadStats,
+) -> Iterator[tuple[str, str]]:
+    """The training filters on cleaned text, copies then duplicates, counted in ``stats``."""
+    for chunk in _chunks(pairs):
+        if remove_copies:
+            kept = [(src, tgt) for src, tgt in chunk if src != tgt]
+            stats.drop("source equals target", len(chunk) - len(kept))
+            chunk = kept
+        if duplicates is not None and chunk:
+            fresh = duplicates.fresh(chunk)
+            stats.drop("duplicate pair", len(chunk) - int(fresh.sum()))
+            chunk = [pair for pair, keep in zip(chunk, fresh) if keep]
+        yield from chunk
+
+
+class _CleanText:
+    """A split's cleaned pairs as two text files in the staging folder: written
+    once, then read (re-iterably, as pairs) by SentencePiece and the encoder."""
+
+    def __init__(self, prefix: Path) -> None:
+        self.paths = (prefix.with_suffix(".src"), prefix.with_suffix(".tgt"))
+        self.pairs = 0
+
+    def write(self, pairs: Iterable[tuple[str, str]], desc: str, log: Callable) -> None:
+        """Appends ``pairs``, with a progress bar; large inputs log their rate."""
+        start, before = time.monotonic(), self.pairs
+        with (
+            open(self.paths[0], "a", encoding="utf-8", newline="\n") as src_file,
+            open(self.paths[1], "a", encoding="utf-8", newline="\n") as tgt_file,
+            tqdm(desc=desc, unit=" pairs", unit_scale=True, disable=None) as bar,
+        ):
+            for chunk in _chunks(pairs):
+                src_file.write("".join(src + "\n" for src, _ in chunk))
+                tgt_file.write("".join(tgt + "\n" for _, tgt in chunk))
+                self.pairs += len(chunk)
+                bar.update(len(chunk))
+        count, seconds = self.pairs - before, time.monotonic() - start
+        if count >= CHUNK:
+            log(f"{desc}: {count:,} pairs kept in {seconds:.0f} s ({count / seconds:,.0f}/s)")
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        with (
+            open(self.paths[0], encoding="utf-8", newline="\n") as src_file,
+            open(self.paths[1], encoding="utf-8", newline="\n") as tgt_file,
+        ):
+            for src, tgt in zip(src_file, tgt_file):
+                yield src[:-1], tgt[:-1]
+
+    def remove(self) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
+def _flat(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Piece ids of a chunk of sentences as one flat array and the lengths."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _within(src_lengths: np.ndarray, tgt_lengths: np.ndarray, limits, stats: ReadStats):
+    """The mask of pairs within ``limits`` (max length, max ratio), the rest counted."""
+    max_len, max_ratio = limits
+    longest = np.maximum(src_lengths, tgt_lengths)
+    shortest = np.maximum(1, np.minimum(src_lengths, tgt_lengths))
+    too_long = longest > max_len
+    skewed = ~too_long & (longest > max_ratio * shortest)
+    stats.drop(f"longer than {max_len} subwords", int(too_long.sum()))
+    stats.drop(f"length ratio above {max_ratio:g}", int(skewed.sum()))
+    return ~(too_long | skewed)
+
+
+def _encode(
+    text: _CleanText,
+    tokenizer: Tokenizer,
+    limits: tuple[int, float] | None,
+    destination: Path,
+    stats: ReadStats,
+) -> tuple[SplitWriter, np.ndarray]:
+    """Encodes a split's cleaned text chunk by chunk, on every core, into its array
+    folder; with ``limits`` (max length, max ratio) drops the pairs beyond them.
+    Returns the writer (its counts) and the mask of the pairs kept."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    masks = []
+    with (
+        SplitWriter(destination) as writer,
+        tqdm(
+            total=text.pairs, desc="encoding", unit=" pairs", unit_scale=True, disable=None
+        ) as bar,
+    ):
+        for chunk in _chunks(text):
+            src, src_lengths = _flat(tokenizer.encode_source([s for s, _ in chunk], threads))
+            tgt, tgt_lengths = _flat(tokenizer.encode_target([t for _, t in chunk], threads))
+            keep = np.ones(len(chunk), dtype=bool)
+            if limits is not None:
+                keep = _within(src_lengths, tgt_lengths, limits, stats)
+                src = src[np.repeat(keep, src_lengths)]
+                tgt = tgt[np.repeat(keep, tgt_lengths)]
+            writer.add_flat(src, src_lengths[keep], tgt, tgt_lengths[keep])
+            masks.append(keep)
+            bar.update(len(chunk))
+    return writer, np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+
+
+def _corpus_ranges(config: ExperimentConfig, corpora: list[dict], kept: np.ndarray) -> list[dict]:
+    """Each training corpus' pairs in the arrays (``[first, end)``) and counts."""
+    before = np.concatenate([[0], np.cumsum(kept)])
+    ranges = []
+    for corpus, entry in zip(config.data.corpora, corpora):
+        first, end = (int(before[i]) for i in entry["pairs"])
+        ranges.append(
+            {"name": corpus.label, "path": corpus.path, "read": entry["read"],
+             "kept": end - first, "pairs": [first, end]}
+        )  # fmt: skip
+    return ranges
+
+
+def corpus_mixture(config: ExperimentConfig) -> list[tuple[int, int, float]] | None:
+    """The training corpora as (first pair, end, weight) when ``data.train`` weights
+    them (what ``BatchIterator`` samples each epoch by), else None: the union."""
+    if not any(corpus.weight for corpus in config.data.corpora):
+        return None
+    manifest = read_manifest(config) or {}
+    ranges = manifest.get("splits", {}).get("train", {}).get("corpora")
+    labels = [corpus.label for corpus in config.data.corpora]
+    if ranges is None or [entry["name"] for entry in ranges] != labels:
+        raise PrepareError(
+            f"{config.experiment_dir / 'data'} was not prepared from the corpora "
+            f"{labels}: run `rosetta prepare CONFIG`"
+        )
+    weights = [corpus.weight for corpus in config.data.corpora]
+    return [(e["pairs"][0], e["pairs"][1], w) for e, w in zip(ranges, weights)]
 
 
 def _write_toy_corpus(config: ExperimentConfig) -> None:
@@ -351,8 +552,9 @@ def _write_toy_corpus(config: ExperimentConfig) -> None:
 
 
 def load_split(config: ExperimentConfig, split: str) -> TokenizedSplit:
-    """Loads a prepared split; a clear error if ``rosetta prepare`` has not run."""
-    path = config.experiment_dir / "data" / f"{split}.npz"
-    if not path.exists():
+    """Maps a prepared split (``data.arrays``); a clear error if ``rosetta prepare``
+    has not run."""
+    path = config.experiment_dir / "data" / split
+    if not path.is_dir() and not path.with_suffix(".npz").exists():
         raise FileNotFoundError(f"{path} is missing: run `rosetta prepare CONFIG` first")
     return TokenizedSplit.load(path)

@@ -12,6 +12,9 @@ Every file or stream of sentences rosetta reads (corpora, ``translate`` input,
   1-based line number;
 - a final line without ``\\n`` is a line; a file ending in ``\\n`` has no
   extra empty line after it.
+- a file named ``*.gz``, ``*.xz``, ``*.bz2`` or ``*.zst`` is decompressed as it
+  is read; compressed data that ends early or is damaged is a ``TextError``
+  naming the file and the last line read.
 
 ``clean_line`` is what every sentence goes through before the tokenizer, in
 training and in translation alike; ``write_lines_atomic`` writes output so that
@@ -20,9 +23,14 @@ a failure leaves any earlier file untouched.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
+import lzma
 import os
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -59,21 +67,20 @@ def _decode(raw: bytes, name: str, number: int) -> str:
 def iter_lines(stream: BinaryIO, name: str = STDIN) -> Iterator[str]:
     """Yields the lines of a binary stream (e.g. ``sys.stdin.buffer``) one at a time,
     decoded and without their line ending; ``name`` is used in error messages."""
-    for number, raw in enumerate(stream, start=1):  # a binary stream splits at b"\n" only
-        yield _decode(raw[:-1] if raw.endswith(b"\n") else raw, name, number)
+    number = 0
+    try:
+        for number, raw in enumerate(stream, start=1):  # a binary stream splits at b"\n" only
+            yield _decode(raw[:-1] if raw.endswith(b"\n") else raw, name, number)
+    except _DECOMPRESSION_ERRORS as error:
+        reason = str(error) or type(error).__name__
+        raise TextError(f"cannot read {name} past line {number:,}: {reason}") from None
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """All lines of a UTF-8 text file (see the module docstring for what a line is)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise TextError(f"cannot read {path}: {error.strerror}") from None
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return [_decode(raw, str(path), number) for number, raw in enumerate(lines, start=1)]
+    """All lines of a UTF-8 text file, compressed or not (see the module docstring
+    for what a line is)."""
+    with open_input(path) as stream:
+        return list(iter_lines(stream, str(path)))
 
 
 def check_lines(path: str | Path) -> int:
@@ -97,18 +104,58 @@ def one_line(text: str) -> str:
     return _CONTROLS.sub(" ", text)
 
 
+def _zstd_open(path: Path) -> BinaryIO:
+    try:
+        from compression import zstd  # Python >= 3.14
+
+        return zstd.open(path, "rb")
+    except ImportError:
+        import zstandard  # a dependency below Python 3.14
+
+        raw = open(path, "rb")  # noqa: SIM115 -- the stream is what this returns
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+
+
+# what each compressed file suffix is opened with (the plain file otherwise); each
+# returns the open stream, which its caller closes
+_OPENERS = {
+    ".gz": lambda path: gzip.open(path, "rb"),  # noqa: SIM115
+    ".xz": lambda path: lzma.open(path, "rb"),  # noqa: SIM115
+    ".bz2": lambda path: bz2.open(path, "rb"),  # noqa: SIM115
+    ".zst": _zstd_open,
+}
+COMPRESSED_SUFFIXES = tuple(_OPENERS)
+
+
+def _zstd_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from compression.zstd import ZstdError
+    except ImportError:
+        try:
+            from zstandard import ZstdError
+        except ImportError:
+            return ()
+    return (ZstdError,)
+
+
+# truncated or damaged compressed input: gzip raises EOFError or BadGzipFile (an
+# OSError), lzma LZMAError, zlib/bz2 their errors while reading
+_DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, *_zstd_errors())
+
+
 def open_input(path: str | Path) -> BinaryIO:
-    """Opens an input file for ``iter_lines``, with a one-line error if it is missing,
-    a directory or unreadable."""
+    """Opens an input file for ``iter_lines``, decompressing ``.gz``/``.xz``/``.bz2``/
+    ``.zst`` files, with a one-line error if it is missing, a directory or unreadable."""
     path = Path(path)
     if not path.exists():
         raise TextError(f"input file {path} does not exist")
     if path.is_dir():
         raise TextError(f"input {path} is a directory, not a file")
+    opener = _OPENERS.get(path.suffix.lower(), lambda path: open(path, "rb"))  # noqa: SIM115
     try:
-        return open(path, "rb")
+        return opener(path)
     except OSError as error:
-        raise TextError(f"cannot read {path}: {error.strerror}") from None
+        raise TextError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def check_output(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:

@@ -121,7 +121,7 @@ class Tokenizer:
     @classmethod
     def train(
         cls,
-        pairs: Sequence[tuple[str, str]],
+        pairs: Iterable[tuple[str, str]],
         directory: str | Path,
         vocab_size: int,
         joint: bool = True,
@@ -130,7 +130,11 @@ class Tokenizer:
         byte_fallback: bool = True,
         input_sentence_size: int = 0,
     ) -> Tokenizer:
-        """Trains on the training pairs only and saves the model(s) in ``directory``."""
+        """Trains on the training pairs only and saves the model(s) in ``directory``.
+
+        ``pairs`` is iterated once per model (twice for separate vocabularies: give
+        a list or another re-iterable); with ``input_sentence_size`` SentencePiece
+        keeps a random sample of that many sentences of what it is given."""
         directory = Path(directory)
         options = dict(
             vocab_size=vocab_size,
@@ -189,13 +193,14 @@ class Tokenizer:
     def tgt_vocab_size(self) -> int:
         return self.target.get_piece_size()
 
-    def encode_source(self, texts: list[str]) -> list[list[int]]:
-        """Source sentences to piece ids (no <bos>/<eos>: the encoder does not need them)."""
-        return self.source.encode(texts)
+    def encode_source(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        """Source sentences to piece ids (no <bos>/<eos>: the encoder does not need
+        them), on ``threads`` of SentencePiece's threads."""
+        return self.source.encode(texts, num_threads=threads)
 
-    def encode_target(self, texts: list[str]) -> list[list[int]]:
+    def encode_target(self, texts: list[str], threads: int = 1) -> list[list[int]]:
         """Target sentences to piece ids (without <bos>/<eos>; batching adds them)."""
-        return self.target.encode(texts)
+        return self.target.encode(texts, num_threads=threads)
 
     def decode_target(self, ids: Sequence[int]) -> str:
         """Piece ids back to detokenised text; special tokens are dropped."""

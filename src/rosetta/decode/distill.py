@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from rosetta.config import ExperimentConfig
 from rosetta.data.corpus import read_split
-from rosetta.data.prepare import corpus_root, split_names
+from rosetta.data.prepare import corpus_root, split_sources
 from rosetta.decode.translator import Translator
 from rosetta.safeio import atomic_write_text, one_writer, sha256_bytes, sha256_file
 
@@ -64,8 +64,8 @@ def distill(
     """Translates the training sources of ``config``'s corpus with ``teacher`` into
     the corpus folder ``dest`` (see the module's docstring); returns ``dest``."""
     src_lang, tgt_lang = config.data.src_lang, config.data.tgt_lang
-    root, names = corpus_root(config), split_names(config)
-    sources = [s for s, _ in read_split(root, names["train"], src_lang, tgt_lang)]
+    root, names = corpus_root(config), split_sources(config)
+    sources = [s for name in names["train"] for s, _ in read_split(root, name, src_lang, tgt_lang)]
     origin = {
         "teacher": str(Path(teacher_dir).resolve()),
         "teacher_weights_sha256": _weights_digest(Path(teacher_dir)),
@@ -90,7 +90,7 @@ def _distill(
 ) -> Path:
     """``distill``'s body, run while this process holds ``dest``."""
     src_lang, tgt_lang = config.data.src_lang, config.data.tgt_lang
-    root, names = corpus_root(config), split_names(config)
+    root, names = corpus_root(config), split_sources(config)
     started = json.loads((dest / MANIFEST).read_text()) if (dest / MANIFEST).exists() else None
     partial = dest / f"train.{tgt_lang}.partial"
     changed = started is not None and any(started.get(k) != v for k, v in origin.items())
@@ -102,7 +102,7 @@ def _distill(
         )
     atomic_write_text(dest / MANIFEST, json.dumps({**origin, "state": "running"}, indent=2))
 
-    for split, name in names.items():  # real references for validation and test
+    for split, (name,) in names.items():  # real references for validation and test
         if split == "train":
             continue
         pairs = read_split(root, name, src_lang, tgt_lang)

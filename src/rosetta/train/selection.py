@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from rosetta.config import ExperimentConfig
-from rosetta.data.prepare import TokenizedSplit, binding, load_split
+from rosetta.data.arrays import TokenizedSplit
+from rosetta.data.prepare import binding, load_split
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.search import configure, runnable, validation_search
 from rosetta.decode.translator import TorchTranslator

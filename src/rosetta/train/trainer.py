@@ -41,7 +41,7 @@ import torch
 
 from rosetta.config import ExperimentConfig
 from rosetta.data.batching import BatchIterator
-from rosetta.data.prepare import binding, load_split
+from rosetta.data.prepare import binding, corpus_mixture, load_split
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.model import model_for
 from rosetta.safeio import check_writable, one_writer
@@ -132,7 +132,7 @@ def _train(
     validation = Validation(
         model, objective, tokenizer, valid_split, config, checkpoints, metrics, context, log
     )
-    batches = BatchIterator(train_split, tc.max_tokens, seed=tc.seed)
+    batches = BatchIterator(train_split, tc.max_tokens, tc.seed, corpus_mixture(config))
     stream = updates(
         batches, progress, tc.accumulate, context.rank, context.world_size, tc.max_epochs
     )

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from rosetta.config import ExperimentConfig, TrainConfig
+from rosetta.data.arrays import TokenizedSplit
 from rosetta.data.batching import collate, make_batches
-from rosetta.data.prepare import TokenizedSplit
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.translator import TorchTranslator
 from rosetta.train.distributed import Context
