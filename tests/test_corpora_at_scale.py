@@ -30,7 +30,7 @@ from rosetta.data.arrays import ARRAYS, NpyAppender, TokenizedSplit
 from rosetta.data.batching import BatchIterator, make_batches, mix, padded_size
 from rosetta.data.corpus import CorpusError, read_split
 from rosetta.data.prepare import PrepareError, corpus_mixture, load_split, prepare
-from rosetta.data.tokenizer import Tokenizer
+from rosetta.data.tokenizer import Tokenizer, sample_sentences
 
 COMPRESS = {
     ".gz": gzip.compress,
@@ -184,6 +184,23 @@ def test_the_sentencepiece_sample_is_bounded_and_reported(tmp_path):
     sample = prepare(config, log=messages.append)["tokenizer_sample"]
     assert sample == {**sample, "sentences": 4000, "input_sentence_size": 500, "sampled": 500}
     assert any("on 500 of the 4,000 training sentences" in m for m in messages)
+
+
+def test_the_sentencepiece_sample_is_uniform_seeded_and_in_corpus_order():
+    pairs = [(f"s{i}", f"t{i}") for i in range(1000)]
+    sample = list(sample_sentences(pairs, (0, 1), 300))
+    assert len(sample) == 300 and sample == list(sample_sentences(pairs, (0, 1), 300))
+    # whole pairs, both sides, in corpus order
+    assert sample[0::2] == [text.replace("t", "s") for text in sample[1::2]]
+    assert sorted(sample[0::2], key=lambda text: int(text[1:])) == sample[0::2]
+    assert list(sample_sentences(pairs, (1,), 0)) == [t for _, t in pairs]
+    assert list(sample_sentences(pairs, (1,), 5000)) == [t for _, t in pairs]
+    assert len(list(sample_sentences(pairs, (1,), 300))) == 300
+    counts = np.zeros(1000)
+    for seed in range(200):  # every pair equally likely: 200 draws of 30%
+        for text in sample_sentences(pairs, (0,), 300, seed=seed):
+            counts[int(text[1:])] += 1
+    assert abs(counts.mean() - 60) < 1e-9 and counts.std() < 1.5 * np.sqrt(60 * 0.7)
 
 
 def _arrays(exp) -> dict[str, bytes]:

@@ -93,13 +93,12 @@ def make_batches(
     # without bucketing the pairs stay in (seeded) random order: the benchmark baseline
     order = np.lexsort((tie_break, src_lengths, tgt_lengths)) if bucket else tie_break
     del tie_break
-    src_sorted = np.asarray(src_lengths, dtype=np.int64)[order]
-    tgt_sorted = np.asarray(tgt_lengths, dtype=np.int64)[order]
+    src_sorted, tgt_sorted = np.asarray(src_lengths)[order], np.asarray(tgt_lengths)[order]
     batches, start, window = [], 0, 64
     while start < n:
         while True:
             end = min(n, start + window)
-            size = np.arange(1, end - start + 1)
+            size = np.arange(1, end - start + 1, dtype=np.int64)  # size * length: no overflow
             longest = np.maximum(
                 np.maximum.accumulate(src_sorted[start:end]),
                 np.maximum.accumulate(tgt_sorted[start:end]) + 1,

@@ -16,9 +16,10 @@ duplicates are looked for):
    filtered (an empty side; for training, with ``data.remove_copies`` and
    ``data.remove_duplicates``, pairs whose sides are equal and pairs seen
    before), and the cleaned text is written to the staging folder;
-2. *tokenizer*: SentencePiece trains on the cleaned training text, on a sample
-   of ``tokenizer.input_sentence_size`` sentences that it draws itself when
-   that is set (the manifest says how many it saw);
+2. *tokenizer*: SentencePiece trains on the cleaned training text, or on a
+   uniform random sample of ``tokenizer.input_sentence_size`` sentences of it
+   when that is set (seeded: the same corpus gives the same sample; the
+   manifest says how many it saw);
 3. *encode*: the cleaned text is encoded a chunk at a time by SentencePiece's
    own threads (every core), the length filters apply to the ids, and the
    arrays are appended to their files.
@@ -277,8 +278,9 @@ def _prepare(config: ExperimentConfig, force: bool, log) -> dict:
         text, stats, corpora = _read(config, root, data_stage, log)
 
         tok_cfg = config.tokenizer
-        offered = text["train"].pairs * (2 if tok_cfg.joint else 1)
-        sample = min(offered, tok_cfg.input_sentence_size or offered)
+        sides = 2 if tok_cfg.joint else 1  # a joint model samples pairs, both sides
+        offered, size = text["train"].pairs * sides, tok_cfg.input_sentence_size
+        sample = size // sides * sides if 0 < size < offered else offered
         log(
             f"training {tok_cfg.type} SentencePiece ({tok_cfg.vocab_size} pieces) on "
             f"{sample:,} of the {offered:,} training sentences"
@@ -442,6 +444,9 @@ class _CleanText:
         count, seconds = self.pairs - before, time.monotonic() - start
         if count >= CHUNK:
             log(f"{desc}: {count:,} pairs kept in {seconds:.0f} s ({count / seconds:,.0f}/s)")
+
+    def __len__(self) -> int:
+        return self.pairs
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         with (

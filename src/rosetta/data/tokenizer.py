@@ -21,12 +21,15 @@ quotes and umlauts included).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -48,7 +51,6 @@ def train_sentencepiece(
     model_type: str = "bpe",
     character_coverage: float = 1.0,
     byte_fallback: bool = True,
-    input_sentence_size: int = 0,
 ) -> Path:
     """Trains one SentencePiece model on ``sentences`` and writes it to ``model_path``.
 
@@ -67,8 +69,6 @@ def train_sentencepiece(
                 vocab_size=vocab_size,
                 character_coverage=character_coverage,
                 byte_fallback=byte_fallback,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
                 hard_vocab_limit=False,
                 normalization_rule_name="identity",
                 remove_extra_whitespaces=False,
@@ -103,6 +103,43 @@ def _load_processor(path: str | Path) -> spm.SentencePieceProcessor:
         raise ValueError(f"{path} is not a SentencePiece model ({reason})") from None
 
 
+def _return_freed_memory() -> None:
+    """Asks the C library to give the memory freed since to the operating system.
+
+    SentencePiece's trainer makes millions of small allocations; once it has
+    freed them, glibc keeps the pages in the process (hundreds of MB after a
+    sample of a million sentences), which would stay resident through the
+    rest of ``prepare``. ``malloc_trim`` returns them. Elsewhere (another C
+    library, another system) this does nothing."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def sample_sentences(
+    pairs: Collection[tuple[str, str]], sides: tuple[int, ...], size: int, seed: int = 0
+) -> Iterator[str]:
+    """The sentences of ``sides`` (0: source, 1: target) of ``pairs`` in corpus order,
+    or, when they are more than ``size`` (and ``size`` is not 0), those of a
+    uniform random sample of ``size // len(sides)`` pairs: a joint model sees
+    both sides of the pairs it samples, as it sees both sides of a whole corpus.
+    The sample is drawn with a seeded generator (the same corpus gives the same
+    sample) before SentencePiece sees any sentence, so SentencePiece holds the
+    sample only, whatever the size of the corpus."""
+    chosen = None
+    if size and size < len(pairs) * len(sides):
+        chosen = np.zeros(len(pairs), dtype=bool)
+        picked = np.random.default_rng(seed).choice(len(pairs), size // len(sides), replace=False)
+        chosen[picked] = True
+    for index, pair in enumerate(pairs):
+        if chosen is None or chosen[index]:
+            for side in sides:
+                yield pair[side]
+
+
 class Tokenizer:
     """Source and target subword models (one shared model when ``joint``)."""
 
@@ -121,7 +158,7 @@ class Tokenizer:
     @classmethod
     def train(
         cls,
-        pairs: Iterable[tuple[str, str]],
+        pairs: Collection[tuple[str, str]],
         directory: str | Path,
         vocab_size: int,
         joint: bool = True,
@@ -132,25 +169,22 @@ class Tokenizer:
     ) -> Tokenizer:
         """Trains on the training pairs only and saves the model(s) in ``directory``.
 
-        ``pairs`` is iterated once per model (twice for separate vocabularies: give
-        a list or another re-iterable); with ``input_sentence_size`` SentencePiece
-        keeps a random sample of that many sentences of what it is given."""
+        ``pairs`` is iterated once per model (twice for separate vocabularies): a
+        list, or another sized re-iterable such as a file reader. With
+        ``input_sentence_size``, each model is trained on a uniform random sample
+        of that many of its sentences (``sample_sentences``)."""
         directory = Path(directory)
         options = dict(
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=character_coverage,
             byte_fallback=byte_fallback,
-            input_sentence_size=input_sentence_size,
         )
-        sources = (src for src, _ in pairs)
-        targets = (tgt for _, tgt in pairs)
-        if joint:
-            both = (text for pair in pairs for text in pair)
-            train_sentencepiece(both, directory / JOINT_MODEL, **options)
-        else:
-            train_sentencepiece(sources, directory / SOURCE_MODEL, **options)
-            train_sentencepiece(targets, directory / TARGET_MODEL, **options)
+        models = {JOINT_MODEL: (0, 1)} if joint else {SOURCE_MODEL: (0,), TARGET_MODEL: (1,)}
+        for name, sides in models.items():
+            sentences = sample_sentences(pairs, sides, input_sentence_size)
+            train_sentencepiece(sentences, directory / name, **options)
+            _return_freed_memory()
         return cls.load(directory)
 
     @classmethod
