@@ -27,7 +27,7 @@ on a new experiment ``WORK/exp_N`` (config ``WORK/config_N.yaml``; the children'
 output in ``WORK/logs``):
 
 1. ``rosetta prepare``: joint SentencePiece BPE, 8,000 pieces, trained on at most
-   1,000,000 sampled sentences; pairs over 128 pieces, duplicates and copies removed.
+   ``--sample`` (1,000,000) sampled sentences; pairs over 128 pieces, duplicates and copies removed.
    Wall time (which includes what the CLI does after preparing: it counts an
    epoch's batches), pairs/s, peak RSS (the child's own ``ru_maxrss``, from
    ``os.wait4``), the size of ``exp_N/data`` and ``exp_N/tokenizer``.
@@ -190,7 +190,7 @@ def generate_corpus(multi30k: Path, folder: Path, pairs: int) -> float | None:
     return seconds
 
 
-def write_config(work: Path, pairs: int, updates: int) -> Path:
+def write_config(work: Path, pairs: int, updates: int, sample: int) -> Path:
     """The experiment of one size: ``WORK/config_N.yaml``."""
     config = {
         "experiment_dir": str(work / f"exp_{pairs}"),
@@ -209,7 +209,7 @@ def write_config(work: Path, pairs: int, updates: int) -> Path:
             "type": "bpe",
             "vocab_size": 8000,
             "joint": True,
-            "input_sentence_size": 1_000_000,
+            "input_sentence_size": sample,
         },
         "model": {"preset": "toy"},
         "train": {
@@ -403,7 +403,8 @@ def report(results: dict) -> str:
     updates = results["updates"]
     lines = [
         f"`{results['command']}` ({results['machine']}; corpus: {results['corpus']}; "
-        f"prepare: joint BPE 8,000 pieces from <= 1M sampled sentences, max_len 128, "
+        f"prepare: joint BPE 8,000 pieces from <= {results.get('sample', 1_000_000):,} "
+        "sampled sentences, max_len 128, "
         f"duplicates and copies removed; train: the toy Transformer, {updates} updates of "
         f"4,096 tokens, 2 threads; each command a fresh process; MB = 10^6 bytes)",
         "",
@@ -510,6 +511,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("experiments/data_scale"))
     parser.add_argument("--updates", type=int, default=200, help="training updates per size")
     parser.add_argument(
+        "--sample",
+        type=int,
+        default=1_000_000,
+        help="tokenizer.input_sentence_size: sentences SentencePiece trains on (default 1M)",
+    )
+    parser.add_argument(
         "--multi30k",
         type=Path,
         default=Path("../shared/data/multi30k"),
@@ -542,7 +549,7 @@ def main() -> None:
     for pairs in sizes:
         corpus = work / f"corpus_{pairs}"
         generated = generate_corpus(args.multi30k, corpus, pairs)
-        config = write_config(work, pairs, args.updates)
+        config = write_config(work, pairs, args.updates, args.sample)
         experiment = work / f"exp_{pairs}"
         corpus_mb = sum(megabytes(corpus / f"train.{lang}.gz") for lang in ("en", "de"))
         row = {"pairs": pairs, "corpus_mb": corpus_mb, "generate_s": generated}
@@ -563,6 +570,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "corpus": CORPUS,
         "updates": args.updates,
+        "sample": args.sample,
         "bar_sizes": bar_sizes,
         "rows": rows,
         "slopes": slopes(rows, bar_sizes[1]),

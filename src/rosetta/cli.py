@@ -39,7 +39,14 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"train.max_time={args.max_time}")
     if args.verb == "train" and args.device:
         overrides.append(f"train.device={args.device}")
-    return load_config(args.config or packaged_config("toy.yaml"), overrides)
+    if getattr(args, "init", None):
+        overrides.append(f"init={args.init}")
+    config = load_config(args.config or packaged_config("toy.yaml"), overrides)
+    if config.init is None:
+        return config
+    from rosetta.modeldir import resolve_init  # torch: only when a model is read
+
+    return resolve_init(config)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -105,6 +112,8 @@ def _train_arguments(args: argparse.Namespace) -> list[str]:
         arguments += ["--max-time", args.max_time]
     if args.device:
         arguments += ["--device", args.device]
+    if args.init:
+        arguments += ["--init", args.init]
     return arguments
 
 
@@ -480,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. checkpoints/previous.pt)",
     )
     sub.add_argument("--max-time", help="wall-clock budget, e.g. 60m")
+    sub.add_argument(
+        "--init",
+        metavar="MODEL_DIR",
+        help="start from a model directory (fine-tuning): its tokenizer, architecture "
+        "and weights; the same as the config's init key",
+    )
     _add_device_option(sub, "the config's train.device, auto unless set")
     group = sub.add_argument_group(
         "several processes (PyTorch DDP through torchrun; README: Training on several processes)"

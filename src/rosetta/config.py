@@ -386,6 +386,9 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     scheduled_sampling: ScheduledSamplingConfig | None = None
+    # parts whose weights stay as they are (fine-tuning from ``init``): embeddings (and
+    # the output layer tied to them), the encoder's layers, the decoder's
+    freeze: list[Literal["embeddings", "encoder", "decoder"]] = []
     device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
 
     _device = field_validator("device")(lambda value: check_device_name(value))
@@ -486,6 +489,9 @@ class ExperimentConfig(Section):
     """One experiment: data, tokenizer, model, training and decoding."""
 
     experiment_dir: Path
+    # a model directory this experiment starts from (fine-tuning): its tokenizer,
+    # its architecture (``rosetta.modeldir.resolve_init``) and, at step 0, its weights
+    init: Path | None = None
     data: DataConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = Field(default_factory=TransformerConfig)

@@ -142,6 +142,45 @@ def load_model_dir(
     return config, tokenizer, model.to(device).eval()
 
 
+# model keys a fine-tuning run may set otherwise than the model it starts from: they
+# act in training only, not on what the weights compute
+FINE_TUNING_KEYS = frozenset({"dropout", "attention_dropout"})
+
+
+def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with its model section taken from ``config.init``'s directory.
+
+    A key the configuration sets itself must agree with the directory's (a
+    ``ConfigError`` names each that does not), but for ``FINE_TUNING_KEYS``,
+    which it may change; every other key comes from the directory. Without
+    ``init``, ``config`` as it is. Applying it twice changes nothing."""
+    if config.init is None:
+        return config
+    init = Path(config.init)
+    if not (init / WEIGHTS).exists() or not (init / CONFIG).exists():
+        raise ConfigError(f"init: {init} is not a rosetta model directory (no {WEIGHTS})")
+    try:
+        pretrained = load_config(init / CONFIG).model
+    except ConfigError as error:
+        raise ConfigError(f"init: {error}") from None
+    given = config.model.model_dump(mode="json") if "model" in config.model_fields_set else {}
+    stated = {key: given[key] for key in config.model.model_fields_set if key in given}
+    wanted = pretrained.model_dump(mode="json")
+    conflicts = [
+        f"model.{key}: {value!r} here, {wanted.get(key)!r} in {init / CONFIG}"
+        for key, value in sorted(stated.items())
+        if key not in FINE_TUNING_KEYS and key != "preset" and value != wanted.get(key)
+    ]
+    if conflicts:
+        raise ConfigError(
+            "the model section disagrees with the model it starts from (init); leave "
+            "these keys out to take the model's: " + "; ".join(conflicts)
+        )
+    changes = {key: stated[key] for key in FINE_TUNING_KEYS & stated.keys()}
+    model = model_config({**wanted, **changes})
+    return config.model_copy(update={"model": model})
+
+
 def verify_checksums(directory: Path) -> None:
     """Checks every file ``metadata.json`` lists against its SHA-256 (``config.yaml``
     excepted: its decode section may be edited, its model section is checked against

@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rosetta.checkpointdir import holds_training
-from rosetta.config import ExperimentConfig
+from rosetta.config import ExperimentConfig, TokenizerConfig
 from rosetta.data.arrays import SplitWriter, TokenizedSplit
 from rosetta.data.corpus import ReadStats, iter_split, split_paths
 from rosetta.data.tokenizer import Tokenizer
@@ -101,6 +102,8 @@ def _settings(config: ExperimentConfig) -> dict:
         "data": config.data.model_dump(mode="json", exclude={"root"}),
         "tokenizer": config.tokenizer.model_dump(mode="json"),
     }
+    if config.init is not None:  # the tokenizer is the model's: its settings do not apply
+        settings["tokenizer"] = {"init": _tokenizer_fingerprint(Path(config.init))}
     if isinstance(settings["data"]["train"], list):
         for corpus in settings["data"]["train"]:
             del corpus["weight"]
@@ -277,38 +280,19 @@ def _prepare(config: ExperimentConfig, force: bool, log) -> dict:
     ):
         text, stats, corpora = _read(config, root, data_stage, log)
 
-        tok_cfg = config.tokenizer
-        sides = 2 if tok_cfg.joint else 1  # a joint model samples pairs, both sides
-        offered, size = text["train"].pairs * sides, tok_cfg.input_sentence_size
-        sample = size // sides * sides if 0 < size < offered else offered
-        log(
-            f"training {tok_cfg.type} SentencePiece ({tok_cfg.vocab_size} pieces) on "
-            f"{sample:,} of the {offered:,} training sentences"
-            + ("" if tok_cfg.joint else " of each side")
-        )
         start = time.monotonic()
-        tokenizer = Tokenizer.train(
-            text["train"],
-            tok_stage,
-            vocab_size=tok_cfg.vocab_size,
-            joint=tok_cfg.joint,
-            model_type=tok_cfg.type,
-            character_coverage=tok_cfg.character_coverage,
-            byte_fallback=tok_cfg.byte_fallback,
-            input_sentence_size=tok_cfg.input_sentence_size,
-        )
+        if config.init is not None:
+            tokenizer, sample = _copy_tokenizer(Path(config.init), tok_stage, log), None
+        else:
+            tokenizer, sample = _train_tokenizer(config.tokenizer, text["train"], tok_stage, log)
+            sample["seconds"] = round(time.monotonic() - start, 1)
         manifest = {
             "fingerprint": fingerprint,
             "tokenizer": tokenizer.fingerprint(),
             "root": str(root),
             "settings": settings,
             "inputs": inputs,
-            "tokenizer_sample": {
-                "sentences": offered,
-                "input_sentence_size": tok_cfg.input_sentence_size,
-                "sampled": sample,
-                "seconds": round(time.monotonic() - start, 1),
-            },
+            "tokenizer_sample": sample,
             "splits": {},
         }
         for split in split_sources(config):
@@ -361,6 +345,44 @@ def _read(
             where = ", ".join(str(root / name) for name in names)
             raise PrepareError(f"the {split} split ({where}) holds no usable pair")
     return text, stats, corpora
+
+
+def _train_tokenizer(
+    tok_cfg: TokenizerConfig, text: _CleanText, stage: Path, log: Callable
+) -> tuple[Tokenizer, dict]:
+    """Step 2: SentencePiece on the cleaned training text, or a sample of it."""
+    sides = 2 if tok_cfg.joint else 1  # a joint model samples pairs, both sides
+    offered, size = text.pairs * sides, tok_cfg.input_sentence_size
+    sample = size // sides * sides if 0 < size < offered else offered
+    log(
+        f"training {tok_cfg.type} SentencePiece ({tok_cfg.vocab_size} pieces) on "
+        f"{sample:,} of the {offered:,} training sentences"
+        + ("" if tok_cfg.joint else " of each side")
+    )
+    tokenizer = Tokenizer.train(
+        text,
+        stage,
+        vocab_size=tok_cfg.vocab_size,
+        joint=tok_cfg.joint,
+        model_type=tok_cfg.type,
+        character_coverage=tok_cfg.character_coverage,
+        byte_fallback=tok_cfg.byte_fallback,
+        input_sentence_size=size,
+    )
+    return tokenizer, {"sentences": offered, "input_sentence_size": size, "sampled": sample}
+
+
+def _copy_tokenizer(model_dir: Path, stage: Path, log: Callable) -> Tokenizer:
+    """Step 2 when fine-tuning: the tokenizer of the model the experiment starts from."""
+    try:
+        source = Tokenizer.load(model_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise PrepareError(f"init: {error}") from None
+    for name in source.files():
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, stage / name)
+    log(f"the tokenizer is {model_dir}'s (init): the corpus is encoded with its vocabulary")
+    return Tokenizer.load(stage)
 
 
 class _Duplicates:

@@ -181,6 +181,7 @@ class Tokenizer:
             byte_fallback=byte_fallback,
         )
         models = {JOINT_MODEL: (0, 1)} if joint else {SOURCE_MODEL: (0,), TARGET_MODEL: (1,)}
+        _return_freed_memory()
         for name, sides in models.items():
             sentences = sample_sentences(pairs, sides, input_sentence_size)
             train_sentencepiece(sentences, directory / name, **options)

@@ -46,7 +46,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -200,6 +200,21 @@ class Seq2Seq(Block, ABC):
     src_vocab_size: int
     tgt_vocab_size: int
     output: nn.Module
+
+    # top-level submodules by part (``parts``); every family names its modules so
+    # (what a family lacks is skipped; the RNN's bridges and attention are its decoder's)
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "embeddings": ("src_embed", "tgt_embed", "output"),
+        "encoder": ("encoder",),
+        "decoder": ("decoder", "attention", "readout", "bridge", "cell_bridge", "length_head"),
+    }
+
+    def parts(self, *names: str) -> list[nn.Parameter]:
+        """The parameters of the named parts (``PARTS``): what fine-tuning can freeze.
+        A parameter tied into several parts (the output layer tied to the target
+        embeddings) is listed once."""
+        prefixes = tuple(f"{module}." for name in names for module in self.PARTS[name])
+        return [p for n, p in self.named_parameters() if n.startswith(prefixes)]
 
     # ---- training ------------------------------------------------------------------
     @abstractmethod

@@ -44,6 +44,7 @@ from rosetta.data.batching import BatchIterator
 from rosetta.data.prepare import binding, corpus_mixture, load_split
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.model import model_for
+from rosetta.modeldir import load_model_dir, resolve_init
 from rosetta.safeio import check_writable, one_writer
 from rosetta.train.distributed import Context
 from rosetta.train.metrics import MetricsLog, TrainingLog
@@ -86,6 +87,7 @@ def train(
     (rank 0) holds the experiment's one-writer lock for the whole run: a second
     run on it is refused at once.
     """
+    config = resolve_init(config)
     if context is None:
         with Context.from_environment(config.train.device) as context:
             return train(config, resume, log, context, objective)
@@ -121,6 +123,14 @@ def _train(
     state, state_path = resume_state(resume, folder, config, bound_to)
     if state is not None:
         model.load_state_dict(state["model"])
+    elif config.init is not None:  # a new run that starts from a model's weights
+        model.load_state_dict(load_model_dir(config.init, device="cpu")[2].state_dict())
+        log(f"starting from the weights of {config.init}")
+    if tc.freeze:
+        frozen = model.parts(*tc.freeze)
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        log(f"frozen: {', '.join(tc.freeze)} ({sum(p.numel() for p in frozen):,} parameters)")
     optimisation = Optimisation(model, objective, config, context, log)  # DDP when several
     checkpoints = Checkpoints(folder, config, model, optimisation, bound_to, context)
     progress = Progress()
