@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rosetta.evaluate",),  # below train: validation scores BLEU
     ("rosetta.plotting", "rosetta.curves"),  # below train: it draws attention snapshots
     ("rosetta.train",),
-    ("rosetta.export",),
+    ("rosetta.export", "rosetta.importers"),
     ("rosetta.serve",),
     ("rosetta.demo", "rosetta.cli", "rosetta.__main__", "rosetta"),
 ]

@@ -7,6 +7,7 @@
     rosetta average CONFIG --last N   average checkpoints into EXP/model
     rosetta attention MODEL_DIR --src TEXT -o out.png   attention heat map (or --format json)
     rosetta export MODEL_DIR OUT --format ctranslate2   for `translate --engine ctranslate2`
+    rosetta import marian SOURCE -o MODEL_DIR   an OPUS-MT (Marian) model as a model directory
     rosetta serve MODEL_DIR [--port 8000]   HTTP API, LibreTranslate API and the web page
     rosetta plot EXP [-o curves.png]  training curves from EXP/metrics.jsonl
     rosetta data multi30k DEST        download (or --from DIR) Multi30k En-De
@@ -269,6 +270,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     quantization = None if args.quantization == "none" else args.quantization
     path = export_ctranslate2(args.model_dir, args.output, quantization)
     print(f"exported {args.model_dir} to {path} (CTranslate2, {args.quantization})")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from rosetta.importers.marian import import_marian
+
+    import_marian(args.source, args.output, args.src_lang, args.tgt_lang)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -636,6 +643,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight type of the exported model (default none: float32)",
     )
     sub.set_defaults(func=cmd_export)
+
+    sub = verb(
+        "import",
+        "convert a model made elsewhere into a model directory",
+        "Convert an OPUS-MT (Marian) model in HuggingFace's layout (config.json, "
+        "model.safetensors or pytorch_model.bin, source.spm, target.spm, vocab.json) into "
+        "a rosetta model directory that computes the same: translate, evaluate, serve, "
+        "export and fine-tune it (train --init) like any other.",
+    )
+    sub.add_argument("format", choices=["marian"], help="what SOURCE is")
+    sub.add_argument(
+        "source", help="a local folder, or a hub name (e.g. Helsinki-NLP/opus-mt-en-de)"
+    )
+    sub.add_argument("-o", "--output", required=True, help="the model directory to write")
+    sub.add_argument("--src-lang", default="src", help="the source language code (data.src_lang)")
+    sub.add_argument("--tgt-lang", default="tgt", help="the target language code (data.tgt_lang)")
+    sub.set_defaults(func=cmd_import)
 
     sub = verb(
         "serve",

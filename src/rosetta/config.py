@@ -199,9 +199,12 @@ class TransformerConfig(ModelSection):
     d_ff: int = Field(2048, gt=0)
     heads: int = Field(8, gt=0)
     attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu", "swish"] = "relu"  # swish: SiLU, x * sigmoid(x)
     norm: Literal["pre", "post"] = "pre"
-    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
+    # sinusoidal: the paper's interleaved sin/cos; sinusoidal_halves: all sines, then all
+    # cosines (Marian's and fairseq's layout; the same frequencies)
+    positional: Literal["sinusoidal", "sinusoidal_halves", "learned"] = "sinusoidal"
+    output_bias: bool = False  # a bias on the output layer (Marian's final_logits_bias)
     encoder_attention: AttentionConfig = AttentionConfig()  # self-attention of the encoder
     decoder_attention: AttentionConfig = AttentionConfig()  # ... and of the decoder
 

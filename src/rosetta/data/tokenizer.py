@@ -24,9 +24,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,30 @@ MASK_ID, MASK_PIECE = 4, "<mask>"
 JOINT_MODEL = "spm.model"
 SOURCE_MODEL = "spm.src.model"
 TARGET_MODEL = "spm.tgt.model"
+OPTIONS = "tokenizer.options.json"  # a TokenizerOptions, when any differs from its default
+
+
+@dataclass(frozen=True)
+class TokenizerOptions:
+    """What a tokenizer does besides its SentencePiece models (rosetta's own: nothing).
+
+    ``source_eos``: every source sentence ends with <eos>, as Marian's models were
+    trained. ``lookup_pieces``: text is cut into pieces by SentencePiece, and each
+    piece takes the id of its string in the vocabulary, as Marian and HuggingFace
+    do; it differs from SentencePiece's own ids for a character that one side's
+    model does not know but the joint vocabulary has (the other side's piece)."""
+
+    source_eos: bool = False
+    lookup_pieces: bool = False
+
+    def changed(self) -> dict[str, bool]:
+        return {k: v for k, v in asdict(self).items() if v != getattr(TokenizerOptions, k)}
+
+
+def write_options(directory: str | Path, options: TokenizerOptions) -> None:
+    """Writes ``options`` beside the SentencePiece models in ``directory``."""
+    path = Path(directory) / OPTIONS
+    path.write_text(json.dumps(asdict(options)) + "\n", encoding="utf-8")
 
 
 def train_sentencepiece(
@@ -140,10 +166,29 @@ def sample_sentences(
                 yield pair[side]
 
 
+def _read_options(directory: Path) -> TokenizerOptions:
+    path = directory / OPTIONS
+    if not path.exists():
+        return TokenizerOptions()
+    try:
+        options = json.loads(path.read_text(encoding="utf-8"))
+        return TokenizerOptions(**options)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is damaged (not JSON)") from None
+    except TypeError:
+        raise ValueError(f"{path} holds options this rosetta does not know: {options}") from None
+
+
 class Tokenizer:
     """Source and target subword models (one shared model when ``joint``)."""
 
-    def __init__(self, source_model: str | Path, target_model: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        source_model: str | Path,
+        target_model: str | Path | None = None,
+        options: TokenizerOptions = TokenizerOptions(),
+    ) -> None:
+        self.options = options
         self.source = _load_processor(source_model)
         self.target = self.source if target_model is None else _load_processor(target_model)
         self.joint = target_model is None
@@ -192,10 +237,11 @@ class Tokenizer:
     def load(cls, directory: str | Path) -> Tokenizer:
         """Loads the model(s) saved by ``train`` from ``directory``."""
         directory = Path(directory)
+        options = _read_options(directory)
         if (directory / JOINT_MODEL).exists():
-            return cls(directory / JOINT_MODEL)
+            return cls(directory / JOINT_MODEL, options=options)
         if (directory / SOURCE_MODEL).exists() and (directory / TARGET_MODEL).exists():
-            return cls(directory / SOURCE_MODEL, directory / TARGET_MODEL)
+            return cls(directory / SOURCE_MODEL, directory / TARGET_MODEL, options)
         raise FileNotFoundError(
             f"no SentencePiece model ({JOINT_MODEL} or {SOURCE_MODEL}) in {directory}"
         )
@@ -204,6 +250,8 @@ class Tokenizer:
         """SHA-256 of the subword model(s): what checkpoints and model directories are
         bound to, since the embedding rows mean nothing under another vocabulary."""
         digest = hashlib.sha256(b"joint" if self.joint else b"separate")
+        if self.options.changed():  # tokenizers without options keep their fingerprints
+            digest.update(json.dumps(self.options.changed(), sort_keys=True).encode())
         digest.update(self.source.serialized_model_proto())
         if not self.joint:
             digest.update(self.target.serialized_model_proto())
@@ -212,7 +260,8 @@ class Tokenizer:
     def files(self) -> list[str]:
         """Names of the files that make up this tokenizer (for copying it)."""
         names = [JOINT_MODEL] if self.joint else [SOURCE_MODEL, TARGET_MODEL]
-        return names + [name.replace(".model", ".vocab") for name in names]
+        names += [name.replace(".model", ".vocab") for name in names]
+        return names + ([OPTIONS] if self.options.changed() else [])
 
     @property
     def has_mask(self) -> bool:
@@ -229,13 +278,23 @@ class Tokenizer:
         return self.target.get_piece_size()
 
     def encode_source(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        """Source sentences to piece ids (no <bos>/<eos>: the encoder does not need
-        them), on ``threads`` of SentencePiece's threads."""
-        return self.source.encode(texts, num_threads=threads)
+        """Source sentences to piece ids, on ``threads`` of SentencePiece's threads:
+        no <bos>, and <eos> only with ``options.source_eos`` (rosetta's own models
+        do not need one; Marian's were trained with it)."""
+        return self._encode(self.source, texts, threads, self.options.source_eos)
 
     def encode_target(self, texts: list[str], threads: int = 1) -> list[list[int]]:
         """Target sentences to piece ids (without <bos>/<eos>; batching adds them)."""
-        return self.target.encode(texts, num_threads=threads)
+        return self._encode(self.target, texts, threads, False)
+
+    def _encode(
+        self, processor: spm.SentencePieceProcessor, texts: list[str], threads: int, eos: bool
+    ) -> list[list[int]]:
+        if not self.options.lookup_pieces:
+            return processor.encode(texts, num_threads=threads, add_eos=eos)
+        pieces = processor.encode(texts, out_type=str, num_threads=threads)
+        ending = [EOS_ID] if eos else []
+        return [[*processor.piece_to_id(sentence), *ending] for sentence in pieces]
 
     def decode_target(self, ids: Sequence[int]) -> str:
         """Piece ids back to detokenised text; special tokens are dropped."""

@@ -54,6 +54,11 @@ class BeamOptions(SearchOptions):
         json_schema_extra={"work": True},
     )  # fmt: skip
     length_penalty: float = Field(0.6, ge=0.0, description="GNMT length penalty alpha; 0 = none")
+    eos_within_beam: bool = Field(
+        False,
+        description="a hypothesis ends only when <eos> is among the step's best `beam` "
+        "candidates, as in fairseq, Marian and HuggingFace (default: among the best 2 x beam)",
+    )
 
     @model_validator(mode="after")
     def _nbest_within_beam(self) -> BeamOptions:
@@ -161,9 +166,12 @@ def beam_search(
     nbest: int = 1,
     lengths: Lengths = DEFAULT_LENGTHS,
     trace: BeamTrace | None = None,
+    eos_within_beam: bool = False,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into ``nbest`` hypotheses per row,
-    best first; ``trace`` records the search tree of every row."""
+    best first; ``trace`` records the search tree of every row. ``eos_within_beam``:
+    an <eos> ranked below the step's best ``beam`` candidates ends nothing (it is
+    dropped, as fairseq, Marian and HuggingFace drop it)."""
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest must be between 1 and the beam size ({beam}), got {nbest}")
     device = src.device
@@ -218,12 +226,15 @@ def beam_search(
         origin = top_index // width  # (n, 2 * beam): the hypothesis each one extends
         token = row_tokens.view(n, beam * width).gather(1, top_index)
         ends = token.eq(EOS_ID)
+        ending = ends
+        if eos_within_beam:  # candidates are sorted, best first
+            ending = ends & (torch.arange(ends.size(1), device=device) < beam)
         if trace is not None:
             considered = {"origin": origin, "token": token, "log_prob": top_scores}
 
         # Finished: merge this step's <eos> candidates into the n-best so far.
         penalty = length_penalty(torch.tensor(step + 1, device=device), alpha)
-        new_fin = torch.where(ends, top_scores / penalty, NEG_INF)
+        new_fin = torch.where(ending, top_scores / penalty, NEG_INF)
         if trace is not None:
             considered["score"] = new_fin
         prefix = alive.gather(1, origin[..., None].expand(-1, -1, step))  # (n, 2b, step)
@@ -302,7 +313,10 @@ class BeamSearch(Search):
             greedy = GreedySearch(GreedySearch.Options())
             return greedy.run(model, src, lengths, scores=scores, trace=trace)
         tree = BeamTrace() if trace else None
-        found = beam_search(model, src, opts.beam, opts.length_penalty, opts.nbest, lengths, tree)
+        found = beam_search(
+            model, src, opts.beam, opts.length_penalty, opts.nbest, lengths, tree,
+            opts.eos_within_beam,
+        )  # fmt: skip
         if tree is None:
             return [Found(hyps) for hyps in found]
         settings = {"size": opts.beam, "length_penalty": opts.length_penalty}

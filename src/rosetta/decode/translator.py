@@ -452,6 +452,7 @@ class CTranslate2Translator(Translator):
             outputs = self.engine.translate_batch(
                 [pieces[k] for k in members],
                 max_decoding_length=budget,
+                min_decoding_length=0,  # <eos> first is allowed, as in rosetta's searches
                 max_input_length=0,  # sources are within the limit already; never cut
                 max_batch_size=opts.batch_size,
                 batch_type="examples",

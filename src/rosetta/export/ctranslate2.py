@@ -82,9 +82,11 @@ def build_spec(model: Transformer, tokenizer: Tokenizer):
 
     check_representable(model)
     cfg = model.cfg
-    activation = (
-        common_spec.Activation.GELU if cfg.activation == "gelu" else (common_spec.Activation.RELU)
-    )
+    activation = {
+        "relu": common_spec.Activation.RELU,
+        "gelu": common_spec.Activation.GELU,
+        "swish": common_spec.Activation.SWISH,
+    }[cfg.activation]
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.encoder_layers, cfg.decoder_layers),
         cfg.heads,

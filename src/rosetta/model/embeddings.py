@@ -34,18 +34,24 @@ class TokenEmbedding(nn.Module):
 class SinusoidalPositions(nn.Module):
     """Fixed sinusoids: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
 
-    The paper's interleaved layout (sin on even, cos on odd features) is kept;
-    fairseq concatenates the two halves instead, which is equivalent up to a
-    permutation of features.
+    The paper's interleaved layout (sin on even, cos on odd features) by default;
+    ``halves=True`` puts every sine first and every cosine after them, as Marian
+    does (with the same frequencies), which a model trained so needs exactly.
     """
 
-    def __init__(self, d_model: int, max_positions: int) -> None:
+    def __init__(self, d_model: int, max_positions: int, halves: bool = False) -> None:
         super().__init__()
         position = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1)
         frequency = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
         table = torch.zeros(max_positions, d_model)
-        table[:, 0::2] = torch.sin(position * frequency)
-        table[:, 1::2] = torch.cos(position * frequency[: d_model // 2])
+        sines, cosines = torch.sin(position * frequency), torch.cos(position * frequency)
+        if halves:
+            split = (d_model + 1) // 2
+            table[:, :split] = sines
+            table[:, split:] = cosines[:, : d_model - split]
+        else:
+            table[:, 0::2] = sines
+            table[:, 1::2] = cosines[:, : d_model // 2]
         self.register_buffer("table", table, persistent=False)
 
     def forward(self, length: int, offset: int = 0) -> torch.Tensor:

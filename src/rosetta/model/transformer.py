@@ -37,7 +37,9 @@ from rosetta.model.packing import SourcePadding
 def _positions(cfg: TransformerConfig) -> nn.Module:
     if cfg.positional == "learned":
         return LearnedPositions(cfg.d_model, cfg.max_positions)
-    return SinusoidalPositions(cfg.d_model, cfg.max_positions)
+    return SinusoidalPositions(
+        cfg.d_model, cfg.max_positions, halves=cfg.positional == "sinusoidal_halves"
+    )
 
 
 class TransformerBase(Seq2Seq):
@@ -55,7 +57,7 @@ class TransformerBase(Seq2Seq):
         self.tgt_embed = EmbeddingBlock(tgt_tokens, _positions(cfg), cfg.dropout)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.output = Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.output = Linear(cfg.d_model, tgt_vocab_size, bias=cfg.output_bias)
         self._init_weights()
         if cfg.tie_output:
             self.output.weight = tgt_tokens.weight

@@ -1,0 +1,1 @@
+"""Models made elsewhere, converted into rosetta model directories."""
