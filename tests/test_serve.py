@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from rosetta.config import ServeConfig
+from rosetta.data.tokenizer import Tokenizer
 from rosetta.decode.translator import Translator
 from rosetta.serve.app import create_app
 from rosetta.serve.batcher import Batcher, QueueFull
@@ -417,7 +418,11 @@ def test_sigterm_finishes_queued_requests_then_exits(toy_model_dir):
         until(lambda s: s["batches"] >= 1, "the worker took the big request")
         for thread in threads[1:]:
             thread.start()
-        until(lambda s: s["queued"] > 0, "small requests were queued")
+        # every small request queued (subwords, as the batcher counts them) before the
+        # signal: one still connecting when it comes is refused, rightly
+        tokenizer = Tokenizer.load(toy_model_dir)
+        small = sum(max(1, len(ids)) for ids in tokenizer.encode_source(list(SENTENCES)))
+        until(lambda s: s["queued"] >= small, "every small request was queued")
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(120)
