@@ -286,3 +286,37 @@ def test_a_pickle_that_runs_code_is_not_loaded(folder, tmp_path):
     torch.save({"x": Evil()}, folder / "pytorch_model.bin")
     with pytest.raises(MarianImportError, match="cannot be read as plain tensors"):
         import_marian(folder, tmp_path / "out", log=lambda _: None)
+
+
+def test_the_imported_directory_evaluates_explains_and_serves(imported, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from rosetta.config import ServeConfig
+    from rosetta.serve.app import create_app
+    from rosetta.serve.service import TranslationService
+
+    *_, out = imported
+    texts = sentences("src", 4, 41)
+    (tmp_path / "src.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "ref.txt").write_text("\n".join(sentences("tgt", 4, 42)) + "\n")
+    rosetta = [sys.executable, "-m", "rosetta"]
+    done = subprocess.run(
+        [*rosetta, "evaluate", str(out), "--src", str(tmp_path / "src.txt"),
+         "--ref", str(tmp_path / "ref.txt")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0 and "BLEU" in done.stdout, done.stderr
+    done = subprocess.run(
+        [*rosetta, "attention", str(out), "--src", texts[0], "--format", "json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    attention = json.loads(done.stdout)
+    assert attention["columns"][-1] == "<eos>"  # Marian's </s> ends the source
+    service = TranslationService.load(out, config=ServeConfig(max_wait_ms=10))
+    with TestClient(create_app(service)) as client:
+        request = {"text": texts, "beam": 3, "nbest": 2, "return_search": True}
+        body = client.post("/v1/translate", json=request).json()
+        assert len(body["translations"]) == 4
+        assert all(len(t["hypotheses"]) == 2 for t in body["translations"])
+        assert client.get("/").status_code == 200  # the page
