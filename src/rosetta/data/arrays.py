@@ -1,11 +1,13 @@
 """Prepared id arrays on disk: written as they are made, read memory-mapped.
 
-A split is a folder of four ``.npy`` files::
+A split is a folder of ``.npy`` files::
 
     src.npy          int32, every source id of the split, pair after pair
     src_offsets.npy  int64, pair i's source is src[src_offsets[i]:src_offsets[i+1]]
     tgt.npy          int32, likewise for the targets
     tgt_offsets.npy  int64
+    src_lengths.npy  int32, each pair's source length (what batching reads)
+    tgt_lengths.npy  int32
 
 ``SplitWriter`` appends to them chunk by chunk (a ``.npy`` header is written
 first and rewritten with the final length at the end, in place: numpy reserves
@@ -25,7 +27,11 @@ from pathlib import Path
 import numpy as np
 
 ARRAYS = ("src", "src_offsets", "tgt", "tgt_offsets")
-_DTYPES = {"src": np.int32, "src_offsets": np.int64, "tgt": np.int32, "tgt_offsets": np.int64}
+# each pair's lengths too, so that batching reads 4 bytes a pair, not the offsets' 8 and
+# a difference (splits written before them compute them from the offsets)
+LENGTHS = ("src_lengths", "tgt_lengths")
+_DTYPES = {"src": np.int32, "src_offsets": np.int64, "tgt": np.int32, "tgt_offsets": np.int64,
+           "src_lengths": np.int32, "tgt_lengths": np.int32}  # fmt: skip
 
 
 @dataclass
@@ -52,8 +58,11 @@ class TokenizedSplit:
         return len(self.src_offsets) - 1
 
     def _length(self, side: str) -> np.ndarray:
-        if side not in self._lengths:  # computed once: the offsets may be millions long
-            self._lengths[side] = np.diff(getattr(self, f"{side}_offsets")).astype(np.int32)
+        if side not in self._lengths:  # computed once (without an int64 copy): the
+            offsets = getattr(self, f"{side}_offsets")  # offsets may be millions long
+            lengths = np.empty(len(offsets) - 1, dtype=np.int32)
+            np.subtract(offsets[1:], offsets[:-1], out=lengths, casting="unsafe")
+            self._lengths[side] = lengths
         return self._lengths[side]
 
     @property
@@ -82,7 +91,12 @@ class TokenizedSplit:
         """Maps a split folder read-only; ``path.npz`` (an older layout) is read whole."""
         path = Path(path)
         if path.is_dir():
-            return cls(*(np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS))
+            split = cls(*(np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS))
+            for name in LENGTHS:
+                if (path / f"{name}.npy").exists():
+                    side = name.removesuffix("_lengths")
+                    split._lengths[side] = np.load(path / f"{name}.npy", mmap_mode="r")
+            return split
         legacy = path.with_suffix(".npz")
         with np.load(legacy) as arrays:
             return cls(*(arrays[name] for name in ARRAYS))
@@ -140,7 +154,7 @@ class SplitWriter:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.files = {
-            name: NpyAppender(self.path / f"{name}.npy", _DTYPES[name]) for name in ARRAYS
+            name: NpyAppender(self.path / f"{name}.npy", _DTYPES[name]) for name in ARRAYS + LENGTHS
         }
         self.ends = {"src": 0, "tgt": 0}
         for side in ("src", "tgt"):
@@ -156,6 +170,7 @@ class SplitWriter:
             lengths = np.asarray(lengths, dtype=np.int64)
             self.files[side].append(flat)
             self.files[f"{side}_offsets"].append(self.ends[side] + np.cumsum(lengths))
+            self.files[f"{side}_lengths"].append(lengths)
             self.ends[side] += int(lengths.sum())
             self.tokens[side] += int(lengths.sum())
         self.pairs += len(src_lengths)
