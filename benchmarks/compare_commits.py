@@ -155,12 +155,22 @@ def run_worker(tree: Path, args: argparse.Namespace, data: Path) -> dict[str, fl
 
 
 def prepare_data(config: str) -> Path:
+    """The prepared train and test splits, as ``.npz`` files: the one layout every
+    version reads (later ones prepare a folder of ``.npy`` files per split)."""
+    import numpy as np
+
     from rosetta.config import load_config
-    from rosetta.data.prepare import prepare
+    from rosetta.data.arrays import ARRAYS
+    from rosetta.data.prepare import load_split, prepare
 
     prepared = load_config(config, ["experiment_dir=experiments/speed_data"])
     prepare(prepared, log=lambda _: None)
-    return prepared.experiment_dir / "data"
+    folder = prepared.experiment_dir / "npz"
+    folder.mkdir(exist_ok=True)
+    for split in ("train", "test"):
+        arrays = load_split(prepared, split)
+        np.savez(folder / f"{split}.npz", **{name: getattr(arrays, name) for name in ARRAYS})
+    return folder
 
 
 def main() -> None:

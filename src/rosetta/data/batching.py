@@ -201,9 +201,17 @@ class BatchIterator:
         self.max_tokens = max_tokens
         self.seed = seed
         self.corpora = corpora  # weighted corpora to ``mix`` each epoch, or None: all pairs
+        self._latest: tuple[int, list[np.ndarray]] | None = None
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's batches, as indices of pairs in the split."""
+        """The epoch's batches, as indices of pairs in the split. The latest epoch's
+        are kept: the batch count, the padding figure and the training loop ask
+        for the same epoch, and at millions of pairs it takes seconds to order."""
+        if self._latest is None or self._latest[0] != epoch:
+            self._latest = (epoch, self._order(epoch))
+        return self._latest[1]
+
+    def _order(self, epoch: int) -> list[np.ndarray]:
         if self.corpora is None:
             return make_batches(
                 self.split.src_lengths, self.split.tgt_lengths, self.max_tokens, self.seed, epoch
