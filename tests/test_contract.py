@@ -125,9 +125,7 @@ def test_a_model_directory_loads_back_to_the_same_outputs(arch, untrained_model_
 
 
 def run(search, model, rows, trace=False):
-    seed = search.seed
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return search.run(model, padded(rows), LENGTHS, trace=trace, generator=generator)
+    return search.run(model, padded(rows), LENGTHS, trace=trace)
 
 
 def several(search_type, model):

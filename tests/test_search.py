@@ -12,7 +12,7 @@ from rosetta.config import TransformerConfig
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from rosetta.decode import beam_search, greedy_search, sample
 from rosetta.decode.common import Lengths, length_penalty
-from rosetta.decode.sampling import filter_logits
+from rosetta.decode.sampling import draw, filter_logits, stream_uniforms
 from rosetta.model import build_model
 
 
@@ -126,16 +126,39 @@ def test_sampling_with_top_k_one_is_greedy_and_seeded_sampling_repeats():
     src = torch.randint(4, 30, (4, 6), generator=torch.Generator().manual_seed(2))
     greedy = [h.tokens for h in greedy_search(model, src)]
     assert [h.tokens for h in sample(model, src, top_k=1)] == greedy
-    first = sample(model, src, temperature=1.5, generator=torch.Generator().manual_seed(7))
-    second = sample(model, src, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    first = sample(model, src, seed=7, temperature=5.0)
+    second = sample(model, src, seed=7, temperature=5.0)
     assert [h.tokens for h in first] == [h.tokens for h in second]
+    other = sample(model, src, seed=8, temperature=5.0)
+    assert [h.tokens for h in first] != [h.tokens for h in other]
+
+
+def test_stream_draws_follow_the_distribution():
+    """Inverse-transform draws from counter-based uniforms: frequencies match the
+    probabilities (a zero-probability token is never drawn), and each stream's
+    draws do not depend on the other rows."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    rows = 40_000
+    streams = torch.arange(rows)
+    drawn = draw(
+        probs.expand(rows, -1), stream_uniforms(3, streams, torch.zeros(rows, dtype=torch.long))
+    )
+    counts = torch.bincount(drawn, minlength=5).float() / rows
+    assert counts[1] == 0
+    torch.testing.assert_close(counts, probs, atol=0.01, rtol=0)
+    alone = draw(probs[None], stream_uniforms(3, streams[7:8], torch.zeros(1, dtype=torch.long)))
+    assert alone.item() == drawn[7].item()
+    later = stream_uniforms(3, streams[:100], torch.ones(100, dtype=torch.long))
+    assert not torch.equal(
+        later, stream_uniforms(3, streams[:100], torch.zeros(100, dtype=torch.long))
+    )
 
 
 def test_a_sample_is_scored_by_the_model_as_beam_search_scores():
     # log_prob is under the model itself, not the tempered, filtered distribution
     model = make_model(30, seed=8)
     src = torch.randint(4, 30, (3, 5), generator=torch.Generator().manual_seed(4))
-    drawn = sample(model, src, temperature=1.7, top_k=4, generator=torch.Generator().manual_seed(1))
+    drawn = sample(model, src, seed=1, temperature=1.7, top_k=4)
     for row, hyp in enumerate(drawn):
         expected = sequence_log_prob(model, src[row : row + 1], hyp.tokens)
         assert hyp.log_prob == pytest.approx(expected, abs=1e-4)

@@ -243,16 +243,35 @@ def test_a_client_that_disconnects_leaves_the_queue(toy_model_dir):
 
 
 # ---- batching ----------------------------------------------------------------------------
+def served(service: TranslationService, requests: list[dict], clients: int) -> list[dict]:
+    with TestClient(create_app(service)) as client, ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda r: client.post("/v1/translate", json=r).json(), requests))
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(toy_model_dir):
-    service = make_service(toy_model_dir, max_wait_ms=300)
+    service = make_service(toy_model_dir, max_wait_ms=300, continuous=False)
     requests = [{"text": s} for s in SENTENCES] + [{"text": s, "beam": 1} for s in SENTENCES]
-    with TestClient(create_app(service)) as client, ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda r: client.post("/v1/translate", json=r).json(), requests))
+    answers = served(service, requests, 8)
     got = [a["translations"][0]["text"] for a in answers]
     assert got == offline(toy_model_dir, SENTENCES) + offline(toy_model_dir, SENTENCES, beam=1)
     stats = service.batcher.stats
     assert stats.jobs == 8 and stats.largest > 1  # batched across requests
     assert stats.batches >= 2  # beam 5 and greedy never share a batch
+
+
+def test_streamed_requests_share_decoding_steps_and_each_gets_its_own_answer(toy_model_dir):
+    """Continuous batching: requests join the running search; each answer is the
+    offline one, and concurrent requests take fewer steps than one after another."""
+    requests = [{"text": s} for s in SENTENCES] + [{"text": s, "beam": 1} for s in SENTENCES]
+    alone = make_service(toy_model_dir)
+    served(alone, requests, 1)
+    together = make_service(toy_model_dir)
+    answers = served(together, requests, 8)
+    got = [a["translations"][0]["text"] for a in answers]
+    assert got == offline(toy_model_dir, SENTENCES) + offline(toy_model_dir, SENTENCES, beam=1)
+    assert together.batcher.stats.streamed == alone.batcher.stats.streamed == 8
+    assert together.batcher.stats.batches == 0  # nothing went through groups
+    assert together.batcher.stats.steps < alone.batcher.stats.steps
 
 
 def test_batcher_groups_by_key_and_budget_and_drains_on_stop():
@@ -415,7 +434,8 @@ def test_sigterm_finishes_queued_requests_then_exits(toy_model_dir):
         # behind the big one, whatever this machine's speed
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(-1, len(SENTENCES))]
         threads[0].start()
-        until(lambda s: s["batches"] >= 1, "the worker took the big request")
+        took = lambda s: s["batches"] + s["requests_streamed"] >= 1  # noqa: E731
+        until(took, "the worker took the big request")
         for thread in threads[1:]:
             thread.start()
         # every small request queued (subwords, as the batcher counts them) before the

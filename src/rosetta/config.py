@@ -481,6 +481,15 @@ class ServeConfig(Section):
     )  # fmt: skip
     max_queue: int = Field(65536, ge=1, description="source subwords waiting (503 beyond)")
     batch_tokens: int = Field(4000, ge=1, description="source subwords decoded together at most")
+    continuous: bool = Field(
+        True,
+        description="continuous batching (torch engine): a request's sentences join the running "
+        "search at the next step and leave it when they end; false: requests are grouped, and "
+        "each group decoded until its longest sentence ends",
+    )
+    max_sentences: int = Field(
+        64, ge=1, description="sentences decoded together at most (continuous batching)"
+    )
     max_wait_ms: float = Field(
         20.0, ge=0.0, description="how long a group waits for requests still coming"
     )

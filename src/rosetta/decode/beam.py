@@ -16,6 +16,7 @@ sequence as exhaustive search (see the tests).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,15 +29,14 @@ from rosetta.decode.common import (
     Found,
     Hypothesis,
     Lengths,
-    Search,
     SearchOptions,
     Trace,
-    forbid_tokens,
     force_eos,
     length_penalty,
 )
-from rosetta.decode.greedy import GreedySearch
-from rosetta.model.interface import IncrementalDecoder, Seq2Seq
+from rosetta.decode.engine import Engine, LeftToRightSearch, Rows, run_all
+from rosetta.decode.greedy import TokenRows, forbid_early_eos
+from rosetta.model.interface import Seq2Seq
 
 NEG_INF = float("-inf")
 
@@ -91,8 +91,9 @@ class BeamTrace:
     _alive: dict[int, list[int | None]] = field(default_factory=dict)
     _finished: dict[int, list[int | None]] = field(default_factory=dict)
 
-    def start(self, batch: int, beam: int) -> None:
-        for row in range(batch):
+    def start(self, rows: list[int], beam: int) -> None:
+        """Roots for the sentences numbered ``rows``."""
+        for row in rows:
             root = {"id": 0, "parent": None, "step": 0, "token": BOS_ID, "log_prob": 0.0}
             self.nodes[row] = [{**root, "status": "root"}]
             self._alive[row] = [0] + [None] * (beam - 1)
@@ -100,7 +101,7 @@ class BeamTrace:
 
     def step(
         self,
-        step: int,
+        steps: torch.Tensor,
         active: torch.Tensor,
         candidates: dict[str, torch.Tensor],
         pick: torch.Tensor,
@@ -108,13 +109,14 @@ class BeamTrace:
         keep: torch.Tensor,
         kept_scores: torch.Tensor,
     ) -> None:
-        """Records one step for the ``active`` rows. ``candidates`` holds (n, 2 * beam)
+        """Records one step for the ``active`` rows, each at its own step (``steps``:
+        the steps done before this one). ``candidates`` holds (n, 2 * beam)
         ``origin``, ``token``, ``log_prob``, ``score`` (finished ones); ``pick`` the
         finished n-best drawn from [previous finished; candidates] and
         ``picked_scores`` their scores (-inf: an empty slot), ``keep`` the candidates
         kept alive and ``kept_scores`` theirs."""
         columns = {name: values.tolist() for name, values in candidates.items()}
-        for i, row in enumerate(active.tolist()):
+        for i, (row, step) in enumerate(zip(active.tolist(), steps.tolist())):
             nodes, alive = self.nodes[row], self._alive[row]
             made: list[int | None] = []
             for origin, token, log_prob, score in zip(
@@ -157,6 +159,142 @@ class BeamTrace:
         return {"nodes": self.nodes[row], "chosen": self.chosen.get(row, [])}
 
 
+class BeamRows(Rows):
+    """Beam search's bookkeeping for the sentences in an engine, on tensors of shape
+    (sentences, beam, ...), each sentence at its own step (``ages``)."""
+
+    def __init__(self, lengths: Lengths, scores: bool, trace: bool, options: BeamOptions) -> None:
+        super().__init__(lengths, scores, trace)
+        self.group = self.beam = options.beam
+        self.alpha, self.nbest = options.length_penalty, options.nbest
+        self.eos_within_beam = options.eos_within_beam
+        beam = self.beam
+        self.serials = torch.zeros(0, dtype=torch.long)  # the engine's number of each
+        self.ages = torch.zeros(0, dtype=torch.long)
+        self.budget = torch.zeros(0, dtype=torch.long)
+        # live hypotheses: scores, and tokens (sentences, beam, longest budget)
+        self.live_scores = torch.zeros(0, beam)
+        self.alive = torch.zeros(0, beam, 0, dtype=torch.long)
+        self.last = torch.zeros(0, dtype=torch.long)  # (sentences * beam,)
+        # finished hypotheses (tokens without <eos>), best first
+        self.fin_scores = torch.zeros(0, beam)
+        self.fin_log_probs = torch.zeros(0, beam)
+        self.fin_tokens = torch.zeros(0, beam, 0, dtype=torch.long)
+        self.tree = BeamTrace() if trace else None
+        self.settings = {"size": beam, "length_penalty": self.alpha}
+
+    def admit(self, budget: torch.Tensor, sources: Sequence[Sequence[int]], copies: list[int],
+              serials: torch.Tensor) -> None:  # fmt: skip
+        device, count, beam = budget.device, budget.size(0), self.beam
+        width = max(self.alive.size(2), int(budget.max()))
+
+        def widened(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            return torch.nn.functional.pad(t, (0, width - t.size(2)), value=PAD_ID)
+
+        empty = torch.full((count, beam, width), PAD_ID, dtype=torch.long, device=device)
+        self.alive = torch.cat([widened(self.alive), empty])
+        self.fin_tokens = torch.cat([widened(self.fin_tokens), empty])
+        # only beam 0 starts alive, so the first step has no duplicates
+        start = torch.full((count, beam), NEG_INF, device=device)
+        start[:, 0] = 0.0
+        self.live_scores = torch.cat([self.live_scores.to(device), start])
+        nothing = torch.full((count, beam), NEG_INF, device=device)
+        self.fin_scores = torch.cat([self.fin_scores.to(device), nothing])
+        self.fin_log_probs = torch.cat([self.fin_log_probs.to(device), nothing])
+        self.ages = torch.cat([self.ages.to(device), torch.zeros_like(budget)])
+        self.budget = torch.cat([self.budget.to(device), budget])
+        self.serials = torch.cat([self.serials.to(device), serials])
+        bos = torch.full((count * beam,), BOS_ID, dtype=torch.long, device=device)
+        self.last = torch.cat([self.last.to(device), bos])
+        if self.tree is not None:
+            self.tree.start(serials.tolist(), beam)
+
+    def tokens(self) -> torch.Tensor:
+        return self.last
+
+    def advance(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        beam, n, device = self.beam, self.ages.size(0), logits.device
+        ages = self.ages
+        logits = logits.float()
+        normalizer = logits.logsumexp(dim=-1, keepdim=True)
+        row_ages = ages.repeat_interleave(beam)
+        logits = forbid_early_eos(logits, row_ages, self.lengths.min_len)
+        logits = force_eos(logits, self.budget.repeat_interleave(beam) <= row_ages + 1)
+        # Every hypothesis's best 2 * beam continuations hold the sentence's best
+        # 2 * beam: a continuation outranked within its own row is outranked overall.
+        vocab = logits.size(-1)
+        width = min(2 * beam, vocab)
+        row_logits, row_tokens = logits.topk(width, dim=-1)  # (n * beam, width)
+        candidates = (self.live_scores.view(-1, 1) + (row_logits - normalizer)).view(n, -1)
+        top_scores, top_index = candidates.topk(min(2 * beam, beam * width), dim=1)
+        origin = top_index // width  # (n, 2 * beam): the hypothesis each one extends
+        token = row_tokens.view(n, beam * width).gather(1, top_index)
+        ends = token.eq(EOS_ID)
+        ending = ends
+        if self.eos_within_beam:  # candidates are sorted, best first
+            ending = ends & (torch.arange(ends.size(1), device=device) < beam)
+
+        # Finished: merge this step's <eos> candidates into the n-best so far.
+        penalty = length_penalty(ages + 1, self.alpha)[:, None]  # (n, 1)
+        new_fin = torch.where(ending, top_scores / penalty, NEG_INF)
+        steps = self.alive.size(2)
+        prefix = self.alive.gather(1, origin[..., None].expand(-1, -1, steps))  # (n, 2b, T)
+        fin_scores, pick = torch.cat([self.fin_scores, new_fin], dim=1).topk(beam, dim=1)
+        self.fin_log_probs = torch.cat([self.fin_log_probs, top_scores], 1).gather(1, pick)
+        pool_tokens = torch.cat([self.fin_tokens, prefix], dim=1)
+        self.fin_tokens = pool_tokens.gather(1, pick[..., None].expand(-1, -1, steps))
+        self.fin_scores = fin_scores
+
+        # Alive: the best `beam` continuations that did not end.
+        scores, keep = torch.where(ends, NEG_INF, top_scores).topk(beam, dim=1)
+        kept_origin, kept_token = origin.gather(1, keep), token.gather(1, keep)  # (n, beam)
+        alive = self.alive.gather(1, kept_origin[..., None].expand(-1, -1, steps))
+        alive.scatter_(2, ages[:, None, None].expand(-1, beam, 1), kept_token[..., None])
+        if self.tree is not None:
+            considered = {"origin": origin, "token": token, "log_prob": top_scores,
+                          "score": new_fin}  # fmt: skip
+            self.tree.step(ages, self.serials, considered, pick, fin_scores, keep, scores)
+        self.alive, self.live_scores, self.last = alive, scores, kept_token.view(-1)
+        self.ages = ages + 1
+        offsets = (torch.arange(n, device=device) * beam)[:, None]  # (n, 1)
+        order = (kept_origin + offsets).view(-1)
+
+        best_reachable = scores.max(dim=1).values / length_penalty(self.budget, self.alpha)
+        done = (self.fin_scores[:, -1] >= best_reachable) | (self.ages >= self.budget)
+        return order, done
+
+    def results(self, index: torch.Tensor) -> list[Found]:
+        if self.tree is not None:
+            self.tree.finish(self.serials[index], self.nbest)
+        tokens = self.fin_tokens[index, : self.nbest]
+        scores = self.fin_scores[index, : self.nbest].tolist()
+        log_probs = self.fin_log_probs[index, : self.nbest].tolist()
+        found = []
+        for i, serial in enumerate(self.serials[index].tolist()):
+            hyps = [
+                Hypothesis(seq[seq.ne(PAD_ID)].tolist(), scores[i][rank], log_probs[i][rank])
+                for rank, seq in enumerate(tokens[i])
+            ]
+            trace = None
+            if self.tree is not None:
+                tree = self.settings | self.tree.of_row(serial)
+                trace = Trace.left_to_right(hyps[0].tokens, tree)
+            found.append(Found(hyps, trace))
+        return found
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.serials, self.ages, self.budget = (
+            self.serials[index],
+            self.ages[index],
+            self.budget[index],
+        )
+        self.live_scores, self.alive = self.live_scores[index], self.alive[index]
+        self.fin_scores, self.fin_log_probs = self.fin_scores[index], self.fin_log_probs[index]
+        self.fin_tokens = self.fin_tokens[index]
+        self.last = self.last.view(-1, self.beam)[index].view(-1)
+
+
 @torch.inference_mode()
 def beam_search(
     model: Seq2Seq,
@@ -165,165 +303,36 @@ def beam_search(
     alpha: float = BeamOptions().length_penalty,
     nbest: int = 1,
     lengths: Lengths = DEFAULT_LENGTHS,
-    trace: BeamTrace | None = None,
     eos_within_beam: bool = False,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into ``nbest`` hypotheses per row,
-    best first; ``trace`` records the search tree of every row. ``eos_within_beam``:
-    an <eos> ranked below the step's best ``beam`` candidates ends nothing (it is
-    dropped, as fairseq, Marian and HuggingFace drop it)."""
+    best first. ``eos_within_beam``: an <eos> ranked below the step's best ``beam``
+    candidates ends nothing (it is dropped, as fairseq, Marian and HuggingFace drop
+    it)."""
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest must be between 1 and the beam size ({beam}), got {nbest}")
-    device = src.device
-    batch = src.size(0)
-    budget = lengths.per_source(src)  # (batch,)
-    steps, first_budget = int(budget.max()), int(budget.min())
-    state = model.init_state(model.encode(src))
-    # The first step reads only <bos>, the same for a sentence's whole beam: it runs
-    # once per sentence, and the sentence gets its beam hypotheses (sharing its
-    # encoder side) afterwards.
-    bos = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
-    first_logits = model.decode_step(bos, state)
-    state.expand(beam)
-    tokens = bos.repeat_interleave(beam)  # (batch * beam,): what each hypothesis read last
-
-    # Results of finished sentences, by original row.
-    out_scores = torch.full((batch, beam), NEG_INF, device=device)
-    out_log_probs = torch.full((batch, beam), NEG_INF, device=device)
-    out_tokens = torch.full((batch, beam, steps), PAD_ID, dtype=torch.long, device=device)
-
-    # Working set: the sentences still searching (`active` holds their original rows).
-    active = torch.arange(batch, device=device)
-    # Live hypotheses; only beam 0 starts alive so the first step has no duplicates.
-    scores = torch.full((batch, beam), NEG_INF, device=device)
-    scores[:, 0] = 0.0
-    alive = torch.empty((batch, beam, 0), dtype=torch.long, device=device)
-    # Finished hypotheses of the active sentences (tokens without <eos>), best first.
-    fin_scores = torch.full((batch, beam), NEG_INF, device=device)
-    fin_log_probs = torch.full((batch, beam), NEG_INF, device=device)
-    fin_tokens = torch.full((batch, beam, steps), PAD_ID, dtype=torch.long, device=device)
-    if trace is not None:
-        trace.start(batch, beam)
-
-    for step in range(steps):
-        n = len(active)
-        if step == 0:  # rows of beam 0, the only one alive, are what count
-            logits = first_logits.float().repeat_interleave(beam, dim=0)
-        else:
-            logits = model.decode_step(tokens, state).float()  # (n * beam, vocab)
-        normalizer = logits.logsumexp(dim=-1, keepdim=True)
-        logits = forbid_tokens(logits, step, lengths.min_len)
-        if step + 1 >= first_budget:  # some sentence may have reached its length budget
-            row_budget = budget[active].repeat_interleave(beam)  # (n * beam,)
-            logits = force_eos(logits, row_budget <= step + 1)
-        # Every hypothesis's best 2 * beam continuations hold the sentence's best
-        # 2 * beam: a continuation outranked within its own row is outranked overall.
-        vocab = logits.size(-1)
-        width = min(2 * beam, vocab)
-        row_logits, row_tokens = logits.topk(width, dim=-1)  # (n * beam, width)
-        candidates = (scores.view(-1, 1) + (row_logits - normalizer)).view(n, beam * width)
-        top_scores, top_index = candidates.topk(min(2 * beam, beam * width), dim=1)
-        origin = top_index // width  # (n, 2 * beam): the hypothesis each one extends
-        token = row_tokens.view(n, beam * width).gather(1, top_index)
-        ends = token.eq(EOS_ID)
-        ending = ends
-        if eos_within_beam:  # candidates are sorted, best first
-            ending = ends & (torch.arange(ends.size(1), device=device) < beam)
-        if trace is not None:
-            considered = {"origin": origin, "token": token, "log_prob": top_scores}
-
-        # Finished: merge this step's <eos> candidates into the n-best so far.
-        penalty = length_penalty(torch.tensor(step + 1, device=device), alpha)
-        new_fin = torch.where(ending, top_scores / penalty, NEG_INF)
-        if trace is not None:
-            considered["score"] = new_fin
-        prefix = alive.gather(1, origin[..., None].expand(-1, -1, step))  # (n, 2b, step)
-        prefix = torch.nn.functional.pad(prefix, (0, steps - step), value=PAD_ID)
-        fin_scores, pick = torch.cat([fin_scores, new_fin], dim=1).topk(beam, dim=1)
-        fin_log_probs = torch.cat([fin_log_probs, top_scores], 1).gather(1, pick)
-        pool_tokens = torch.cat([fin_tokens, prefix], dim=1)
-        fin_tokens = pool_tokens.gather(1, pick[..., None].expand(-1, -1, steps))
-
-        # Alive: the best `beam` continuations that did not end.
-        scores, keep = torch.where(ends, NEG_INF, top_scores).topk(beam, dim=1)
-        origin, token = origin.gather(1, keep), token.gather(1, keep)  # (n, beam)
-        alive = torch.cat(
-            [alive.gather(1, origin[..., None].expand(-1, -1, step)), token[..., None]], dim=2
-        )
-        offsets = (torch.arange(n, device=device) * beam)[:, None]  # (n, 1)
-        state.select((origin + offsets).view(-1))
-        if trace is not None:
-            trace.step(step, active, considered, pick, fin_scores, keep, scores)
-        tokens = token.view(-1)
-
-        best_reachable = scores.max(dim=1).values / length_penalty(budget[active], alpha)
-        done = fin_scores[:, -1] >= best_reachable
-        if step == steps - 1:
-            done[:] = True
-        if bool(done.any()):
-            # store the finished sentences' n-best and drop them from the working set
-            rows = active[done]
-            if trace is not None:
-                trace.finish(rows, nbest)
-            out_scores[rows], out_log_probs[rows] = fin_scores[done], fin_log_probs[done]
-            out_tokens[rows] = fin_tokens[done]
-            if bool(done.all()):
-                break
-            keep = (~done).nonzero().squeeze(1)
-            active = active[keep]
-            scores, alive, tokens = scores[keep], alive[keep], tokens.view(n, beam)[keep].view(-1)
-            fin_scores, fin_log_probs = fin_scores[keep], fin_log_probs[keep]
-            fin_tokens = fin_tokens[keep]
-            state.select_sources(keep)
-
-    results = []
-    for row in range(batch):
-        hyps = []
-        for rank in range(nbest):
-            seq = out_tokens[row, rank]
-            hyps.append(
-                Hypothesis(
-                    seq[seq.ne(PAD_ID)].tolist(),
-                    float(out_scores[row, rank]),
-                    float(out_log_probs[row, rank]),
-                )
-            )
-        results.append(hyps)
-    return results
+    options = BeamOptions(beam=beam, nbest=nbest, length_penalty=alpha,
+                          eos_within_beam=eos_within_beam)  # fmt: skip
+    found = BeamSearch(options).beam_run(model, src, lengths)
+    return [result.hypotheses for result in found]
 
 
-class BeamSearch(Search):
+class BeamSearch(LeftToRightSearch):
     in_ctranslate2 = True
     Options = BeamOptions
-    needs = IncrementalDecoder
     options: BeamOptions
 
-    def run(
-        self,
-        model: Any,
-        src: torch.Tensor,
-        lengths: Lengths,
-        *,
-        scores: bool = True,
-        trace: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> list[Found]:
+    def rows(self, lengths: Lengths, scores: bool, trace: bool) -> Rows:
         opts = self.options
         if opts.beam == 1 and opts.nbest == 1:  # greedy search, without a tree (as cheap)
-            greedy = GreedySearch(GreedySearch.Options())
-            return greedy.run(model, src, lengths, scores=scores, trace=trace)
-        tree = BeamTrace() if trace else None
-        found = beam_search(
-            model, src, opts.beam, opts.length_penalty, opts.nbest, lengths, tree,
-            opts.eos_within_beam,
-        )  # fmt: skip
-        if tree is None:
-            return [Found(hyps) for hyps in found]
-        settings = {"size": opts.beam, "length_penalty": opts.length_penalty}
-        return [
-            Found(hyps, Trace.left_to_right(hyps[0].tokens, settings | tree.of_row(row)))
-            for row, hyps in enumerate(found)
-        ]
+            return TokenRows(lengths, scores, trace)
+        return BeamRows(lengths, scores, trace, opts)
+
+    def beam_run(self, model: Any, src: torch.Tensor, lengths: Lengths) -> list[Found]:
+        """The beam search itself on a padded batch, even with a beam of 1."""
+        with torch.inference_mode():
+            rows = BeamRows(lengths, True, False, self.options)
+            return run_all(Engine(model, rows, lengths, 1, src.size(0), 1 << 62), src)
 
     def for_hypotheses(self, count: int) -> dict[str, Any]:
         return {"beam": max(self.options.beam, count), "nbest": count}

@@ -161,8 +161,9 @@ class Search(ABC):
 
     @property
     def seed(self) -> int | None:
-        """The seed of a search that draws at random (each ``Translator`` call starts
-        from it, so the same call gives the same output); None: deterministic."""
+        """The seed of a search that draws at random (what a sentence draws is a
+        function of it and the sentence: the same call gives the same output);
+        None: deterministic."""
         return None
 
     @abstractmethod
@@ -174,7 +175,6 @@ class Search(ABC):
         *,
         scores: bool = True,
         trace: bool = False,
-        generator: torch.Generator | None = None,
     ) -> list[Found]:
         """Searches a padded source batch (batch, src_len): one ``Found`` per row.
         ``scores=False`` lets a search skip log-probabilities it does not need

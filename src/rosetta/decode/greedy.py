@@ -1,13 +1,14 @@
-"""Greedy search: the arg-max token at every step, batched, with the KV cache.
+"""Greedy search: the arg-max token at every step, with the KV cache, on the
+decoding engine (``rosetta.decode.engine``).
 
-``decode_rows`` is the loop it shares with sampling (``rosetta.decode.sampling``):
-one hypothesis per source row, finished sentences dropped from the batch
-(``DecoderState.select_sources``), so the work per step shrinks as they end.
+``TokenRows`` is the bookkeeping it shares with sampling
+(``rosetta.decode.sampling``): one hypothesis per sentence, which leaves the
+engine when it ends, so the work per step follows the sentences still running.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,73 +19,91 @@ from rosetta.decode.common import (
     Found,
     Hypothesis,
     Lengths,
-    Search,
     SearchOptions,
     Trace,
     forbid_tokens,
     force_eos,
 )
-from rosetta.model.interface import IncrementalDecoder, Seq2Seq
+from rosetta.decode.engine import LeftToRightSearch, Rows
+from rosetta.model.interface import Seq2Seq
 
 
-def decode_rows(
-    model: Seq2Seq,
-    src: torch.Tensor,
-    choose: Callable[[torch.Tensor], torch.Tensor],
-    lengths: Lengths,
-    with_scores: bool,
-) -> list[Hypothesis]:
-    """The loop of every one-hypothesis-per-row search: at each step ``choose`` picks a
-    token per live row from its logits (batch, vocab), where forbidden tokens are -inf
-    and a row at its length budget may only end; finished rows leave the batch.
+def forbid_early_eos(logits: torch.Tensor, ages: torch.Tensor, min_len: int) -> torch.Tensor:
+    """``forbid_tokens`` for rows at positions ``ages`` (rows,): <pad> and <bos>
+    never, <eos> not before ``min_len`` tokens."""
+    logits = forbid_tokens(logits, min_len, min_len)  # <pad>, <bos>
+    if min_len:
+        logits[:, EOS_ID] = logits[:, EOS_ID].masked_fill(ages < min_len, float("-inf"))
+    return logits
+
+
+class TokenRows(Rows):
+    """One hypothesis per sentence: at each step ``choose`` picks a token per row
+    from its logits (rows, vocab), where forbidden tokens are -inf and a row at its
+    length budget may only end.
 
     A hypothesis's score is its log-probability under the model, which takes a
-    vocabulary-wide log-sum-exp per step; with ``with_scores=False`` it is skipped
-    and ``score`` and ``log_prob`` are NaN.
+    vocabulary-wide log-sum-exp per step; with ``scores=False`` it is skipped and
+    ``score`` and ``log_prob`` are NaN.
     """
-    batch = src.size(0)
-    budget = lengths.per_source(src)
-    state = model.init_state(model.encode(src))
-    device = src.device
-    steps, first_budget = int(budget.max()), int(budget.min())
-    alive = torch.arange(batch, device=device)  # original row of each live sentence
-    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
-    # live sentences' outputs and scores, in the order of `alive`; a sentence's are
-    # moved to `outputs` and `scores` (by original row) when it leaves the batch
-    live_outputs = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
-    live_scores = torch.zeros(batch, device=device)
-    outputs, scores = live_outputs.clone(), live_scores.clone()
-    for step in range(steps):
-        logits = model.decode_step(tokens, state).float()
+
+    def __init__(self, lengths: Lengths, scores: bool, trace: bool) -> None:
+        super().__init__(lengths, scores, trace)
+        self.ages = torch.zeros(0, dtype=torch.long)
+        self.budget = torch.zeros(0, dtype=torch.long)
+        self.last = torch.zeros(0, dtype=torch.long)  # the token each row read last
+        self.outputs = torch.zeros(0, 0, dtype=torch.long)  # (sentences, longest budget)
+        self.sums = torch.zeros(0)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The token of every row: the arg-max (sampling draws instead)."""
+        return logits.argmax(dim=-1)
+
+    def admit(self, budget: torch.Tensor, sources: Sequence[Sequence[int]], copies: list[int],
+              serials: torch.Tensor) -> None:  # fmt: skip
+        device, count = budget.device, budget.size(0)
+        width = max(self.outputs.size(1), int(budget.max()))
+        grow = (0, width - self.outputs.size(1))
+        outputs = torch.nn.functional.pad(self.outputs.to(device), grow, value=PAD_ID)
+        new = torch.full((count, width), PAD_ID, dtype=torch.long, device=device)
+        self.outputs = torch.cat([outputs, new])
+        self.ages = torch.cat([self.ages.to(device), torch.zeros_like(budget)])
+        self.budget = torch.cat([self.budget.to(device), budget])
+        bos = torch.full_like(budget, BOS_ID)
+        self.last = torch.cat([self.last.to(device), bos])
+        self.sums = torch.cat([self.sums.to(device), torch.zeros(count, device=device)])
+
+    def tokens(self) -> torch.Tensor:
+        return self.last
+
+    def advance(self, logits: torch.Tensor) -> tuple[None, torch.Tensor]:
+        logits = logits.float()
         # only the chosen token's log-probability is needed: logit - logsumexp
-        normalizer = logits.logsumexp(dim=-1) if with_scores else None
-        logits = forbid_tokens(logits, step, lengths.min_len)
-        if step + 1 >= first_budget:  # some sentence may have reached its length budget
-            logits = force_eos(logits, budget[alive] <= step + 1)
-        tokens = choose(logits)
-        live_outputs[:, step] = tokens
-        if with_scores:  # a chosen token is never a forbidden one: its raw logit
-            live_scores += logits.gather(1, tokens[:, None]).squeeze(1).sub_(normalizer)
-        running = tokens.ne(EOS_ID)
-        still_running = int(running.sum())  # the one host sync of the step
-        if still_running < len(alive):
-            done = (~running).nonzero().squeeze(1)
-            outputs[alive[done]], scores[alive[done]] = live_outputs[done], live_scores[done]
-            if still_running == 0:
-                break
-            keep = running.nonzero().squeeze(1)
-            state.select_sources(keep)
-            alive, tokens = alive[keep], tokens[keep]
-            live_outputs, live_scores = live_outputs[keep], live_scores[keep]
-    else:  # the length budget ends the search for every sentence still running
-        outputs[alive], scores[alive] = live_outputs, live_scores
-    if not with_scores:
-        scores.fill_(float("nan"))
-    results = []
-    for row, score in zip(outputs.tolist(), scores.tolist()):
-        sequence = row[: row.index(EOS_ID)] if EOS_ID in row else row
-        results.append(Hypothesis([t for t in sequence if t != PAD_ID], score, score))
-    return results
+        normalizer = logits.logsumexp(dim=-1) if self.scores else None
+        logits = forbid_early_eos(logits, self.ages, self.lengths.min_len)
+        logits = force_eos(logits, self.budget <= self.ages + 1)
+        tokens = self.choose(logits)
+        rows = torch.arange(tokens.size(0), device=tokens.device)
+        self.outputs[rows, self.ages] = tokens
+        if self.scores:  # a chosen token is never a forbidden one: its raw logit
+            self.sums += logits.gather(1, tokens[:, None]).squeeze(1).sub_(normalizer)
+        self.ages += 1
+        self.last = tokens
+        return None, tokens.eq(EOS_ID)
+
+    def results(self, index: torch.Tensor) -> list[Found]:
+        scores = self.sums[index] if self.scores else torch.full((len(index),), float("nan"))
+        found = []
+        for row, score in zip(self.outputs[index].tolist(), scores.tolist()):
+            sequence = row[: row.index(EOS_ID)] if EOS_ID in row else row
+            tokens = [t for t in sequence if t != PAD_ID]
+            trace = Trace.left_to_right(tokens) if self.trace else None
+            found.append(Found([Hypothesis(tokens, score, score)], trace))
+        return found
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.ages, self.budget = self.ages[index], self.budget[index]
+        self.last, self.sums, self.outputs = self.last[index], self.sums[index], self.outputs[index]
 
 
 @torch.inference_mode()
@@ -97,7 +116,8 @@ def greedy_search(
     """Decodes a padded source batch (batch, src_len) with the arg-max token at every
     step; returns one hypothesis per row. Callers that only want the tokens pass
     ``with_scores=False`` (as HF's ``generate`` and CTranslate2 do by default)."""
-    return decode_rows(model, src, lambda logits: logits.argmax(dim=-1), lengths, with_scores)
+    search = GreedySearch(GreedySearch.Options())
+    return [found.hypotheses[0] for found in search.run(model, src, lengths, scores=with_scores)]
 
 
 class GreedyOptions(SearchOptions):
@@ -106,23 +126,12 @@ class GreedyOptions(SearchOptions):
     kind: Literal["greedy"] = "greedy"
 
 
-class GreedySearch(Search):
+class GreedySearch(LeftToRightSearch):
     in_ctranslate2 = True
     Options = GreedyOptions
-    needs = IncrementalDecoder
 
-    def run(
-        self,
-        model: Any,
-        src: torch.Tensor,
-        lengths: Lengths,
-        *,
-        scores: bool = True,
-        trace: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> list[Found]:
-        found = greedy_search(model, src, lengths, with_scores=scores)
-        return [Found([h], Trace.left_to_right(h.tokens) if trace else None) for h in found]
+    def rows(self, lengths: Lengths, scores: bool, trace: bool) -> Rows:
+        return TokenRows(lengths, scores, trace)
 
     def for_hypotheses(self, count: int) -> dict[str, Any]:
         # several hypotheses: the beam search just wide enough for them

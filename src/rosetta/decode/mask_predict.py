@@ -150,7 +150,6 @@ class MaskPredictSearch(Search):
         *,
         scores: bool = True,
         trace: bool = False,
-        generator: torch.Generator | None = None,
     ) -> list[Found]:
         opts = self.options
         inputs: list[list[int]] | None = [] if trace else None

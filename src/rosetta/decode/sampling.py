@@ -9,22 +9,18 @@ already).
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
-from rosetta.decode.common import (
-    DEFAULT_LENGTHS,
-    Found,
-    Hypothesis,
-    Lengths,
-    Search,
-    SearchOptions,
-    Trace,
-)
-from rosetta.decode.greedy import decode_rows
-from rosetta.model.interface import IncrementalDecoder, Seq2Seq
+from rosetta.decode.common import DEFAULT_LENGTHS, Hypothesis, Lengths, SearchOptions
+from rosetta.decode.engine import LeftToRightSearch, Rows
+from rosetta.decode.greedy import TokenRows
+from rosetta.model.interface import Seq2Seq
 
 # Below this temperature CTranslate2's float32 division could overflow to NaN; sampling
 # there draws the best token, which is what rosetta's sampling does (``tempered``)
@@ -88,11 +84,75 @@ def sampling_probs(
     return filter_logits(tempered(logits, temperature), top_k, top_p).softmax(dim=-1)
 
 
-@torch.inference_mode()
+HASH_BITS = 31
+
+
+def _mixed(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of int64 values in [0, 2**31), to [0, 2**31) (two rounds of
+    xor-shift-multiply; products stay below 2**58, so int64 never overflows)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) % (1 << HASH_BITS)
+    return x ^ (x >> 16)
+
+
+def stream_uniforms(seed: int, streams: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform number in (0, 1) per row (float64), a function of the ``seed``, the
+    row's ``streams`` id and its ``counters`` (the step) alone: a counter-based
+    generator, so what a sentence draws does not depend on the other rows of its
+    batch, on when it joined the search, or on the device."""
+    base = _mixed(torch.tensor(seed % (1 << HASH_BITS), device=streams.device))
+    h = _mixed(_mixed(base ^ streams) ^ (counters % (1 << HASH_BITS)))
+    return (h.double() + 0.5) / (1 << HASH_BITS)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token of each row (rows, vocab) whose cumulative probability first exceeds
+    its uniform number (inverse transform sampling): a token of probability 0 is
+    never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    at = (uniforms * cdf[:, -1])[:, None]  # below the total: some token exceeds it
+    return torch.searchsorted(cdf, at, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
+
+
+def stream_of(ids: Sequence[int], copy: int) -> int:
+    """The random stream of sample ``copy`` of a source: from its ids, so the same
+    sentence draws the same sample with the same seed wherever it is decoded."""
+    digest = zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes())
+    return (digest + copy * 0x9E3779B1) % (1 << HASH_BITS)
+
+
+class SampleRows(TokenRows):
+    """``TokenRows`` that draw each token (``SamplingOptions``) from the sentence's
+    own stream (``stream_uniforms``)."""
+
+    def __init__(
+        self, lengths: Lengths, scores: bool, trace: bool, options: SamplingOptions
+    ) -> None:
+        super().__init__(lengths, True, trace)  # a sample's log-probability is its score
+        self.options = options
+        self.streams = torch.zeros(0, dtype=torch.long)
+
+    def admit(self, budget: torch.Tensor, sources: Sequence[Sequence[int]], copies: list[int],
+              serials: torch.Tensor) -> None:  # fmt: skip
+        super().admit(budget, sources, copies, serials)
+        new = [stream_of(ids, copy) for ids, copy in zip(sources, copies)]
+        streams = torch.tensor(new, dtype=torch.long, device=budget.device)
+        self.streams = torch.cat([self.streams.to(budget.device), streams])
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        opts = self.options
+        probs = sampling_probs(logits, opts.temperature, opts.top_k, opts.top_p)
+        return draw(probs, stream_uniforms(opts.seed, self.streams, self.ages))
+
+    def keep(self, index: torch.Tensor) -> None:
+        super().keep(index)
+        self.streams = self.streams[index]
+
+
 def sample(
     model: Seq2Seq,
     src: torch.Tensor,
-    generator: torch.Generator | None = None,
+    seed: int = SamplingOptions().seed,
     temperature: float = SamplingOptions().temperature,
     top_k: int = SamplingOptions().top_k,
     top_p: float = SamplingOptions().top_p,
@@ -103,49 +163,32 @@ def sample(
     Tokens are drawn from the model's distribution at ``temperature``, filtered by
     ``top_k``/``top_p``; ``score`` and ``log_prob`` are the sample's log-probability
     under the model itself (temperature 1, unfiltered), the quantity beam and
-    greedy search report, so scores of all searches compare.
+    greedy search report, so scores of all searches compare. The draws are a
+    function of ``seed`` and each source (``stream_of``).
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive (use greedy search for temperature 0)")
-
-    def draw(logits: torch.Tensor) -> torch.Tensor:
-        probs = sampling_probs(logits, temperature, top_k, top_p)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-    return decode_rows(model, src, draw, lengths, True)
+    options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    found = SamplingSearch(options).run(model, src, lengths)
+    return [result.hypotheses[0] for result in found]
 
 
-class SamplingSearch(Search):
+class SamplingSearch(LeftToRightSearch):
     in_ctranslate2 = True
     random = True
     Options = SamplingOptions
-    needs = IncrementalDecoder
     options: SamplingOptions
 
     @property
     def seed(self) -> int:
         return self.options.seed
 
-    def run(
-        self,
-        model: Any,
-        src: torch.Tensor,
-        lengths: Lengths,
-        *,
-        scores: bool = True,
-        trace: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> list[Found]:
-        opts, n = self.options, self.options.nbest
-        # n samples per source: its row repeated n times
-        drawn = sample(
-            model, src.repeat_interleave(n, dim=0), generator,
-            opts.temperature, opts.top_k, opts.top_p, lengths,
-        )  # fmt: skip
-        return [
-            Found(drawn[k : k + n], Trace.left_to_right(drawn[k].tokens) if trace else None)
-            for k in range(0, len(drawn), n)
-        ]
+    @property
+    def copies(self) -> int:
+        return self.options.nbest
+
+    def rows(self, lengths: Lengths, scores: bool, trace: bool) -> Rows:
+        return SampleRows(lengths, scores, trace, self.options)
 
     def ctranslate2(self, vocab_size: int) -> dict[str, Any]:
         """CTranslate2's random sampling (beam 1), as rosetta's sampling reads the

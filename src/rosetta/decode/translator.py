@@ -39,6 +39,7 @@ from rosetta.data.batching import make_batches
 from rosetta.data.text import clean_line, one_line
 from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Found, Hypothesis, Lengths, Search, Trace
+from rosetta.decode.engine import LeftToRightSearch, queue_all
 from rosetta.decode.search import SEARCHES, configure, option_fields, runnable
 from rosetta.device import resolve_device
 from rosetta.model.interface import Seq2Seq
@@ -136,6 +137,30 @@ def join_hypotheses(parts: list[list[Hypothesis]]) -> list[Hypothesis]:
     ]
 
 
+@dataclass
+class Segmented:
+    """``count`` sources as the engine searches them: ``segments``, the non-empty
+    parts of at most ``max_source_len`` ids, and ``spans``, each non-empty source's
+    segments (``Translator.segment``)."""
+
+    count: int
+    segments: list[list[int]] = field(default_factory=list)
+    spans: dict[int, range] = field(default_factory=dict)
+
+    def assemble(self, found: Sequence[Found]) -> list[Found]:
+        """Each source's result from its segments' (``found``, one per segment): an
+        empty source one empty hypothesis of log-probability 0, a split one its
+        parts' hypotheses joined (``join_hypotheses``), without a trace."""
+        results = [Found([Hypothesis([], 0.0, 0.0)]) for _ in range(self.count)]
+        for index, span in self.spans.items():
+            parts = found[span.start : span.stop]
+            if len(parts) == 1:
+                results[index] = parts[0]
+            else:
+                results[index] = Found(join_hypotheses([part.hypotheses for part in parts]))
+        return results
+
+
 class Translator(ABC):
     """Raw sentences to translations: the Python API, the same for every engine.
 
@@ -210,6 +235,20 @@ class Translator(ABC):
         ``search.nbest`` hypotheses per source, best first, in input order; with
         ``trace``, each with its ``Trace`` (an engine that cannot says so)."""
 
+    def segment(self, sources: list[list[int]]) -> Segmented:
+        """The parts of ``sources`` the engine searches (``Segmented``): a source over
+        ``max_source_len`` is split (``split_source``), an empty one has none."""
+        segmented = Segmented(len(sources))
+        for index, ids in enumerate(sources):
+            if not ids:
+                continue
+            pieces = self.tokenizer.source_pieces(ids) if len(ids) > self.max_source_len else []
+            parts = split_source(list(ids), pieces, self.max_source_len)
+            start = len(segmented.segments)
+            segmented.spans[index] = range(start, start + len(parts))
+            segmented.segments += parts
+        return segmented
+
     def search_ids(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
         """Runs the configured search on id sequences of any length, in input order.
 
@@ -217,24 +256,9 @@ class Translator(ABC):
         over ``max_source_len`` is split (``split_source``) and its parts'
         hypotheses joined (``join_hypotheses``), without a trace.
         """
-        results = [Found([Hypothesis([], 0.0, 0.0)]) for _ in sources]
-        segments: list[list[int]] = []
-        spans: dict[int, range] = {}  # source index -> its segments
-        for index, ids in enumerate(sources):
-            if not ids:
-                continue
-            pieces = self.tokenizer.source_pieces(ids) if len(ids) > self.max_source_len else []
-            parts = split_source(list(ids), pieces, self.max_source_len)
-            spans[index] = range(len(segments), len(segments) + len(parts))
-            segments += parts
-        found = self.engine_search(segments, trace) if segments else []
-        for index, span in spans.items():
-            parts = found[span.start : span.stop]
-            if len(parts) == 1:
-                results[index] = parts[0]
-            else:
-                results[index] = Found(join_hypotheses([part.hypotheses for part in parts]))
-        return results
+        segmented = self.segment(sources)
+        found = self.engine_search(segmented.segments, trace) if segmented.segments else []
+        return segmented.assemble(found)
 
     def settings(self) -> dict[str, Any]:
         """Every setting in one flat mapping, as responses show it: the search's
@@ -336,17 +360,38 @@ class TorchTranslator(Translator):
         return cls(model, tokenizer, config.decode, **search)
 
     def engine_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
+        """A left-to-right search runs on one ``Engine`` fed from a queue sorted by
+        length (shortest first): a sentence that ends leaves the batch and the next
+        takes its place at the following step (continuous batching), within
+        ``batch_size`` sentences and ``max_tokens`` padded source tokens. Other
+        searches (mask-predict) decode static batches of that size."""
+        opts = self.options
+        lengths = Lengths.of(opts, self.max_source_len)
+        order = np.argsort([len(s) for s in sources], kind="stable")
+        if isinstance(self.search, LeftToRightSearch):
+            engine = self.search.engine(
+                self.model, lengths, scores=opts.scores, trace=trace,
+                max_sentences=opts.batch_size, max_tokens=opts.max_tokens,
+            )  # fmt: skip
+            with torch.inference_mode():
+                found = queue_all(engine, [sources[i] for i in order])
+            results: list[Found] = [Found([]) for _ in sources]
+            for index, result in zip(order.tolist(), found):
+                results[index] = result
+            return results
+        return self.static_search(sources, trace)
+
+    def static_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
+        """The search on static batches: sources sorted by length and cut into batches
+        of ``batch_size`` sentences and ``max_tokens`` padded tokens, each decoded
+        until its last sentence ends."""
         opts = self.options
         results: list[Found] = [Found([]) for _ in sources]
         sizes = np.array([len(s) for s in sources])
-        seed = self.search.seed  # one generator per call: the same call, the same output
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         lengths = Lengths.of(opts, self.max_source_len)
         for rows in make_batches(sizes, sizes, opts.max_tokens, max_sentences=opts.batch_size):
             src = pad_batch([sources[i] for i in rows], self.device)
-            found = self.search.run(
-                self.model, src, lengths, scores=opts.scores, trace=trace, generator=generator
-            )
+            found = self.search.run(self.model, src, lengths, scores=opts.scores, trace=trace)
             for row, result in zip(rows, found):
                 results[row] = result
         return results

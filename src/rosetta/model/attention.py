@@ -92,6 +92,13 @@ class KVCache:
     straight into a spare buffer kept for the purpose, and swaps the two. A
     smaller batch is laid out in the front of the same memory: no allocation per
     step, and no copying of the unused capacity.
+
+    Rows of different ages (sentences that joined a running search: ``join``)
+    share the slots: every row writes its new position into the same slot, and
+    ``starts`` holds the slot where each row's own positions begin (None while
+    all begin at slot 0). The slots before a row's start hold zeros and are
+    masked (``mask``); ``select_rows`` drops the slots no row uses any more as
+    part of the gather it does anyway.
     """
 
     def __init__(self) -> None:
@@ -99,6 +106,7 @@ class KVCache:
         self.buffer: torch.Tensor | None = None  # a view of the front of _memory
         self._memory: torch.Tensor | None = None  # flat
         self._spare: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None  # (batch,) first slot of each row's own
 
     @property
     def batch(self) -> int:
@@ -111,30 +119,65 @@ class KVCache:
         head_dim) views."""
         start, end = self.length, self.length + kv.size(1)
         if self.buffer is None or end > self.buffer.size(0):
-            self._grow(max(2 * end, 16), kv)
+            self._grow(max(2 * end, 16), kv.shape[0], kv)
         self.buffer[start:end] = kv.permute(1, 2, 0, 3, 4)
         self.length = end
         used = self.buffer[:end]
         return used[:, 0].permute(1, 2, 0, 3), used[:, 1].permute(1, 2, 0, 3)
 
-    def _grow(self, capacity: int, like: torch.Tensor) -> None:
-        batch, _, _, heads, head_dim = like.shape
+    def mask(self) -> torch.Tensor | None:
+        """The additive mask (batch, 1, 1, length) hiding the slots before each row's
+        own (-inf), or None when every row began at the first slot."""
+        if self.starts is None:
+            return None
+        slots = torch.arange(self.length, device=self.starts.device)
+        before = slots[None, :] < self.starts[:, None]
+        mask = torch.zeros(before.shape, dtype=self.buffer.dtype, device=before.device)
+        return mask.masked_fill_(before, float("-inf"))[:, None, None, :]
+
+    def _grow(self, capacity: int, batch: int, like: torch.Tensor) -> None:
+        """A new buffer of ``capacity`` positions and ``batch`` rows, holding the used
+        positions of the rows there are (new rows: zeros)."""
+        _, _, _, heads, head_dim = like.shape
         shape = (capacity, 2, batch, heads, head_dim)
         memory = like.new_empty(math.prod(shape))
         buffer = memory.view(shape)
         if self.length:
-            buffer[: self.length] = self.buffer[: self.length]
+            before = self.buffer.size(2)
+            buffer[: self.length, :, :before] = self.buffer[: self.length]
+            buffer[: self.length, :, before:] = 0.0
         self.buffer, self._memory, self._spare = buffer, memory, None
+
+    def join(self, other: KVCache, rows: int) -> KVCache:
+        """Adds ``rows`` rows with no positions yet (``other``: the new sentences'
+        empty cache) after this cache's rows; they begin at the next slot."""
+        if other.length:
+            raise ValueError("only rows with no positions yet can join a cache")
+        if self.buffer is None:  # nothing decoded yet: every row begins at slot 0
+            return self
+        batch = self.batch
+        starts = self.starts
+        if starts is None:
+            starts = torch.zeros(batch, dtype=torch.long, device=self.buffer.device)
+        self.starts = torch.cat([starts, starts.new_full((rows,), self.length)])
+        self._grow(self.buffer.size(0), batch + rows, self.buffer)
+        return self
 
     def select_rows(self, index: torch.Tensor) -> KVCache:
         """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
         if self.buffer is None:
             return self
+        first = 0
+        if self.starts is not None:
+            self.starts = self.starts.index_select(0, index)
+            first = int(self.starts.min())  # slots before it: no row's any more
+            self.starts = self.starts - first if bool(self.starts.ne(first).any()) else None
+        length = self.length - first
         capacity, _, batch, heads, head_dim = self.buffer.shape
         shape = (capacity, 2, len(index), heads, head_dim)
         if self.buffer.requires_grad or math.prod(shape) > self._memory.numel():
             # a graph to keep for autograd, or more rows than the memory holds
-            kv = self.buffer[: self.length].index_select(2, index)
+            kv = self.buffer[first : self.length].index_select(2, index)
             self.buffer, self.length = None, 0
             self.append(kv.permute(2, 0, 1, 3, 4))
             return self
@@ -144,12 +187,12 @@ class KVCache:
         # one gather of whole (heads * head_dim) rows along dim 0 of the flattened used
         # block, keys and values at once: contiguous rows, and half the calls of
         # separate key and value buffers (figures: benchmarks/results/kernel_notes.md)
-        blocks = torch.arange(2 * self.length, device=index.device)  # (position, k/v) pairs
+        blocks = torch.arange(2 * length, device=index.device)  # (position, k/v) pairs
         rows = (blocks[:, None] * batch + index).view(-1)
-        source = self.buffer[: self.length].view(-1, heads * head_dim)
-        torch.index_select(source, 0, rows, out=buffer[: self.length].view(-1, heads * head_dim))
+        source = self.buffer[first : self.length].view(-1, heads * head_dim)
+        torch.index_select(source, 0, rows, out=buffer[:length].view(-1, heads * head_dim))
         self._memory, self._spare = self._spare, self._memory
-        self.buffer = buffer
+        self.buffer, self.length = buffer, length
         return self
 
 
@@ -167,6 +210,34 @@ class Memory:
         """Keeps sources ``index`` (finished sentences leave the search)."""
         mask = None if self.mask is None else self.mask.index_select(0, index)
         return Memory(self.keys.index_select(0, index), self.values.index_select(0, index), mask)
+
+    def join(self, other: Memory, rows: int) -> Memory:
+        """This memory's sources, then ``other``'s (sentences joining the search),
+        padded to the longer source: zero keys and values, masked (-inf)."""
+        length = max(self.keys.size(2), other.keys.size(2))
+        parts = [_padded(memory, length) for memory in (self, other)]
+        masks = [mask for _, _, mask in parts]
+        if all(mask is None for mask in masks):
+            mask = None
+        else:
+            mask = torch.cat([
+                m if m is not None else k.new_zeros(k.size(0), 1, 1, length)
+                for (k, _, _), m in zip(parts, masks)
+            ])  # fmt: skip
+        keys, values = (torch.cat([part[i] for part in parts]) for i in (0, 1))
+        return Memory(keys, values, mask)
+
+
+def _padded(memory: Memory, length: int) -> tuple[torch.Tensor, ...]:
+    """A memory's keys, values and mask, padded to ``length`` source positions."""
+    extra = length - memory.keys.size(2)
+    if not extra:
+        return memory.keys, memory.values, memory.mask
+    keys, values = (F.pad(t, (0, 0, 0, extra)) for t in (memory.keys, memory.values))
+    mask = memory.mask
+    if mask is None:
+        mask = keys.new_zeros(keys.size(0), 1, 1, length - extra)
+    return keys, values, F.pad(mask, (0, extra), value=float("-inf"))
 
 
 class MultiHeadAttention(Block):
@@ -250,7 +321,8 @@ class SelfAttention(MultiHeadAttention):
         qkv = self.qkv_proj(x).view(batch, 1, 3, self.heads, self.head_dim)
         k, v = cache.append(qkv[:, :, 1:])
         q = qkv[:, :, 0].transpose(1, 2)  # (batch, heads, 1, head_dim)
-        context, _ = self.attend(q, k, v)  # one query sees every cached key: no mask
+        # one query sees every cached key of its row (mask: rows that began later)
+        context, _ = self.attend(q, k, v, cache.mask())
         return self.out_proj(context.view(batch, self.d_model))
 
 

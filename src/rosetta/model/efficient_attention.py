@@ -146,6 +146,7 @@ class WindowCache:
         self.length = 0  # positions seen
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None  # (batch,) the position each row began at
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Adds one position, k and v (batch, heads, head_dim); returns the window's
@@ -167,7 +168,40 @@ class WindowCache:
         if self.keys is not None:
             self.keys = self.keys.index_select(0, index)
             self.values = self.values.index_select(0, index)
+        if self.starts is not None:
+            self.starts = self.starts.index_select(0, index)
+            if int(self.starts.max()) <= self.length - self.size:  # every window full
+                self.starts = None
         return self
+
+    def join(self, other: WindowCache, rows: int) -> WindowCache:
+        """Adds ``rows`` rows with no positions yet (sentences joining the search):
+        zeros, masked (``mask``) until the row has written them."""
+        if other.length:
+            raise ValueError("only rows with no positions yet can join a cache")
+        if self.keys is None:
+            return self
+        starts = self.starts
+        if starts is None:
+            starts = torch.zeros(self.keys.size(0), dtype=torch.long, device=self.keys.device)
+        self.starts = torch.cat([starts, starts.new_full((rows,), self.length)])
+        shape = (rows, *self.keys.shape[1:])
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(shape)])
+        self.values = torch.cat([self.values, self.values.new_zeros(shape)])
+        return self
+
+    def mask(self) -> torch.Tensor | None:
+        """The additive mask (batch, 1, 1, slots in use) hiding the slots a row has not
+        written itself (-inf), or None when every row began at the first position."""
+        if self.starts is None:
+            return None
+        used = min(self.length, self.size)
+        slot = torch.arange(used, device=self.starts.device)
+        written = slot + (self.length - 1 - slot) // self.size * self.size  # last write
+        mask = torch.zeros((len(self.starts), used), dtype=self.keys.dtype,
+                           device=self.keys.device)  # fmt: skip
+        mask.masked_fill_(written[None, :] < self.starts[:, None], float("-inf"))
+        return mask[:, None, None, :]
 
 
 class LocalSelfAttention(SelfAttention):
@@ -197,7 +231,8 @@ class LocalSelfAttention(SelfAttention):
         batch = x.size(0)
         q, k, v = _step_qkv(self, x)
         keys, values = cache.append(k, v)
-        context, _ = attention(q[:, :, None], keys, values)  # (batch, heads, 1, head_dim)
+        # (batch, heads, 1, head_dim); the mask: rows that began later
+        context, _ = attention(q[:, :, None], keys, values, cache.mask())
         return self.out_proj(context.view(batch, self.d_model))
 
 
@@ -344,6 +379,17 @@ class LinearState:
         if self.summed is not None:
             self.summed = self.summed.index_select(0, index)
             self.key_sum = self.key_sum.index_select(0, index)
+        return self
+
+    def join(self, other: LinearState, rows: int) -> LinearState:
+        """Adds ``rows`` rows with no positions yet (sentences joining the search):
+        zero sums, which is what no past is."""
+        if other.summed is not None:
+            raise ValueError("only rows with no positions yet can join a state")
+        if self.summed is not None:
+            self.summed, self.key_sum = (
+                torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) for t in (self.summed, self.key_sum)
+            )
         return self
 
 

@@ -54,8 +54,12 @@ class SinusoidalPositions(nn.Module):
             table[:, 1::2] = cosines[:, : d_model // 2]
         self.register_buffer("table", table, persistent=False)
 
-    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
-        """(length, d_model) encodings of positions ``offset .. offset+length-1``."""
+    def forward(self, length: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """(length, d_model) encodings of positions ``offset .. offset+length-1``; with
+        an offset per row, (batch,), (batch, length, d_model) (rows of different ages
+        in one search step; the search keeps them within ``max_positions``)."""
+        if isinstance(offset, torch.Tensor):
+            return self.table[offset[:, None] + torch.arange(length, device=offset.device)]
         if offset + length > self.table.size(0):
             raise ValueError(
                 f"sequence of {offset + length} positions exceeds max_positions "
@@ -72,7 +76,10 @@ class LearnedPositions(nn.Module):
         self.table = nn.Embedding(max_positions, d_model)
         nn.init.normal_(self.table.weight, mean=0.0, std=d_model**-0.5)
 
-    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+    def forward(self, length: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """As ``SinusoidalPositions.forward``."""
+        if isinstance(offset, torch.Tensor):
+            return self.table(offset[:, None] + torch.arange(length, device=offset.device))
         positions = torch.arange(offset, offset + length, device=self.table.weight.device)
         return self.table(positions)
 
@@ -86,6 +93,6 @@ class EmbeddingBlock(Block):
         self.positions = positions
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         # (batch, len) -> (batch, len, d_model)
         return self.dropout(self.tokens(ids) + self.positions(ids.size(1), offset))

@@ -89,6 +89,37 @@ def _select(value: Any, index: torch.Tensor) -> Any:
     return value
 
 
+@runtime_checkable
+class RowJoinable(Protocol):
+    """A state object that takes in the rows of new sentences (a cache: empty rows)."""
+
+    def join(self, other: Any, rows: int) -> Any: ...
+
+
+def _join(value: Any, other: Any, rows: int) -> Any:
+    """``value``'s rows followed by ``other``'s (``rows`` of them), for the states of
+    new sentences joining a running search (``DecoderState.admit``). Plain tensors
+    are concatenated along the batch, each padded at the end of every other
+    dimension to the longer of the two (zeros; False: a boolean mask then hides
+    the padded positions); an object joins itself (``RowJoinable``)."""
+    if isinstance(value, torch.Tensor):
+        shape = [max(a, b) for a, b in zip(value.shape[1:], other.shape[1:])]
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            grow = [x for size, have in zip(reversed(shape), reversed(t.shape[1:]))
+                    for x in (0, size - have)]  # fmt: skip
+            return torch.nn.functional.pad(t, grow) if any(grow) else t
+
+        return torch.cat([padded(value), padded(other)])
+    if isinstance(value, RowJoinable):
+        return value.join(other, rows)
+    if isinstance(value, dict):
+        return {key: _join(item, other[key], rows) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_join(a, b, rows) for a, b in zip(value, other))
+    return value
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     """Every tensor in a nesting of dicts, lists, tuples and dataclasses, in order."""
     if isinstance(value, torch.Tensor):
@@ -107,13 +138,27 @@ class DecoderState:
 
     ``sources``: per-source tensors (batch = number of sources); ``tensors``:
     per-hypothesis tensors (batch = sources * ``group``, a source's hypotheses
-    in consecutive rows).
+    in consecutive rows). ``born``: the ``step`` at which each hypothesis row
+    began (rows of sentences that joined a running search, ``admit``), or None
+    while every row began at step 0; a row's position is ``step - born``.
     """
 
     tensors: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, Any] = field(default_factory=dict)
     group: int = 1
     step: int = 0
+    born: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int | torch.Tensor:
+        """The position each row decodes next: one int while all rows began together,
+        else (rows,)."""
+        return self.step if self.born is None else self.step - self.born
+
+    def _rows(self, index: torch.Tensor) -> None:
+        self.tensors = _select(self.tensors, index)
+        if self.born is not None:
+            self.born = self.born.index_select(0, index)
 
     def select(self, index: torch.Tensor) -> None:
         """Keeps hypothesis rows ``index`` (in that order, repeats allowed), in place.
@@ -122,7 +167,7 @@ class DecoderState:
         (beam search re-ranks within each source's group); with ``group == 1`` any
         reordering of the sources goes through ``select_sources``.
         """
-        self.tensors = _select(self.tensors, index)
+        self._rows(index)
 
     def select_sources(self, index: torch.Tensor) -> None:
         """Keeps sources ``index`` (in that order) with all their hypotheses, in place."""
@@ -130,7 +175,7 @@ class DecoderState:
         if self.group > 1:
             offsets = torch.arange(self.group, device=index.device)
             index = (index[:, None] * self.group + offsets).view(-1)
-        self.tensors = _select(self.tensors, index)
+        self._rows(index)
 
     def expand(self, group: int) -> None:
         """Gives each source ``group`` hypotheses, copies of its single current one."""
@@ -138,8 +183,26 @@ class DecoderState:
             raise ValueError("the state is already expanded")
         first = next(_tensors(self.sources))
         rows = torch.arange(first.size(0), device=first.device).repeat_interleave(group)
-        self.tensors = _select(self.tensors, rows)
+        self._rows(rows)
         self.group = group
+
+    def admit(self, new: DecoderState) -> None:
+        """Takes in the sentences of ``new``, a state of the same group at step 0 (new
+        sentences joining the search between two steps), after its own: their rows
+        begin at this state's ``step``. Caches gain empty rows (``RowJoinable``), and
+        per-source tensors are padded to the longer source."""
+        if new.step != 0 or new.group != self.group:
+            raise ValueError("only a state at step 0, of the same group, can be admitted")
+        rows = new.num_sources * new.group
+        first = next(_tensors(self.sources))
+        if self.born is not None or self.step:
+            born = self.born
+            if born is None:
+                born = torch.zeros(self.num_sources * self.group, dtype=torch.long,
+                                   device=first.device)  # fmt: skip
+            self.born = torch.cat([born, born.new_full((rows,), self.step)])
+        self.sources = _join(self.sources, new.sources, new.num_sources)
+        self.tensors = _join(self.tensors, new.tensors, rows)
 
     @property
     def num_sources(self) -> int:

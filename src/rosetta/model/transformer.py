@@ -129,8 +129,8 @@ class Transformer(TransformerBase):
         )
 
     def decode_step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
-        """tokens (batch,) at position ``state.step`` -> logits (batch, tgt_vocab)."""
-        x = self.tgt_embed(tokens[:, None], offset=state.step)[:, 0]  # (batch, d_model)
+        """tokens (batch,) at ``state.positions`` -> logits (batch, tgt_vocab)."""
+        x = self.tgt_embed(tokens[:, None], offset=state.positions)[:, 0]  # (batch, d_model)
         state.step += 1
         x = self.decoder.step(x, state.tensors["caches"], state.sources["memory"], state.group)
         return self.output(x)

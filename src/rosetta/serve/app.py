@@ -213,7 +213,8 @@ def create_app(service: TranslationService) -> FastAPI:
     @app.get("/ready", responses={503: {"model": Error}})
     async def ready() -> JSONResponse:
         """Readiness: the worker runs and the queue has room; with what it has done
-        (groups decoded, requests in them, the largest group)."""
+        (groups decoded, requests in them, the largest group; requests streamed and
+        the steps of the continuous search)."""
         batcher = service.batcher
         if not batcher.alive:
             return error_response(503, "the translation worker is not running")
@@ -222,7 +223,8 @@ def create_app(service: TranslationService) -> FastAPI:
         stats = batcher.stats
         return JSONResponse(
             {"status": "ready", "queued": batcher.queued, "batches": stats.batches,
-             "requests_batched": stats.jobs, "largest_batch": stats.largest}
+             "requests_batched": stats.jobs, "largest_batch": stats.largest,
+             "requests_streamed": stats.streamed, "decoding_steps": stats.steps}
         )  # fmt: skip
 
     # ---- LibreTranslate's API --------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""Dynamic batching across requests: one worker thread, one queue.
+"""Batching across requests: one worker thread, one queue.
+
+With a ``Stream`` (the service's continuous batching, ``rosetta.serve.stream``),
+the worker runs the stream a decoding step at a time, and between two steps
+queued jobs join it and cancelled ones leave it: a request's sentences start at
+the next step and it is answered when its last one ends, whatever else is
+running. Jobs the stream does not accept (or every job, without one) are
+decoded in groups, as follows.
 
 Requests arrive on the server's event loop; the model lives on one worker
 thread. ``Batcher.submit`` puts a ``Job`` (a request's texts, its search key and
@@ -32,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 class QueueFull(RuntimeError):
@@ -80,11 +87,41 @@ class Job:
 
 @dataclass
 class BatchStats:
-    """What the worker did: groups decoded, jobs in them, the largest group in jobs."""
+    """What the worker did: groups decoded, jobs in them, the largest group in jobs;
+    and of the stream, decoding steps and the jobs that went through it."""
 
     batches: int = 0
     jobs: int = 0
     largest: int = 0
+    steps: int = 0
+    streamed: int = 0
+
+
+class Stream(Protocol):
+    """Work decoded a step at a time, which jobs join and leave between steps
+    (continuous batching; the service's is ``rosetta.serve.stream``)."""
+
+    def accepts(self, payload: Any) -> bool:
+        """Whether a job of this payload can join the stream."""
+
+    def open(self, job: Job) -> None:
+        """The job's work joins (it may wait inside for room)."""
+
+    def close(self, job: Job) -> bool:
+        """Forgets a job (cancelled): its work leaves, no result comes; False if it
+        was not open (it had finished)."""
+
+    def step(self) -> list[tuple[Job, Any]]:
+        """One step of everything open: the jobs it finished, with their results (an
+        exception instead of a result fails that job)."""
+
+    @property
+    def busy(self) -> bool:
+        """Whether some job is open."""
+
+    @property
+    def hungry(self) -> bool:
+        """Whether it would take more work now (nothing waits inside)."""
 
 
 class Batcher:
@@ -97,11 +134,16 @@ class Batcher:
         max_wait: float = 0.01,
         max_queue: int = 16384,
         thread: ModelThread | None = None,
+        stream: Stream | None = None,
     ) -> None:
         """``process`` maps the payloads of one group to their results, in order
         (an exception fails every job of the group). ``thread``: where the worker
-        runs (default: a thread of its own); give the one the model was loaded on."""
+        runs (default: a thread of its own); give the one the model was loaded on.
+        ``stream``: where the jobs it accepts are decoded instead, joining and
+        leaving between its steps."""
         self.process = process
+        self.stream = stream
+        self._dropped: list[Job] = []  # cancelled while in the stream
         self.batch_tokens = batch_tokens
         self.max_wait = max_wait
         self.max_queue = max_queue
@@ -155,9 +197,13 @@ class Batcher:
 
     def cancel(self, job: Job) -> bool:
         """Takes a job that has not started out of the queue (True); a job being
-        decoded finishes and its result is dropped (False)."""
+        decoded in a group finishes and its result is dropped, one in the stream
+        leaves it at the next step (False)."""
         with self._changed:
             if not job.future.cancel():
+                if self.stream is not None and not job.future.done():
+                    self._dropped.append(job)
+                    self._changed.notify()
                 return False
             try:
                 self._queue.remove(job)
@@ -197,38 +243,101 @@ class Batcher:
                 if self._stopping or enough or left <= 0:
                     break
                 self._changed.wait(left)  # more jobs may come, or the first be cancelled
-            group, size = [], 0
-            for job in list(self._queue):
-                if job.key != first.key or (group and size + job.size > self.batch_tokens):
-                    continue
-                self._queue.remove(job)
-                self._queued -= job.size
-                size += job.size
-                if job.future.set_running_or_notify_cancel():
-                    group.append(job)
-                else:
-                    self._in_flight -= 1
-            self._peak = self._in_flight  # counted again until the next group
-            return group
+            return self._take_group(first)
+
+    def _take(self, job: Job) -> bool:
+        """Moves ``job`` out of the queue into work (under the lock); False if it was
+        cancelled meanwhile."""
+        self._queue.remove(job)
+        self._queued -= job.size
+        if job.future.set_running_or_notify_cancel():
+            return True
+        self._in_flight -= 1
+        return False
+
+    def _take_group(self, first: Job) -> list[Job]:
+        """The queued jobs of ``first``'s key, oldest first, within ``batch_tokens``."""
+        group, size = [], 0
+        for job in list(self._queue):
+            if job.key != first.key or (group and size + job.size > self.batch_tokens):
+                continue
+            size += job.size
+            if self._take(job):
+                group.append(job)
+        self._peak = self._in_flight  # counted again until the next group
+        return group
+
+    def _answer(self, job: Job, result: Any) -> None:
+        """Sends a job's result (or exception) back to its request."""
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
+
+    def _decode_group(self, group: list[Job]) -> None:
+        self.stats.batches += 1
+        self.stats.jobs += len(group)
+        self.stats.largest = max(self.stats.largest, len(group))
+        try:
+            results = self.process([job.payload for job in group])
+        except Exception as error:  # each request reports it; the worker goes on
+            results = [error] * len(group)
+        # out of flight before the answers go back: a client that answers at once
+        # must not find its previous request still counted
+        with self._changed:
+            self._in_flight -= len(group)
+            self._free_since = time.monotonic()
+        for job, result in zip(group, results):
+            self._answer(job, result)
 
     def _work(self) -> None:
+        if self.stream is not None:
+            return self._stream_work(self.stream)
         while (group := self._next_group()) is not None:
-            if not group:
-                continue
-            self.stats.batches += 1
-            self.stats.jobs += len(group)
-            self.stats.largest = max(self.stats.largest, len(group))
-            try:
-                results = self.process([job.payload for job in group])
-            except Exception as error:  # each request reports it; the worker goes on
-                results, failure = [], error
-            # out of flight before the answers go back: a client that answers at once
-            # must not find its previous request still counted
+            if group:
+                self._decode_group(group)
+
+    def _stream_work(self, stream: Stream) -> None:
+        """The worker with a stream: between two of its steps, queued jobs it accepts
+        join it (while it is ``hungry``, up to ``batch_tokens`` subwords at a time,
+        so the queue's bound still holds), cancelled ones leave it, and a group of
+        jobs it does not accept is decoded on its own (``process``)."""
+        while True:
+            group: list[Job] = []
+            joining: list[Job] = []
             with self._changed:
-                self._in_flight -= len(group)
-                self._free_since = time.monotonic()
-            for index, job in enumerate(group):
-                if results:
-                    job.future.set_result(results[index])
-                else:
-                    job.future.set_exception(failure)
+                while not (self._queue or self._dropped or stream.busy or self._stopping):
+                    self._changed.wait()
+                dropped, self._dropped = self._dropped, []
+                if self._stopping and not (self._queue or stream.busy or dropped):
+                    return
+                if self._queue and not stream.accepts(self._queue[0].payload):
+                    group = self._take_group(self._queue[0])
+                elif self._queue and stream.hungry:
+                    size = 0
+                    for job in list(self._queue):
+                        if size >= self.batch_tokens or not stream.accepts(job.payload):
+                            break
+                        size += job.size
+                        if self._take(job):
+                            joining.append(job)
+            closed = [job for job in dropped if stream.close(job)]
+            if closed:
+                with self._changed:
+                    self._in_flight -= len(closed)
+            for job in closed:  # its request stopped waiting (cancel): done, with nothing
+                job.future.set_result(None)
+            for job in joining:
+                stream.open(job)
+            self.stats.streamed += len(joining)
+            if group:
+                self._decode_group(group)
+            if not stream.busy:
+                continue
+            finished = stream.step()
+            self.stats.steps += 1
+            if finished:
+                with self._changed:
+                    self._in_flight -= len(finished)
+            for job, result in finished:
+                self._answer(job, result)

@@ -39,6 +39,7 @@ from rosetta.modeldir import CONFIG, read_metadata
 from rosetta.serve.batcher import Batcher, Job, ModelThread, QueueFull
 from rosetta.serve.budget import attention_size, maps_per_kind, search_size
 from rosetta.serve.schemas import TranslateRequest
+from rosetta.serve.stream import EngineStream
 
 LANGUAGE_NAMES = {
     "ar": "Arabic", "cs": "Czech", "de": "German", "en": "English", "es": "Spanish",
@@ -127,9 +128,11 @@ class TranslationService:
         self.metadata = read_metadata(self.model_dir)
         # layers x heads of each attention kind the model has (what one row costs)
         self.attention_maps = maps_per_kind(self.experiment.model)
+        stream = EngineStream(self._answer, config.max_sentences, config.batch_tokens)
         self.batcher = Batcher(
-            self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue, thread
-        )
+            self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue,
+            thread, stream if config.continuous else None,
+        )  # fmt: skip
 
     @classmethod
     def load(
@@ -317,6 +320,10 @@ class TranslationService:
             start = span.stop
             results.append([self._result(work, translations[i], sources[i]) for i in span])
         return results
+
+    def _answer(self, work: Work, translations: list[Translation]) -> list[dict[str, Any]]:
+        """A streamed request's result from its translations (no view inside)."""
+        return [self._result(work, t, s) for t, s in zip(translations, work.sources)]
 
     def _result(self, work: Work, translation: Translation, source: Source) -> dict[str, Any]:
         result: dict[str, Any] = {
