@@ -18,6 +18,18 @@ CTranslate2 runs in a process of its own (``CTranslate2Process`` says why).
   fraction of the ideal rate given the FLOPs per token.
 
 Peers are benchmark-only dependencies: pip install transformers ctranslate2.
+
+    python benchmarks/speed.py --batching MODEL_DIR [--repeats 3] [--threads 2]
+
+compares instead, on a trained model, offline continuous batching (the
+``Engine`` fed from a length-sorted queue: a finished sentence's place is taken
+at the next step) with static batches (length-sorted, each decoded until its
+last sentence ends; finished sentences leave it), at the same budget
+(``decode.batch_size`` sentences, ``decode.max_tokens`` padded source tokens),
+greedy and beam 5, alternating inside every repeat: on test2016 (outputs of
+mixed lengths, where continuous batching can help) and on the same sources with
+every output forced to ``--new-tokens`` tokens (equal lengths: it cannot help,
+and should cost nothing). Writes benchmarks/results/speed_batching.{json,md}.
 """
 
 from __future__ import annotations
@@ -324,10 +336,111 @@ def prepared(args: argparse.Namespace) -> tuple[ExperimentConfig, TransformerCon
     return config, TransformerConfig(**MODEL_PRESETS[args.preset], max_positions=512)
 
 
+# ---- continuous against static batching ----------------------------------------------
+TEST_SOURCES = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k" / "test2016.en"
+
+
+def batching(args: argparse.Namespace) -> None:
+    """Offline continuous batching against static batches on a trained model."""
+    from rosetta.decode.engine import queue_all
+    from rosetta.decode.translator import TorchTranslator
+
+    torch.set_num_threads(args.threads)
+    translator = TorchTranslator.from_model_dir(args.batching)
+    model, opts = translator.model, translator.options
+    sentences = TEST_SOURCES.read_text(encoding="utf-8").splitlines()
+    sources = [source.ids for source in translator.encode(sentences)]
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    queue = [sources[i] for i in order]
+    sizes = torch.tensor([len(ids) for ids in sources]).numpy()
+    n = args.new_tokens
+    sets = {
+        "test2016": Lengths.of(opts, translator.max_source_len),
+        f"equal ({n} tokens)": Lengths(0.0, n + 1, translator.max_source_len, min_len=n),
+    }
+    searches = {
+        "greedy": translator.with_options(search="greedy").search,
+        "beam 5": translator.with_options(search="beam", beam=5).search,
+    }
+
+    def continuous(search, lengths) -> int:
+        engine = search.engine(model, lengths, scores=False, max_sentences=opts.batch_size,
+                               max_tokens=opts.max_tokens)  # fmt: skip
+        found = queue_all(engine, queue)
+        return sum(len(f.hypotheses[0].tokens) + 1 for f in found)
+
+    def static(search, lengths) -> int:
+        tokens = 0
+        for rows in make_batches(sizes, sizes, opts.max_tokens, max_sentences=opts.batch_size):
+            src = pad_batch([sources[i] for i in rows])
+            found = search.run(model, src, lengths, scores=False)
+            tokens += sum(len(f.hypotheses[0].tokens) + 1 for f in found)
+        return tokens
+
+    runs: dict[tuple[str, str, str], list[float]] = {}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for set_name, lengths in sets.items():
+                for search_name, search in searches.items():
+                    for way, run in (("continuous", continuous), ("static", static)):
+                        start = time.perf_counter()
+                        run(search, lengths)
+                        seconds = time.perf_counter() - start
+                        runs.setdefault((set_name, search_name, way), []).append(
+                            len(sources) / seconds
+                        )
+                        print(f"{set_name}, {search_name}, {way}: "
+                              f"{len(sources) / seconds:.1f} sentences/s", flush=True)  # fmt: skip
+    rows = []
+    for set_name in sets:
+        for search_name in searches:
+            cont = statistics.median(runs[(set_name, search_name, "continuous")])
+            stat = statistics.median(runs[(set_name, search_name, "static")])
+            rows.append({"set": set_name, "search": search_name, "continuous": cont,
+                         "static": stat, "ratio": cont / stat})  # fmt: skip
+    bars = {}
+    for row in rows:
+        floor = 1.15 if row["set"] == "test2016" else 0.97
+        bars[f"{row['set']}, {row['search']}: continuous >= {floor}x static "
+             f"({row['ratio']:.2f}x)"] = row["ratio"] >= floor  # fmt: skip
+    results = {
+        "command": command_line(),
+        "model": str(args.batching),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "gemm_gflops": gemm_gflops(),
+        "batch_size": opts.batch_size,
+        "max_tokens": opts.max_tokens,
+        "rows": rows,
+        "bars": bars,
+    }
+    lines = [
+        f"`{results['command']}`",
+        "",
+        f"{len(sources)} test2016 sources, {args.threads} threads, at most {opts.batch_size} "
+        f"sentences and {opts.max_tokens} padded source tokens at once, medians of "
+        f"{args.repeats} alternating repeats; fp32 GEMM {results['gemm_gflops']:.0f} GFLOP/s",
+        "",
+        "| outputs | search | continuous sentences/s | static sentences/s | continuous / static |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['set']} | {row['search']} | {row['continuous']:.1f} | {row['static']:.1f} "
+            f"| {row['ratio']:.2f} |"
+        )
+    lines.append("")
+    lines += [f"- {'PASS' if ok else 'FAIL'} {name}" for name, ok in bars.items()]
+    write_results("speed_batching", results, "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = arguments(__doc__.split("\n")[0], repeats=3)
     parser.add_argument("--train-steps", type=int, default=6)
+    parser.add_argument("--batching", type=Path, help="a trained model directory: see above")
     args = parser.parse_args()
+    if args.batching:
+        return batching(args)
     command = command_line()
     config, cfg = prepared(args)
     split = load_split(config, "train")

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
         "rosetta.config",
         "rosetta.device",
         "rosetta.safeio",
+        "rosetta.memory",
         "rosetta.checkpointdir",
         "rosetta.version",
     ),

@@ -354,6 +354,16 @@ def _number(kind: type, minimum: float, inclusive: bool = True, maximum: float |
     return parse
 
 
+def BOOLEAN(text: str) -> bool:
+    """An argparse ``type`` for a yes/no option: true/false, yes/no, on/off, 1/0."""
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(text.lower())  # fmt: skip
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
+
+
+BOOLEAN.__name__ = "bool"
 POSITIVE_INT = _number(int, 1)
 NON_NEGATIVE_INT = _number(int, 0)
 NON_NEGATIVE_FLOAT = _number(float, 0.0)
@@ -689,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = sub.add_argument_group("batching and limits")
     for name, field in ServeConfig.model_fields.items():
-        kind = float if field.annotation in (float, "float") else int
+        kind = {float: float, bool: BOOLEAN}.get(field.annotation, int)
         group.add_argument(
             "--" + name.replace("_", "-"),
             type=kind,

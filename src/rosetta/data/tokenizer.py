@@ -21,8 +21,6 @@ quotes and umlauts included).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import shutil
@@ -33,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from rosetta.memory import release_memory
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
@@ -139,22 +139,6 @@ def _load_processor(path: str | Path) -> spm.SentencePieceProcessor:
         raise ValueError(f"{path} is not a SentencePiece model ({reason})") from None
 
 
-def _return_freed_memory() -> None:
-    """Asks the C library to give the memory freed since to the operating system.
-
-    SentencePiece's trainer makes millions of small allocations; once it has
-    freed them, glibc keeps the pages in the process (hundreds of MB after a
-    sample of a million sentences), which would stay resident through the
-    rest of ``prepare``. ``malloc_trim`` returns them. Elsewhere (another C
-    library, another system) this does nothing."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
-
-
 def sample_sentences(
     pairs: Collection[tuple[str, str]], sides: tuple[int, ...], size: int, seed: int = 0
 ) -> Iterator[str]:
@@ -236,11 +220,11 @@ class Tokenizer:
             byte_fallback=byte_fallback,
         )
         models = {JOINT_MODEL: (0, 1)} if joint else {SOURCE_MODEL: (0,), TARGET_MODEL: (1,)}
-        _return_freed_memory()
+        release_memory()
         for name, sides in models.items():
             sentences = sample_sentences(pairs, sides, input_sentence_size)
             train_sentencepiece(sentences, directory / name, **options)
-            _return_freed_memory()
+            release_memory()
         return cls.load(directory)
 
     @classmethod

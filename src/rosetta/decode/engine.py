@@ -111,8 +111,12 @@ class Engine:
         copies: int = 1,
         max_sentences: int = 64,
         max_tokens: int = 4000,
+        min_admission: int | None = None,
     ) -> None:
+        """``min_admission``: the fewest queued sentences admitted into a running
+        batch at once (default: an eighth of ``max_sentences``)."""
         self.model = model
+        self.min_admission = min_admission or max(1, max_sentences // 8)
         self.rows = rows
         self.lengths = lengths
         self.copies = copies
@@ -154,7 +158,10 @@ class Engine:
 
     # ---- decoding -----------------------------------------------------------------------
     def _room(self) -> list[_Queued]:
-        """The queued sentences that fit now, from the front of the queue."""
+        """The queued sentences to admit now, from the front of the queue: those that
+        fit, if they are at least ``min_admission`` (or all there are, or the engine
+        is empty). Each admission copies every cache once (new rows), so admitting
+        a sentence or two at every step would cost more than it gains."""
         taken: list[_Queued] = []
         count = self.live
         longest = max(self._source_lengths, default=0)
@@ -164,6 +171,9 @@ class Engine:
                 break
             taken.append(item)
             count, longest = count + 1, longer
+        enough = len(taken) >= self.min_admission or len(taken) == len(self.queue)
+        if not (enough or not self.live):
+            return []
         for _ in taken:
             self.queue.popleft()
         return taken

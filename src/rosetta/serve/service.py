@@ -22,9 +22,7 @@ name of the limit; anything else would be a bug.
 
 from __future__ import annotations
 
-import ctypes
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from rosetta.config import ConfigError, ServeConfig, load_config
 from rosetta.decode.explain import Pieces, attention_weights, candidates, tree
 from rosetta.decode.search import option_fields
 from rosetta.decode.translator import Source, TorchTranslator, Translation, Translator
+from rosetta.memory import release_memory
 from rosetta.modeldir import CONFIG, read_metadata
 from rosetta.serve.batcher import Batcher, Job, ModelThread, QueueFull
 from rosetta.serve.budget import attention_size, maps_per_kind, search_size
@@ -54,23 +53,6 @@ def rounded(values: np.ndarray | list[float]) -> list:
     """``values`` rounded to ``WEIGHT_DIGITS`` decimals as nested lists of float64:
     rounding float32 leaves the nearest float32 (``0.052400000393390656`` in JSON)."""
     return np.round(np.asarray(values, dtype=np.float64), WEIGHT_DIGITS).tolist()
-
-
-def _glibc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _glibc_trim()
-
-
-def release_memory() -> None:
-    """Hands the allocator's free pages back to the system (glibc's ``malloc_trim``;
-    elsewhere a no-op), so that one group's temporaries do not stay resident."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 class RequestError(ValueError):

@@ -27,7 +27,10 @@ import torch
 from rosetta.decode.common import Found, Lengths
 from rosetta.decode.engine import Engine, LeftToRightSearch
 from rosetta.decode.translator import Segmented, TorchTranslator, Translation
+from rosetta.memory import release_memory
 from rosetta.serve.batcher import Job
+
+TRIM_EVERY = 1000  # steps between heap trims while the stream never runs dry
 
 
 @dataclass(eq=False)
@@ -56,6 +59,7 @@ class EngineStream:
         self.open_jobs: dict[int, _Open] = {}
         self._ready: list[tuple[Job, Any]] = []  # finished without a step (no segment)
         self._serials = itertools.count()
+        self._steps = 0
         self._by_serial: dict[int, _Open] = {}
 
     def accepts(self, work: Any) -> bool:
@@ -148,4 +152,7 @@ class EngineStream:
                 if not entry.left:
                     self._forget(entry)
                     finished.append((entry.job, self._finish(entry)))
+        self._steps += 1
+        if not self.open_jobs or self._steps % TRIM_EVERY == 0:
+            release_memory()  # a step's temporaries do not stay resident
         return finished
