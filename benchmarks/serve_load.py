@@ -1,9 +1,9 @@
 """Load on ``rosetta serve``: throughput, latency, errors and memory under concurrent
 clients, beside offline translation with the same engine.
 
-For each engine (rosetta's own ``torch`` search with continuous batching, the
-server's default; ``torch-groups``, the same search with requests grouped and
-each group decoded until its longest sentence ends, ``--continuous false``; and
+For each engine (rosetta's own ``torch`` search with continuous batching,
+``--continuous true``; ``torch-groups``, the same search with requests grouped and
+each group decoded until its longest sentence ends, the server's default; and
 ``ctranslate2`` on an export of the same model, which groups requests):
 
 1. offline, in a process of its own: ``Translator.translate`` of the sentences
@@ -204,7 +204,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 ENGINES = {  # the name in results: (rosetta's engine, its server's options)
-    "torch": ("torch", []),
+    "torch": ("torch", ["--continuous", "true"]),
     "torch-groups": ("torch", ["--continuous", "false"]),
     "ctranslate2": ("ctranslate2", []),
 }

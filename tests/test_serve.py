@@ -249,7 +249,7 @@ def served(service: TranslationService, requests: list[dict], clients: int) -> l
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(toy_model_dir):
-    service = make_service(toy_model_dir, max_wait_ms=300, continuous=False)
+    service = make_service(toy_model_dir, max_wait_ms=300)
     requests = [{"text": s} for s in SENTENCES] + [{"text": s, "beam": 1} for s in SENTENCES]
     answers = served(service, requests, 8)
     got = [a["translations"][0]["text"] for a in answers]
@@ -263,9 +263,9 @@ def test_streamed_requests_share_decoding_steps_and_each_gets_its_own_answer(toy
     """Continuous batching: requests join the running search; each answer is the
     offline one, and concurrent requests take fewer steps than one after another."""
     requests = [{"text": s} for s in SENTENCES] + [{"text": s, "beam": 1} for s in SENTENCES]
-    alone = make_service(toy_model_dir)
+    alone = make_service(toy_model_dir, continuous=True)
     served(alone, requests, 1)
-    together = make_service(toy_model_dir)
+    together = make_service(toy_model_dir, continuous=True)
     answers = served(together, requests, 8)
     got = [a["translations"][0]["text"] for a in answers]
     assert got == offline(toy_model_dir, SENTENCES) + offline(toy_model_dir, SENTENCES, beam=1)

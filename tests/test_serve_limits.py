@@ -201,7 +201,7 @@ def test_the_encoder_writes_what_json_response_writes():
 def test_health_answers_while_a_large_body_is_built(untrained_model_dir):
     """The body is built on a worker thread and part by part, so the event loop gets
     the interpreter between parts (json.dumps is one C call that holds the GIL)."""
-    service = make_service(untrained_model_dir, continuous=False)  # groups: `process` answers
+    service = make_service(untrained_model_dir)  # groups (the default): `process` answers
     row = [0.1234] * 1000
     big = [{"text": "x", "attention": {"cross": [[row] * 500] * 4}}]  # 2 million weights
     started = time.perf_counter()

@@ -436,6 +436,10 @@ class DecodeConfig(Section):
     max_len_b: int = Field(10, ge=1)
     max_tokens: int = Field(4000, gt=0)  # padded source tokens per batch
     batch_size: int = Field(64, ge=1)  # sentences per batch
+    # the share of batch_size that must be free before waiting sentences join a running
+    # batch: 1 = only once it has emptied (static batches: the fastest offline on a CPU,
+    # README "Continuous batching"); smaller = continuous batching
+    refill: float = Field(1.0, gt=0.0, le=1.0)
     scores: bool = False
     device: str = "cpu"  # cpu | auto (CUDA when there is one) | cuda | cuda:N
 
@@ -482,10 +486,11 @@ class ServeConfig(Section):
     max_queue: int = Field(65536, ge=1, description="source subwords waiting (503 beyond)")
     batch_tokens: int = Field(4000, ge=1, description="source subwords decoded together at most")
     continuous: bool = Field(
-        True,
+        False,
         description="continuous batching (torch engine): a request's sentences join the running "
-        "search at the next step and leave it when they end; false: requests are grouped, and "
-        "each group decoded until its longest sentence ends",
+        "search within a few steps and leave it when they end (short requests do not wait for "
+        "long ones); false: requests are grouped, each group decoded until its longest sentence "
+        "ends (more throughput on a CPU: README, Serving)",
     )
     max_sentences: int = Field(
         64, ge=1, description="sentences decoded together at most (continuous batching)"

@@ -112,11 +112,14 @@ class Engine:
         max_sentences: int = 64,
         max_tokens: int = 4000,
         min_admission: int | None = None,
+        patience: int | None = None,
     ) -> None:
         """``min_admission``: the fewest queued sentences admitted into a running
-        batch at once (default: an eighth of ``max_sentences``)."""
+        batch at once (default: an eighth of ``max_sentences``); fewer join once the
+        queue's front has waited ``patience`` steps (default: never)."""
         self.model = model
         self.min_admission = min_admission or max(1, max_sentences // 8)
+        self.patience = patience if patience is not None else 1 << 62
         self.rows = rows
         self.lengths = lengths
         self.copies = copies
@@ -130,6 +133,7 @@ class Engine:
         self._serial = 0
         self._parts: dict[Hashable, list[Any]] = {}  # a source's finished copies
         self._first: torch.Tensor | None = None  # a beam's first step, made at admission
+        self._waiting_since = 0  # the step since which the queue's front has waited
         self.stats = EngineStats()
 
     # ---- the queue ------------------------------------------------------------------
@@ -139,6 +143,8 @@ class Engine:
         if key in self._parts:
             raise ValueError(f"key {key!r} is already in the engine")
         self._parts[key] = [None] * self.copies
+        if not self.queue:
+            self._waiting_since = self.stats.steps
         self.queue.extend(_Queued(ids, key, copy) for copy in range(self.copies))
 
     def discard(self, key: Hashable) -> None:
@@ -171,11 +177,12 @@ class Engine:
                 break
             taken.append(item)
             count, longest = count + 1, longer
-        enough = len(taken) >= self.min_admission or len(taken) == len(self.queue)
-        if not (enough or not self.live):
+        waited = self.stats.steps - self._waiting_since >= self.patience
+        if self.live and not (len(taken) >= self.min_admission or (taken and waited)):
             return []
         for _ in taken:
             self.queue.popleft()
+        self._waiting_since = self.stats.steps
         return taken
 
     def _admit(self, items: list[_Queued]) -> None:
@@ -331,10 +338,15 @@ class LeftToRightSearch(Search):
         trace: bool = False,
         max_sentences: int = 64,
         max_tokens: int = 4000,
+        min_admission: int | None = None,
+        patience: int | None = None,
     ) -> Engine:
-        """An engine running this search on ``model``."""
+        """An engine running this search on ``model`` (arguments: ``Engine``)."""
         rows = self.rows(lengths, scores, trace)
-        return Engine(model, rows, lengths, self.copies, max_sentences, max_tokens)
+        return Engine(
+            model, rows, lengths, self.copies, max_sentences, max_tokens, min_admission,
+            patience,
+        )  # fmt: skip
 
     def run(
         self,

@@ -23,6 +23,7 @@ the batch it landed in (padding is masked everywhere).
 from __future__ import annotations
 
 import copy
+import math
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -361,10 +362,11 @@ class TorchTranslator(Translator):
 
     def engine_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
         """A left-to-right search runs on one ``Engine`` fed from a queue sorted by
-        length (shortest first): a sentence that ends leaves the batch and the next
-        takes its place at the following step (continuous batching), within
-        ``batch_size`` sentences and ``max_tokens`` padded source tokens. Other
-        searches (mask-predict) decode static batches of that size."""
+        length (shortest first), within ``batch_size`` sentences and ``max_tokens``
+        padded source tokens: a sentence that ends leaves the batch, and waiting
+        ones join it once ``refill`` of ``batch_size`` is free (1: once it has
+        emptied, static batches). Other searches (mask-predict) decode static
+        batches of that size."""
         opts = self.options
         lengths = Lengths.of(opts, self.max_source_len)
         order = np.argsort([len(s) for s in sources], kind="stable")
@@ -372,6 +374,7 @@ class TorchTranslator(Translator):
             engine = self.search.engine(
                 self.model, lengths, scores=opts.scores, trace=trace,
                 max_sentences=opts.batch_size, max_tokens=opts.max_tokens,
+                min_admission=math.ceil(opts.refill * opts.batch_size),
             )  # fmt: skip
             with torch.inference_mode():
                 found = queue_all(engine, [sources[i] for i in order])

@@ -30,6 +30,9 @@ from rosetta.decode.translator import Segmented, TorchTranslator, Translation
 from rosetta.memory import release_memory
 from rosetta.serve.batcher import Job
 
+# a request waits at most this many steps to join a running search, unless an eighth of
+# max_sentences is waiting: each admission copies the caches once (README, Serving)
+PATIENCE = 2
 TRIM_EVERY = 1000  # steps between heap trims while the stream never runs dry
 
 
@@ -77,6 +80,7 @@ class EngineStream:
             self.engines[key] = translator.search.engine(
                 translator.model, Lengths.of(opts, translator.max_source_len),
                 scores=opts.scores, max_sentences=self.max_sentences, max_tokens=self.max_tokens,
+                patience=PATIENCE,
             )  # fmt: skip
         return key, self.engines[key]
 
