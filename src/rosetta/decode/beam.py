@@ -207,6 +207,7 @@ class BeamRows(Rows):
         self.serials = torch.cat([self.serials.to(device), serials])
         bos = torch.full((count * beam,), BOS_ID, dtype=torch.long, device=device)
         self.last = torch.cat([self.last.to(device), bos])
+        self.budgets_admitted(budget)
         if self.tree is not None:
             self.tree.start(serials.tolist(), beam)
 
@@ -218,9 +219,12 @@ class BeamRows(Rows):
         ages = self.ages
         logits = logits.float()
         normalizer = logits.logsumexp(dim=-1, keepdim=True)
-        row_ages = ages.repeat_interleave(beam)
-        logits = forbid_early_eos(logits, row_ages, self.lengths.min_len)
-        logits = force_eos(logits, self.budget.repeat_interleave(beam) <= row_ages + 1)
+        min_len = self.lengths.min_len
+        logits = forbid_early_eos(
+            logits, ages.repeat_interleave(beam) if min_len else ages, min_len
+        )
+        if self.budget_may_end():
+            logits = force_eos(logits, (self.budget <= ages + 1).repeat_interleave(beam))
         # Every hypothesis's best 2 * beam continuations hold the sentence's best
         # 2 * beam: a continuation outranked within its own row is outranked overall.
         vocab = logits.size(-1)
@@ -284,6 +288,8 @@ class BeamRows(Rows):
         return found
 
     def keep(self, index: torch.Tensor) -> None:
+        if not len(index):
+            self.emptied()
         self.serials, self.ages, self.budget = (
             self.serials[index],
             self.ages[index],

@@ -59,6 +59,21 @@ class Rows(ABC):
         self.lengths = lengths
         self.scores = scores
         self.trace = trace
+        self._safe = 1 << 62  # steps before some row may reach its length budget
+
+    def budgets_admitted(self, budget: torch.Tensor) -> None:
+        """Notes the budgets of sentences admitted at position 0."""
+        self._safe = min(self._safe, int(budget.min()) - 1)
+
+    def budget_may_end(self) -> bool:
+        """Called once per step: whether some row may be at its length budget now (a
+        row at it may only end); False saves the check on the most steps."""
+        self._safe -= 1
+        return self._safe < 0
+
+    def emptied(self) -> None:
+        """Every sentence has left."""
+        self._safe = 1 << 62
 
     @abstractmethod
     def admit(self, budget: torch.Tensor, sources: Sequence[Sequence[int]], copies: list[int],

@@ -72,6 +72,7 @@ class TokenRows(Rows):
         bos = torch.full_like(budget, BOS_ID)
         self.last = torch.cat([self.last.to(device), bos])
         self.sums = torch.cat([self.sums.to(device), torch.zeros(count, device=device)])
+        self.budgets_admitted(budget)
 
     def tokens(self) -> torch.Tensor:
         return self.last
@@ -81,10 +82,10 @@ class TokenRows(Rows):
         # only the chosen token's log-probability is needed: logit - logsumexp
         normalizer = logits.logsumexp(dim=-1) if self.scores else None
         logits = forbid_early_eos(logits, self.ages, self.lengths.min_len)
-        logits = force_eos(logits, self.budget <= self.ages + 1)
+        if self.budget_may_end():
+            logits = force_eos(logits, self.budget <= self.ages + 1)
         tokens = self.choose(logits)
-        rows = torch.arange(tokens.size(0), device=tokens.device)
-        self.outputs[rows, self.ages] = tokens
+        self.outputs.scatter_(1, self.ages[:, None], tokens[:, None])
         if self.scores:  # a chosen token is never a forbidden one: its raw logit
             self.sums += logits.gather(1, tokens[:, None]).squeeze(1).sub_(normalizer)
         self.ages += 1
@@ -102,6 +103,8 @@ class TokenRows(Rows):
         return found
 
     def keep(self, index: torch.Tensor) -> None:
+        if not len(index):
+            self.emptied()
         self.ages, self.budget = self.ages[index], self.budget[index]
         self.last, self.sums, self.outputs = self.last[index], self.sums[index], self.outputs[index]
 
