@@ -38,9 +38,10 @@ def make_service(model_dir: Path, **limits) -> TranslationService:
     return TranslationService.load(model_dir, config=ServeConfig(**limits))
 
 
-@pytest.fixture(scope="module")
-def service(toy_model_dir) -> TranslationService:
-    return make_service(toy_model_dir, max_wait_ms=50)
+@pytest.fixture(scope="module", params=[False, True], ids=["groups", "continuous"])
+def service(toy_model_dir, request) -> TranslationService:
+    """The service in both batching modes: every API test holds for each."""
+    return make_service(toy_model_dir, max_wait_ms=50, continuous=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +306,68 @@ def test_a_failing_group_fails_its_jobs_and_the_worker_goes_on():
         bad.future.result(timeout=5)
     assert batcher.submit("x", 1, "good").future.result(timeout=5) == "good"
     batcher.stop(timeout=5)
+
+
+class FakeStream:
+    """A stream whose jobs end after ``payload`` steps ("group": not streamed; a
+    negative count: never; "fail": its step raises for it)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, list] = {}
+        self.closed: list = []
+
+    def accepts(self, payload) -> bool:
+        return payload != "group"
+
+    def open(self, job) -> None:
+        self.jobs[id(job)] = [job, job.payload]
+
+    def close(self, job) -> bool:
+        self.closed.append(job.payload)
+        return self.jobs.pop(id(job), None) is not None
+
+    def step(self) -> list:
+        finished = []
+        for key, entry in list(self.jobs.items()):
+            job, left = entry
+            if left == "fail":
+                finished.append((job, RuntimeError("boom")))
+                del self.jobs[key]
+                continue
+            entry[1] = left - 1
+            if entry[1] == 0:
+                finished.append((job, f"done {job.payload}"))
+                del self.jobs[key]
+        return finished
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs)
+
+    @property
+    def hungry(self) -> bool:
+        return True
+
+
+def test_a_streamed_job_leaves_when_cancelled_and_others_go_on():
+    stream = FakeStream()
+    batcher = Batcher(lambda payloads: [f"grouped {p}" for p in payloads], 100, 0.0, 100,
+                      stream=stream)  # fmt: skip
+    batcher.start()
+    forever = batcher.submit("k", 1, -1)  # never ends by itself
+    short, grouped = batcher.submit("k", 1, 3), batcher.submit("k", 1, "group")
+    failing = batcher.submit("k", 1, "fail")
+    assert short.future.result(timeout=5) == "done 3"
+    assert grouped.future.result(timeout=5) == "grouped group"  # between two steps
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.future.result(timeout=5)
+    assert not batcher.cancel(forever)  # running: it leaves the stream at the next step
+    assert forever.future.result(timeout=5) is None and stream.closed == [-1]
+    assert not stream.busy and batcher._in_flight == 0
+    later = batcher.submit("k", 1, 2)
+    batcher.stop(timeout=5)  # drains what is streamed
+    assert later.future.result(timeout=0) == "done 2"
+    assert batcher.stats.streamed == 4 and batcher.stats.batches == 1
 
 
 # ---- LibreTranslate ------------------------------------------------------------------------

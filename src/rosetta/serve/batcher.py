@@ -256,10 +256,13 @@ class Batcher:
         return False
 
     def _take_group(self, first: Job) -> list[Job]:
-        """The queued jobs of ``first``'s key, oldest first, within ``batch_tokens``."""
+        """The queued jobs of ``first``'s key, oldest first, within ``batch_tokens``
+        (with a stream, only jobs it does not accept)."""
         group, size = [], 0
         for job in list(self._queue):
             if job.key != first.key or (group and size + job.size > self.batch_tokens):
+                continue
+            if self.stream is not None and self.stream.accepts(job.payload):
                 continue
             size += job.size
             if self._take(job):
