@@ -63,6 +63,16 @@ class Lengths:
 DEFAULT_LENGTHS = Lengths()
 
 
+def pad_batch(
+    sequences: list[list[int]], device: torch.device | str = "cpu", value: int = PAD_ID
+) -> torch.Tensor:
+    """Right-pads id lists into (batch, max_len) with ``value`` (<pad> by default)."""
+    out = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out.to(device)
+
+
 _FORBIDDEN: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
 

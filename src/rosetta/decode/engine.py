@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from rosetta.data.tokenizer import BOS_ID, PAD_ID
-from rosetta.decode.common import Found, Lengths, Search
+from rosetta.decode.common import Found, Lengths, Search, pad_batch
 from rosetta.model.interface import DecoderState, IncrementalDecoder, Seq2Seq
 
 
@@ -202,11 +202,7 @@ class Engine:
 
     def _admit(self, items: list[_Queued]) -> None:
         """Encodes and appends ``items``."""
-        width = max(len(item.ids) for item in items)
-        src = torch.full((len(items), width), PAD_ID, dtype=torch.long)
-        for row, item in enumerate(items):
-            src[row, : len(item.ids)] = torch.as_tensor(item.ids, dtype=torch.long)
-        src = src.to(self.device)
+        src = pad_batch([list(item.ids) for item in items], self.device)
         self.admit_batch(src, [item.key for item in items], [item.copy for item in items],
                                 [list(item.ids) for item in items])  # fmt: skip
 

@@ -39,7 +39,7 @@ from rosetta.config import DecodeConfig, load_config
 from rosetta.data.batching import make_batches
 from rosetta.data.text import clean_line, one_line
 from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
-from rosetta.decode.common import Found, Hypothesis, Lengths, Search, Trace
+from rosetta.decode.common import Found, Hypothesis, Lengths, Search, Trace, pad_batch
 from rosetta.decode.engine import LeftToRightSearch, queue_all
 from rosetta.decode.search import SEARCHES, configure, option_fields, runnable
 from rosetta.device import resolve_device
@@ -73,16 +73,6 @@ class Translation:
         fairseq n-best form; ids count input lines from 0). The score is the total
         log-probability of the output tokens and <eos> under the model."""
         return [f"{sentence_id} ||| {text} ||| {h.log_prob:.4f}" for text, h in self.hypotheses]
-
-
-def pad_batch(
-    sequences: list[list[int]], device: torch.device | str = "cpu", value: int = PAD_ID
-) -> torch.Tensor:
-    """Right-pads id lists into (batch, max_len) with ``value`` (<pad> by default)."""
-    out = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out.to(device)
 
 
 WORD_START = "\u2581"  # SentencePiece's marker of a piece that begins a word
