@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -34,6 +35,7 @@ from rosetta.decode.common import (
     force_eos,
     length_penalty,
 )
+from rosetta.decode.constraints import Constraint, ConstraintTables
 from rosetta.decode.engine import Engine, LeftToRightSearch, Rows, run_all
 from rosetta.decode.greedy import TokenRows, forbid_early_eos
 from rosetta.model.interface import Seq2Seq
@@ -58,6 +60,11 @@ class BeamOptions(SearchOptions):
         False,
         description="a hypothesis ends only when <eos> is among the step's best `beam` "
         "candidates, as in fairseq, Marian and HuggingFace (default: among the best 2 x beam)",
+    )
+    ordered_constraints: bool = Field(
+        False,
+        description="lexical constraints must appear in the order given "
+        "(default: anywhere, in any order)",
     )
 
     @model_validator(mode="after")
@@ -161,10 +168,23 @@ class BeamTrace:
 
 class BeamRows(Rows):
     """Beam search's bookkeeping for the sentences in an engine, on tensors of shape
-    (sentences, beam, ...), each sentence at its own step (``ages``)."""
+    (sentences, beam, ...), each sentence at its own step (``ages``).
 
-    def __init__(self, lengths: Lengths, scores: bool, trace: bool, options: BeamOptions) -> None:
+    ``constrained``: sentences may carry lexical constraints
+    (``rosetta.decode.constraints``), and the beam is filled by dynamic beam
+    allocation (``_advance_constrained``); a sentence without any is searched
+    exactly as without the option."""
+
+    def __init__(
+        self,
+        lengths: Lengths,
+        scores: bool,
+        trace: bool,
+        options: BeamOptions,
+        constrained: bool = False,
+    ) -> None:
         super().__init__(lengths, scores, trace)
+        self.constrained = constrained
         self.group = self.beam = options.beam
         self.alpha, self.nbest = options.length_penalty, options.nbest
         self.eos_within_beam = options.eos_within_beam
@@ -182,10 +202,30 @@ class BeamRows(Rows):
         self.fin_tokens = torch.zeros(0, beam, 0, dtype=torch.long)
         self.tree = BeamTrace() if trace else None
         self.settings = {"size": beam, "length_penalty": self.alpha}
+        if constrained:
+            self.tables = ConstraintTables(options.ordered_constraints)
+            # each hypothesis's automaton node and the bit mask of constraints it met
+            self.node = torch.zeros(0, beam, dtype=torch.long)
+            self.met = torch.zeros(0, beam, dtype=torch.long)
+            self.fin_met = torch.zeros(0, beam, dtype=torch.long)  # constraints met, counted
 
-    def admit(self, budget: torch.Tensor, sources: Sequence[Sequence[int]], copies: list[int],
-              serials: torch.Tensor) -> None:  # fmt: skip
+    def admit(
+        self,
+        budget: torch.Tensor,
+        sources: Sequence[Sequence[int]],
+        copies: list[int],
+        serials: torch.Tensor,
+        constraints: Sequence[Sequence[Constraint]] | None = None,
+    ) -> None:
         device, count, beam = budget.device, budget.size(0), self.beam
+        if self.constrained:
+            self.tables.admit(constraints or [()] * count, device)
+            zeros = torch.zeros(count, beam, dtype=torch.long, device=device)
+            self.node, self.met, self.fin_met = (
+                torch.cat([t.to(device), zeros]) for t in (self.node, self.met, self.fin_met)
+            )
+        elif constraints and any(constraints):
+            raise ValueError("this beam search was not set up for lexical constraints")
         width = max(self.alive.size(2), int(budget.max()))
 
         def widened(t: torch.Tensor) -> torch.Tensor:
@@ -215,6 +255,8 @@ class BeamRows(Rows):
         return self.last
 
     def advance(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.constrained:
+            return self._advance_constrained(logits)
         beam, n, device = self.beam, self.ages.size(0), logits.device
         ages = self.ages
         logits = logits.float()
@@ -299,6 +341,104 @@ class BeamRows(Rows):
         self.fin_scores, self.fin_log_probs = self.fin_scores[index], self.fin_log_probs[index]
         self.fin_tokens = self.fin_tokens[index]
         self.last = self.last.view(-1, self.beam)[index].view(-1)
+        if self.constrained:
+            self.tables.keep(index)
+            self.node, self.met, self.fin_met = self.node[index], self.met[index], self.fin_met[index]
+
+    def _advance_constrained(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``advance`` with dynamic beam allocation (Post & Vilar 2018; vectorised as
+        Hu et al. 2019). Each hypothesis is extended by the sentence's best ``2 *
+        beam`` continuations (as without constraints: only these may end), its own
+        best token, and every token of the sentence's constraints; a hypothesis
+        that has not met every constraint may not end before its length limit.
+        The ``beam`` kept are taken round-robin over the banks (constraint tokens
+        produced), most first, best first within a bank. Finished hypotheses rank
+        by the constraints they met, then by score."""
+        beam, n, device = self.beam, self.ages.size(0), logits.device
+        ages, tables = self.ages, self.tables
+        logits = logits.float()
+        normalizer = logits.logsumexp(dim=-1, keepdim=True)
+        min_len = self.lengths.min_len
+        logits = forbid_early_eos(
+            logits, ages.repeat_interleave(beam) if min_len else ages, min_len
+        )
+        at_limit = self.budget <= ages + 1
+        if self.budget_may_end():
+            logits = force_eos(logits, at_limit.repeat_interleave(beam))
+        unmet = ~tables.satisfied(self.met) & ~at_limit[:, None]
+        logits[:, EOS_ID] = logits[:, EOS_ID].masked_fill(unmet.view(-1), NEG_INF)
+        log_probs = (logits - normalizer).view(n, beam, -1)
+        vocab = log_probs.size(-1)
+        width = min(2 * beam, vocab)
+        live = self.live_scores
+
+        # candidates (n, m): origin hypothesis, token, score
+        row_scores, row_tokens = log_probs.topk(width, dim=-1)  # (n, beam, width)
+        row_scores = row_scores + live[..., None]
+        top_scores, top_index = row_scores.view(n, -1).topk(min(2 * beam, beam * width), dim=1)
+        hypotheses = torch.arange(beam, device=device)[None, :, None]
+        wanted = tables.tokens[:, None, :].expand(-1, beam, -1)  # (n, beam, R), -1: none
+        wanted_scores = log_probs.gather(2, wanted.clamp(min=0)) + live[..., None]
+        wanted_scores = wanted_scores.masked_fill(wanted.lt(0), NEG_INF)
+        parts = [
+            (top_index // width, row_tokens.view(n, -1).gather(1, top_index), top_scores),
+            (hypotheses[..., 0].expand(n, -1), row_tokens[..., 0], row_scores[..., 0]),
+            (hypotheses.expand_as(wanted).reshape(n, -1), wanted.clamp(min=0).reshape(n, -1),
+             wanted_scores.reshape(n, -1)),
+        ]  # fmt: skip
+        origin, token, scores = (torch.cat([part[i] for part in parts], dim=1) for i in range(3))
+        first = top_scores.size(1)  # only the first part's <eos> may end a hypothesis
+        extra = torch.arange(origin.size(1), device=device) >= first
+        scores = scores.masked_fill(extra & token.eq(EOS_ID), NEG_INF)
+        # one candidate per (hypothesis, token): the first of its copies
+        ordered_keys, by_key = (origin * vocab + token).sort(dim=1, stable=True)
+        again = torch.zeros_like(ordered_keys, dtype=torch.bool)
+        again[:, 1:] = ordered_keys[:, 1:].eq(ordered_keys[:, :-1])
+        scores = scores.masked_fill(torch.zeros_like(again).scatter(1, by_key, again), NEG_INF)
+        node, met = tables.step(self.node.gather(1, origin), self.met.gather(1, origin), token)
+
+        ends = token.eq(EOS_ID)
+        ending = ends & ~extra
+        if self.eos_within_beam:
+            ending = ending & (torch.arange(ends.size(1), device=device) < beam)
+        penalty = length_penalty(ages + 1, self.alpha)[:, None]
+        new_fin = torch.where(ending, scores / penalty, NEG_INF)
+        steps = self.alive.size(2)
+        prefix = self.alive.gather(1, origin[..., None].expand(-1, -1, steps))
+        pool_scores = torch.cat([self.fin_scores, new_fin], dim=1)
+        pool_met = torch.cat([self.fin_met, tables.count(met)], dim=1)
+        rank = pool_met.double() * 1e9 + pool_scores.double()  # met first, then score
+        pick = rank.masked_fill(pool_scores.eq(NEG_INF), NEG_INF).topk(beam, dim=1).indices
+        fin_scores = pool_scores.gather(1, pick)
+        self.fin_met = pool_met.gather(1, pick)
+        self.fin_log_probs = torch.cat([self.fin_log_probs, scores], 1).gather(1, pick)
+        pool_tokens = torch.cat([self.fin_tokens, prefix], dim=1)
+        self.fin_tokens = pool_tokens.gather(1, pick[..., None].expand(-1, -1, steps))
+        self.fin_scores = fin_scores
+
+        # alive: round-robin over banks, best first within each
+        open_scores = scores.masked_fill(ends, NEG_INF)
+        by_score, order = open_scores.sort(dim=1, descending=True, stable=True)
+        banks = tables.progress(node, met).gather(1, order)
+        top = int(banks.max()) + 1 if banks.numel() else 1
+        members = F.one_hot(banks, top)  # (n, m, banks)
+        within = (members.cumsum(dim=1) * members).sum(dim=-1) - 1  # rank within its bank
+        turn = (within * top + (top - 1 - banks)).masked_fill(by_score.eq(NEG_INF), 1 << 40)
+        keep = order.gather(1, turn.topk(beam, dim=1, largest=False).indices)
+        kept_scores = open_scores.gather(1, keep)
+        kept_origin, kept_token = origin.gather(1, keep), token.gather(1, keep)
+        alive = self.alive.gather(1, kept_origin[..., None].expand(-1, -1, steps))
+        alive.scatter_(2, ages[:, None, None].expand(-1, beam, 1), kept_token[..., None])
+        if self.tree is not None:
+            considered = {"origin": origin, "token": token, "log_prob": scores, "score": new_fin}
+            self.tree.step(ages, self.serials, considered, pick, fin_scores, keep, kept_scores)
+        self.node, self.met = node.gather(1, keep), met.gather(1, keep)
+        self.alive, self.live_scores, self.last = alive, kept_scores, kept_token.view(-1)
+        self.ages = ages + 1
+        order = (kept_origin + (torch.arange(n, device=device) * beam)[:, None]).view(-1)
+        best_reachable = kept_scores.max(dim=1).values / length_penalty(self.budget, self.alpha)
+        done = (self.fin_scores[:, -1] >= best_reachable) | (self.ages >= self.budget)
+        return order, done
 
 
 @torch.inference_mode()
@@ -328,11 +468,13 @@ class BeamSearch(LeftToRightSearch):
     Options = BeamOptions
     options: BeamOptions
 
-    def rows(self, lengths: Lengths, scores: bool, trace: bool) -> Rows:
+    takes_constraints = True
+
+    def rows(self, lengths: Lengths, scores: bool, trace: bool, constrained: bool = False) -> Rows:
         opts = self.options
-        if opts.beam == 1 and opts.nbest == 1:  # greedy search, without a tree (as cheap)
-            return TokenRows(lengths, scores, trace)
-        return BeamRows(lengths, scores, trace, opts)
+        if opts.beam == 1 and opts.nbest == 1 and not constrained:
+            return TokenRows(lengths, scores, trace)  # greedy search, without a tree (as cheap)
+        return BeamRows(lengths, scores, trace, opts, constrained)
 
     def beam_run(self, model: Any, src: torch.Tensor, lengths: Lengths) -> list[Found]:
         """The beam search itself on a padded batch, even with a beam of 1."""

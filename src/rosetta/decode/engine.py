@@ -45,6 +45,7 @@ import torch
 
 from rosetta.data.tokenizer import BOS_ID, PAD_ID
 from rosetta.decode.common import Found, Lengths, Search, pad_batch
+from rosetta.decode.constraints import Constraint
 from rosetta.model.interface import DecoderState, IncrementalDecoder, Seq2Seq
 
 
@@ -54,6 +55,7 @@ class Rows(ABC):
     at the end, and leave by ``keep``; nothing loops over sentences in Python."""
 
     group: int = 1
+    constrained: bool = False  # sentences may carry lexical constraints (beam search)
 
     def __init__(self, lengths: Lengths, scores: bool, trace: bool) -> None:
         self.lengths = lengths
@@ -76,11 +78,18 @@ class Rows(ABC):
         self._safe = 1 << 62
 
     @abstractmethod
-    def admit(self, budget: torch.Tensor, sources: Sequence[Sequence[int]], copies: list[int],
-              serials: torch.Tensor) -> None:  # fmt: skip
+    def admit(
+        self,
+        budget: torch.Tensor,
+        sources: Sequence[Sequence[int]],
+        copies: list[int],
+        serials: torch.Tensor,
+        constraints: Sequence[Sequence[Constraint]] | None = None,
+    ) -> None:
         """Appends sentences at position 0: their output ``budget`` (count,), their
-        source ids and copy numbers (the samples of one source), and the engine's
-        serial number of each (trace rows)."""
+        source ids and copy numbers (the samples of one source), the engine's
+        serial number of each (trace rows) and, where ``constrained``, each one's
+        lexical constraints (None: none)."""
 
     @abstractmethod
     def tokens(self) -> torch.Tensor:
@@ -106,6 +115,7 @@ class _Queued:
     ids: Sequence[int]
     key: Hashable
     copy: int
+    constraints: Sequence[Constraint] = ()
 
 
 class Engine:
@@ -152,15 +162,20 @@ class Engine:
         self.stats = EngineStats()
 
     # ---- the queue ------------------------------------------------------------------
-    def add(self, ids: Sequence[int], key: Hashable) -> None:
+    def add(
+        self, ids: Sequence[int], key: Hashable, constraints: Sequence[Constraint] = ()
+    ) -> None:
         """Queues a non-empty source (``copies`` sentences) under ``key``, which must
-        differ from every key queued or live."""
+        differ from every key queued or live, with its lexical ``constraints`` (a
+        search whose rows are ``constrained``)."""
         if key in self._parts:
             raise ValueError(f"key {key!r} is already in the engine")
+        if constraints and not self.rows.constrained:
+            raise ValueError("lexical constraints need beam search set up for them")
         self._parts[key] = [None] * self.copies
         if not self.queue:
             self._waiting_since = self.stats.steps
-        self.queue.extend(_Queued(ids, key, copy) for copy in range(self.copies))
+        self.queue.extend(_Queued(ids, key, copy, constraints) for copy in range(self.copies))
 
     def discard(self, key: Hashable) -> None:
         """Forgets ``key``: its queued sentences leave the queue; live ones finish,
@@ -204,7 +219,8 @@ class Engine:
         """Encodes and appends ``items``."""
         src = pad_batch([list(item.ids) for item in items], self.device)
         self.admit_batch(src, [item.key for item in items], [item.copy for item in items],
-                                [list(item.ids) for item in items])  # fmt: skip
+                         [list(item.ids) for item in items],
+                         [item.constraints for item in items])  # fmt: skip
 
     def admit_batch(
         self,
@@ -212,6 +228,7 @@ class Engine:
         keys: Sequence[Hashable],
         copies: Sequence[int] | None = None,
         sources: Sequence[Sequence[int]] | None = None,
+        constraints: Sequence[Sequence[Constraint]] | None = None,
     ) -> None:
         """Admits a padded source batch (sentences, src_len) at once: what ``add`` and
         ``step`` do for queued sources, for a caller holding a batch (``Search.run``)."""
@@ -237,7 +254,10 @@ class Engine:
         budget = self.lengths.per_source(src)
         serials = torch.arange(self._serial, self._serial + count, device=src.device)
         self._serial += count
-        self.rows.admit(budget, sources, copies, serials)
+        if self.rows.constrained:
+            self.rows.admit(budget, sources, copies, serials, constraints)
+        else:
+            self.rows.admit(budget, sources, copies, serials)
         self._keys += [(key, copy) for key, copy in zip(keys, copies)]
         self._source_lengths += [len(ids) for ids in sources]
         self.stats.admissions += 1
@@ -315,11 +335,16 @@ def run_all(engine: Engine, src: torch.Tensor) -> list[Found]:
     return [results[row] for row in range(count)]
 
 
-def queue_all(engine: Engine, sources: Iterable[Sequence[int]]) -> list[Found]:
-    """Sources through ``engine``'s queue (in the order given): one ``Found`` each."""
+def queue_all(
+    engine: Engine,
+    sources: Iterable[Sequence[int]],
+    constraints: Sequence[Sequence[Constraint]] | None = None,
+) -> list[Found]:
+    """Sources through ``engine``'s queue (in the order given), each with its lexical
+    ``constraints`` if given: one ``Found`` each."""
     sources = list(sources)
     for index, ids in enumerate(sources):
-        engine.add(ids, index)
+        engine.add(ids, index, constraints[index] if constraints is not None else ())
     results = engine.run()
     return [results[index] for index in range(len(sources))]
 
@@ -330,10 +355,12 @@ class LeftToRightSearch(Search):
     continuous batching alike)."""
 
     needs = IncrementalDecoder
+    takes_constraints = False  # lexical constraints (beam search)
 
     @abstractmethod
-    def rows(self, lengths: Lengths, scores: bool, trace: bool) -> Rows:
-        """This search's bookkeeping for an engine."""
+    def rows(self, lengths: Lengths, scores: bool, trace: bool, constrained: bool = False) -> Rows:
+        """This search's bookkeeping for an engine (``constrained``: for sentences
+        with lexical constraints, where ``takes_constraints``)."""
 
     @property
     def copies(self) -> int:
@@ -351,9 +378,15 @@ class LeftToRightSearch(Search):
         max_tokens: int = 4000,
         min_admission: int | None = None,
         patience: int | None = None,
+        constrained: bool = False,
     ) -> Engine:
-        """An engine running this search on ``model`` (arguments: ``Engine``)."""
-        rows = self.rows(lengths, scores, trace)
+        """An engine running this search on ``model`` (arguments: ``Engine``);
+        ``constrained``: its sentences may carry lexical constraints."""
+        if constrained and not self.takes_constraints:
+            raise ValueError(
+                f"lexical constraints need beam search, not {self.describe()['kind']}"
+            )
+        rows = self.rows(lengths, scores, trace, constrained)
         return Engine(
             model, rows, lengths, self.copies, max_sentences, max_tokens, min_admission,
             patience,

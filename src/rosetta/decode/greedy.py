@@ -133,7 +133,7 @@ class GreedySearch(LeftToRightSearch):
     in_ctranslate2 = True
     Options = GreedyOptions
 
-    def rows(self, lengths: Lengths, scores: bool, trace: bool) -> Rows:
+    def rows(self, lengths: Lengths, scores: bool, trace: bool, constrained: bool = False) -> Rows:
         return TokenRows(lengths, scores, trace)
 
     def for_hypotheses(self, count: int) -> dict[str, Any]:

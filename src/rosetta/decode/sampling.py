@@ -187,7 +187,7 @@ class SamplingSearch(LeftToRightSearch):
     def copies(self) -> int:
         return self.options.nbest
 
-    def rows(self, lengths: Lengths, scores: bool, trace: bool) -> Rows:
+    def rows(self, lengths: Lengths, scores: bool, trace: bool, constrained: bool = False) -> Rows:
         return SampleRows(lengths, scores, trace, self.options)
 
     def ctranslate2(self, vocab_size: int) -> dict[str, Any]:
