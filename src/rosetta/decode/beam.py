@@ -343,7 +343,8 @@ class BeamRows(Rows):
         self.last = self.last.view(-1, self.beam)[index].view(-1)
         if self.constrained:
             self.tables.keep(index)
-            self.node, self.met, self.fin_met = self.node[index], self.met[index], self.fin_met[index]
+            self.node, self.met = self.node[index], self.met[index]
+            self.fin_met = self.fin_met[index]
 
     def _advance_constrained(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``advance`` with dynamic beam allocation (Post & Vilar 2018; vectorised as

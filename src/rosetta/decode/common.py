@@ -53,6 +53,11 @@ class Lengths:
         """The budget a ``decode`` configuration sets, for a model of ``limit`` positions."""
         return cls(options.max_len_a, options.max_len_b, limit)
 
+    def budget(self, source_length: int) -> int:
+        """The budget of one source of ``source_length`` ids (as ``per_source``)."""
+        budget = int(float(source_length) * self.a + self.b)
+        return max(min(budget, self.limit), self.min_len + 1)
+
     def per_source(self, src: torch.Tensor) -> torch.Tensor:
         """(batch,) budgets of a padded source batch (batch, src_len)."""
         source_lengths = src.ne(PAD_ID).sum(dim=1)

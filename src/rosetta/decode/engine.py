@@ -383,9 +383,7 @@ class LeftToRightSearch(Search):
         """An engine running this search on ``model`` (arguments: ``Engine``);
         ``constrained``: its sentences may carry lexical constraints."""
         if constrained and not self.takes_constraints:
-            raise ValueError(
-                f"lexical constraints need beam search, not {self.describe()['kind']}"
-            )
+            raise ValueError(f"lexical constraints need beam search, not {self.describe()['kind']}")
         rows = self.rows(lengths, scores, trace, constrained)
         return Engine(
             model, rows, lengths, self.copies, max_sentences, max_tokens, min_admission,

@@ -13,7 +13,11 @@ The search itself is a ``rosetta.decode.common.Search`` chosen by
   and a sentence still too long into chunks at word boundaries; the pieces are
   translated on their own and joined back into one output (``split_source``),
   so nothing is cut off;
-- long streams are translated ``chunk`` lines at a time (``translate_stream``).
+- long streams are translated ``chunk`` lines at a time (``translate_stream``);
+- a sentence may carry lexical constraints, target phrases its translation must
+  contain (``constraints``, or terms a ``Glossary`` finds in it), which beam
+  search honours (``rosetta.decode.constraints``); a constrained source must fit
+  ``max_source_len``, and each phrase the output limit of its source.
 
 Inside an engine, sentences are sorted by length and batched by a token budget,
 and results come back in input order. Each sentence's result does not depend on
@@ -40,29 +44,39 @@ from rosetta.data.batching import make_batches
 from rosetta.data.text import clean_line, one_line
 from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Found, Hypothesis, Lengths, Search, Trace, pad_batch
+from rosetta.decode.constraints import Constraint, met
 from rosetta.decode.engine import LeftToRightSearch, queue_all
+from rosetta.decode.glossary import Glossary
 from rosetta.decode.search import SEARCHES, configure, option_fields, runnable
 from rosetta.device import resolve_device
 from rosetta.model.interface import Seq2Seq
 from rosetta.model.quantize import quantize_int8
 from rosetta.modeldir import CONFIG, load_model_dir, verify_checksums
 
+# what a caller gives for one sentence's lexical constraints: each item a target
+# phrase, or a list of phrases of which one must appear
+ConstraintSpec = Sequence[str | Sequence[str]]
+
 
 @dataclass(frozen=True)
 class Source:
-    """One input ready for search: its cleaned text and its source subword ids."""
+    """One input ready for search: its cleaned text, its source subword ids and the
+    lexical constraints its translation must meet."""
 
     text: str
     ids: list[int]
+    constraints: tuple[Constraint, ...] = ()
 
 
 @dataclass
 class Translation:
-    """The n-best translations of one input, best first."""
+    """The n-best translations of one input, best first; ``constraints``, for a
+    constrained input, each constraint's text and whether the best one meets it."""
 
     source: str
     hypotheses: list[tuple[str, Hypothesis]] = field(default_factory=list)
     trace: Trace | None = None  # what the search did for the best one, when asked for
+    constraints: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -221,10 +235,17 @@ class Translator(ABC):
         raise ValueError(f"unknown engine {engine!r}: expected torch or ctranslate2")
 
     @abstractmethod
-    def engine_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
+    def engine_search(
+        self,
+        sources: list[list[int]],
+        trace: bool = False,
+        constraints: list[tuple[Constraint, ...]] | None = None,
+    ) -> list[Found]:
         """The engine's search on non-empty sources of at most ``max_source_len`` ids:
         ``search.nbest`` hypotheses per source, best first, in input order; with
-        ``trace``, each with its ``Trace`` (an engine that cannot says so)."""
+        ``trace``, each with its ``Trace`` (an engine that cannot says so); with
+        ``constraints``, each source's lexical constraints (an engine or search
+        that cannot honour them says so)."""
 
     def segment(self, sources: list[list[int]]) -> Segmented:
         """The parts of ``sources`` the engine searches (``Segmented``): a source over
@@ -240,16 +261,56 @@ class Translator(ABC):
             segmented.segments += parts
         return segmented
 
-    def search_ids(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
-        """Runs the configured search on id sequences of any length, in input order.
+    def search_ids(
+        self,
+        sources: list[list[int]],
+        trace: bool = False,
+        constraints: Sequence[tuple[Constraint, ...]] | None = None,
+    ) -> list[Found]:
+        """Runs the configured search on id sequences of any length, in input order,
+        each with its lexical ``constraints`` if given.
 
         An empty source gives one empty hypothesis of log-probability 0; a source
         over ``max_source_len`` is split (``split_source``) and its parts'
         hypotheses joined (``join_hypotheses``), without a trace.
         """
         segmented = self.segment(sources)
-        found = self.engine_search(segmented.segments, trace) if segmented.segments else []
+        by_segment = None
+        if constraints is not None and any(constraints):
+            self.check_constraints(sources, constraints)
+            by_segment = [()] * len(segmented.segments)
+            for index, span in segmented.spans.items():
+                by_segment[span.start] = tuple(constraints[index])
+        found = []
+        if segmented.segments:
+            found = self.engine_search(segmented.segments, trace, by_segment)
         return segmented.assemble(found)
+
+    def check_constraints(
+        self, sources: list[list[int]], constraints: Sequence[tuple[Constraint, ...]]
+    ) -> None:
+        """A ``ValueError`` naming the first constraint that cannot be met: on a
+        source over ``max_source_len`` (it would be split), or longer than the
+        output limit of its source."""
+        lengths = Lengths.of(self.options, self.max_source_len)
+        for line, (ids, wanted) in enumerate(zip(sources, constraints)):
+            if not wanted:
+                continue
+            if not ids:
+                raise ValueError(f"input {line}: an empty source cannot meet constraints")
+            if len(ids) > self.max_source_len:
+                raise ValueError(
+                    f"input {line}: a constrained source must fit {self.max_source_len} "
+                    f"subwords (it has {len(ids)}); split it"
+                )
+            room = lengths.budget(len(ids)) - 1  # <eos> included in the budget
+            for constraint in wanted:
+                if constraint.shortest > room:
+                    raise ValueError(
+                        f"input {line}: constraint {constraint.text!r} "
+                        f"({constraint.shortest} subwords) is longer than the output "
+                        f"limit of its source ({room} subwords)"
+                    )
 
     def settings(self) -> dict[str, Any]:
         """Every setting in one flat mapping, as responses show it: the search's
@@ -273,43 +334,113 @@ class Translator(ABC):
         configured.options, configured.search = self._settings(self.options, given)
         return configured
 
-    def encode(self, sentences: list[str]) -> list[Source]:
+    def encode(
+        self,
+        sentences: list[str],
+        constraints: Sequence[ConstraintSpec | None] | None = None,
+        glossary: Glossary | None = None,
+    ) -> list[Source]:
         """Cleans and tokenises raw sentences (cheap, and needs no lock): what
-        ``translate_encoded`` takes, and what a caller can measure first."""
+        ``translate_encoded`` takes, and what a caller can measure first.
+        ``constraints``: per sentence, target phrases its translation must contain
+        (an item that is a list: one of its phrases); ``glossary``: its terms found
+        in a sentence add their target terms as constraints."""
+        if constraints is not None and len(constraints) != len(sentences):
+            raise ValueError(f"{len(constraints)} constraint lists for {len(sentences)} sentences")
         cleaned = [clean_line(s) for s in sentences]
-        return [
-            Source(text, ids) for text, ids in zip(cleaned, self.tokenizer.encode_source(cleaned))
-        ]
+        sources = []
+        for i, (text, ids) in enumerate(zip(cleaned, self.tokenizer.encode_source(cleaned))):
+            given = list(constraints[i] or []) if constraints is not None else []
+            if glossary is not None:
+                given += [targets for _, targets in glossary.match(text)]
+            sources.append(Source(text, ids, self.target_constraints(given)))
+        return sources
+
+    def target_constraints(self, given: ConstraintSpec) -> tuple[Constraint, ...]:
+        """Constraints from phrases (an item that is a list: alternatives), tokenised
+        with the model's target SentencePiece; the same phrase twice counts once."""
+        made: dict[tuple[tuple[int, ...], ...], Constraint] = {}
+        for item in given:
+            phrases = [item] if isinstance(item, str) else list(item)
+            if not phrases or not all(isinstance(p, str) for p in phrases):
+                raise ValueError(f"a constraint is a phrase or a list of phrases, got {item!r}")
+            cleaned = [clean_line(p) for p in phrases]
+            ids = self.tokenizer.encode_target(cleaned)
+            text = " | ".join(cleaned)
+            if not all(ids):
+                raise ValueError(f"constraint {text!r} has no target subwords")
+            alternatives = tuple(dict.fromkeys(tuple(i) for i in ids))
+            made.setdefault(alternatives, Constraint(alternatives, text))
+        return tuple(made.values())
 
     def translate_encoded(self, sources: list[Source], trace: bool = False) -> list[Translation]:
         """Translates encoded sentences: one ``Translation`` per source, each text one
         line; ``trace`` asks for what the search did (``Translation.trace``)."""
+        constraints = [source.constraints for source in sources]
         with self._lock:
-            found = self.search_ids([source.ids for source in sources], trace)
+            found = self.search_ids(
+                [source.ids for source in sources],
+                trace,
+                constraints if any(constraints) else None,
+            )
         return [self.translation(source, result) for source, result in zip(sources, found)]
 
     def translation(self, source: Source, found: Found) -> Translation:
         """The ``Translation`` of ``source`` from its search result (detokenised, one
-        line each)."""
+        line each), with what its best hypothesis met of its constraints."""
         detokenise = self.tokenizer.decode_target
         hypotheses = [(one_line(detokenise(h.tokens)), h) for h in found.hypotheses]
-        return Translation(source.text, hypotheses, found.trace)
+        checked = []
+        if source.constraints:
+            best = found.hypotheses[0].tokens if found.hypotheses else []
+            ordered = bool(getattr(self.search.options, "ordered_constraints", False))
+            flags = met(source.constraints, best, ordered)
+            checked = [{"text": c.text, "met": f} for c, f in zip(source.constraints, flags)]
+        return Translation(source.text, hypotheses, found.trace, checked)
 
-    def translate(self, sentences: list[str]) -> list[Translation]:
-        """Translates raw sentences: one ``Translation`` per sentence, each text one line."""
-        return self.translate_encoded(self.encode(sentences))
+    def translate(
+        self,
+        sentences: list[str],
+        constraints: Sequence[ConstraintSpec | None] | None = None,
+        glossary: Glossary | None = None,
+    ) -> list[Translation]:
+        """Translates raw sentences: one ``Translation`` per sentence, each text one
+        line; ``constraints`` and ``glossary``: lexical constraints (``encode``)."""
+        return self.translate_encoded(self.encode(sentences, constraints, glossary))
 
-    def translate_stream(self, lines: Iterable[str], chunk: int = 1000) -> Iterator[Translation]:
+    def translate_stream(
+        self,
+        lines: Iterable[str],
+        chunk: int = 1000,
+        constraints: Iterable[ConstraintSpec | None] | None = None,
+        glossary: Glossary | None = None,
+    ) -> Iterator[Translation]:
         """Translates a long stream ``chunk`` lines at a time (each chunk is
-        length-sorted inside the engine), keeping memory bounded."""
+        length-sorted inside the engine), keeping memory bounded; ``constraints``,
+        one item per line, and ``glossary`` as ``translate`` takes them (a
+        constraint stream shorter or longer than the lines is an error)."""
+        given = iter(constraints) if constraints is not None else None
         buffer: list[str] = []
+        wanted: list[ConstraintSpec | None] = []
+        missing = object()
+
+        def flush() -> Iterator[Translation]:
+            yield from self.translate(buffer, wanted if given is not None else None, glossary)
+
         for line in lines:
             buffer.append(line)
+            if given is not None:
+                item = next(given, missing)
+                if item is missing:
+                    raise ValueError(f"the constraints end before input line {len(wanted)}")
+                wanted.append(item)  # type: ignore[arg-type]
             if len(buffer) >= chunk:
-                yield from self.translate(buffer)
-                buffer = []
+                yield from flush()
+                buffer, wanted = [], []
         if buffer:
-            yield from self.translate(buffer)
+            yield from flush()
+        if given is not None and next(given, missing) is not missing:
+            raise ValueError("there are more constraint lines than input lines")
 
 
 class TorchTranslator(Translator):
@@ -350,7 +481,12 @@ class TorchTranslator(Translator):
             raise ValueError(f"unknown quantization {quantize!r}: expected int8")
         return cls(model, tokenizer, config.decode, **search)
 
-    def engine_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
+    def engine_search(
+        self,
+        sources: list[list[int]],
+        trace: bool = False,
+        constraints: list[tuple[Constraint, ...]] | None = None,
+    ) -> list[Found]:
         """A left-to-right search runs on one ``Engine`` fed from a queue sorted by
         length (shortest first), within ``batch_size`` sentences and ``max_tokens``
         padded source tokens: a sentence that ends leaves the batch, and waiting
@@ -365,13 +501,21 @@ class TorchTranslator(Translator):
                 self.model, lengths, scores=opts.scores, trace=trace,
                 max_sentences=opts.batch_size, max_tokens=opts.max_tokens,
                 min_admission=math.ceil(opts.refill * opts.batch_size),
+                constrained=constraints is not None,
             )  # fmt: skip
+            sorted_constraints = None
+            if constraints is not None:
+                sorted_constraints = [constraints[i] for i in order]
             with torch.inference_mode():
-                found = queue_all(engine, [sources[i] for i in order])
+                found = queue_all(engine, [sources[i] for i in order], sorted_constraints)
             results: list[Found] = [Found([]) for _ in sources]
             for index, result in zip(order.tolist(), found):
                 results[index] = result
             return results
+        if constraints is not None:
+            raise ValueError(
+                f"lexical constraints need beam search, not {self.search.describe()['kind']}"
+            )
         return self.static_search(sources, trace)
 
     def static_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
@@ -473,9 +617,20 @@ class CTranslate2Translator(Translator):
     def describe(self) -> str:
         return "CTranslate2"
 
-    def engine_search(self, sources: list[list[int]], trace: bool = False) -> list[Found]:
+    def engine_search(
+        self,
+        sources: list[list[int]],
+        trace: bool = False,
+        constraints: list[tuple[Constraint, ...]] | None = None,
+    ) -> list[Found]:
         if trace:
             raise ValueError("CTranslate2 does not show what its search did: use engine torch")
+        if constraints is not None:
+            # its API can force a target prefix, not a phrase anywhere in the output
+            raise ValueError(
+                "CTranslate2 cannot decode with lexical constraints (it can only force "
+                "a target prefix): use engine torch"
+            )
         opts = self.options
         search = self.search.ctranslate2(self.tokenizer.tgt_vocab_size)
         limit = self.max_source_len
