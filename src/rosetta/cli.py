@@ -167,6 +167,13 @@ def cmd_translate(args: argparse.Namespace) -> None:
         check_lines(args.input)
     if args.output:
         check_output(args.output, [args.input] if args.input else [])
+    from rosetta.decode.constraints import read_constraint_lines
+    from rosetta.decode.glossary import Glossary
+
+    glossary = Glossary.load(args.glossary) if args.glossary else None
+    constraints = read_constraint_lines(args.constraints) if args.constraints else None
+    if constraints is not None:
+        check_lines(args.constraints)
     translator = _translator(args)
 
     def output_lines(results) -> Iterator[str]:
@@ -175,13 +182,18 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
     if args.interactive:
         print("Type a sentence and press Enter (Ctrl-D to quit).", file=sys.stderr)
-        typed = (translator.translate([line])[0] for line in iter_lines(sys.stdin.buffer))
+        if constraints is not None:
+            raise ValueError("--constraints go with -i or stdin, not --interactive")
+        lines = iter_lines(sys.stdin.buffer)
+        typed = (translator.translate([line], glossary=glossary)[0] for line in lines)
         for line in output_lines(typed):
             print(line, flush=True)
         return
     with contextlib.ExitStack() as files:
         stream = files.enter_context(open_input(args.input)) if args.input else sys.stdin.buffer
-        results = translator.translate_stream(iter_lines(stream, args.input or STDIN))
+        results = translator.translate_stream(
+            iter_lines(stream, args.input or STDIN), constraints=constraints, glossary=glossary
+        )
         if args.output:
             count = write_lines_atomic(args.output, output_lines(results))
             print(f"wrote {count:,} lines to {args.output}", file=sys.stderr)
@@ -563,6 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--interactive", action="store_true", help="translate each line as it is typed"
     )
     sub.add_argument("-o", "--output", help="output file (default: stdout); not the input")
+    sub.add_argument(
+        "--constraints",
+        help="lexical constraints: one JSON list of target phrases per input line, e.g. "
+        '["Hund", ["Katze", "Kater"]] (a list: one of them); beam search only',
+    )
+    sub.add_argument(
+        "--glossary",
+        help="a TSV of 'source term<TAB>target term[<TAB>another]': a term found in a "
+        "line (whole words, case-folded, leftmost-longest) makes its target a constraint",
+    )
     _add_search_options(sub)
     sub.set_defaults(func=cmd_translate)
 

@@ -27,9 +27,11 @@ those before it are met, and only in the part of the output after them.
 
 from __future__ import annotations
 
+import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -246,3 +248,30 @@ class ConstraintTables:
         """(S, k) how many constraints are met."""
         bits = torch.arange(max(self.credits.size(1), 1), device=met.device)
         return ((met[..., None] >> bits) & 1).sum(dim=-1)
+
+
+def read_constraint_lines(path: str | Path) -> Iterator[list[str | list[str]]]:
+    """A constraints file, one JSON list per input line as ``fairseq-interactive
+    --constraints`` takes them (``["Hund", ["Katze", "Kater"]]``: a list item is a
+    set of alternatives); a blank line or ``[]`` is no constraint. A line that is
+    not such a list is a one-line error naming it."""
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                yield []
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            good = isinstance(item, list) and all(
+                isinstance(x, str)
+                or (isinstance(x, list) and x and all(isinstance(y, str) for y in x))
+                for x in item
+            )
+            if not good:
+                raise ValueError(
+                    f"{path}:{number}: expected a JSON list of phrases or lists of "
+                    f"phrases, got {line.strip()[:80]!r}"
+                )
+            yield item
