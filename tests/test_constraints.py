@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rosetta.cli import main
 from rosetta.config import TransformerConfig
 from rosetta.decode.beam import BeamOptions, BeamSearch
 from rosetta.decode.common import Lengths, pad_batch
-from rosetta.decode.constraints import Automaton, Constraint, ConstraintTables, met
+from rosetta.decode.constraints import (
+    Automaton,
+    Constraint,
+    ConstraintTables,
+    met,
+    read_constraint_lines,
+)
+from rosetta.decode.glossary import Glossary
+from rosetta.decode.translator import CTranslate2Translator, Translator
 from rosetta.model import build_model
 
 VOCAB = 24
@@ -179,3 +189,78 @@ def test_wide_beam_equals_exhaustive_constrained_search() -> None:
                 total = sum(float(logp[i, t]) for i, t in enumerate([*seq, 3]))
                 scored.append((total / ((5 + n + 1) / 6) ** 0.6, list(seq)))
     assert best.tokens == max(scored)[1]
+
+
+# ---- glossary, API and command line -----------------------------------------------------------
+def toy_sources(model_dir) -> list[str]:
+    corpus = model_dir.parent / "corpus"
+    return (corpus / "test.en").read_text(encoding="utf-8").splitlines()[:3]
+
+
+def test_glossary_matches_whole_words_leftmost_longest() -> None:
+    glossary = Glossary.from_pairs(
+        [("cat", ["Katze"]), ("New York", ["New York"]), ("York", ["Jork"]),
+         ("cat", ["Kater"]), ("Straße", ["street"])]
+    )  # fmt: skip
+    assert glossary.match("The cats concatenate.") == []
+    assert glossary.match("A CAT, a cat and New  York; york.") == [
+        ("cat", ["Katze", "Kater"]), ("new york", ["New York"]), ("york", ["Jork"]),
+    ]  # fmt: skip
+    assert glossary.match("STRASSE")[0][1] == ["street"]  # case folding: ß is ss
+    with pytest.raises(ValueError, match="no target term"):
+        Glossary.from_pairs([("dog", [" "])])
+
+
+def test_glossary_file_errors_name_the_line(tmp_path) -> None:
+    path = tmp_path / "g.tsv"
+    path.write_text("# terms\ndog\tHund\tRüde\n\ncat Katze\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"g.tsv:4: expected 'source term<TAB>target term'"):
+        Glossary.load(path)
+    path.write_text("dog\tHund\tRüde\n", encoding="utf-8")
+    assert Glossary.load(path).terms == {("dog",): ["Hund", "Rüde"]}
+
+
+def test_translator_honours_constraints_and_reports_them(toy_model_dir) -> None:
+    translator = Translator.load(toy_model_dir, beam=4)
+    sentences = toy_sources(toy_model_dir)
+    free = translator.translate(sentences)
+    word = free[0].text.split()[0]
+    other = next(w for t in free[1:] for w in t.text.split() if w not in free[0].text.split())
+    got = translator.translate(sentences, constraints=[[word, other], None, []])
+    assert got[0].constraints == [{"text": word, "met": True}, {"text": other, "met": True}]
+    assert other in got[0].text.split() or other in got[0].text
+    assert [t.text for t in got[1:]] == [t.text for t in free[1:]]  # unconstrained: as before
+    assert got[1].constraints == []
+    glossary = Glossary.from_pairs([(sentences[1].split()[0], [other])])
+    assert translator.translate(sentences[1:2], glossary=glossary)[0].constraints[0]["met"]
+    with pytest.raises(ValueError, match="longer than the output limit"):
+        translator.translate(sentences[:1], constraints=[[" ".join([other] * 200)]])
+    with pytest.raises(ValueError, match="2 constraint lists for 3 sentences"):
+        translator.translate(sentences, constraints=[[word], []])
+    with pytest.raises(ValueError, match="need beam search, not sampling"):
+        translator.with_options(search="sampling").translate(sentences, [[word], [], []])
+
+
+def test_ctranslate2_refuses_constraints() -> None:
+    engine = object.__new__(CTranslate2Translator)
+    with pytest.raises(ValueError, match="CTranslate2 cannot decode with lexical constraints"):
+        engine.engine_search([[5, 6]], False, [(phrase(7),)])
+
+
+def test_cli_constraints_file(toy_model_dir, tmp_path, capsys) -> None:
+    src, cons = tmp_path / "in.txt", tmp_path / "cons.jsonl"
+    src.write_text("\n".join(toy_sources(toy_model_dir)) + "\n", encoding="utf-8")
+    main(["translate", str(toy_model_dir), "-i", str(src), "--beam", "3"])
+    free = capsys.readouterr().out.splitlines()
+    wanted = free[1].split()[-1]
+    cons.write_text(json.dumps([wanted]) + "\n\n[]\n", encoding="utf-8")
+    main(["translate", str(toy_model_dir), "-i", str(src), "--beam", "3",
+          "--constraints", str(cons)])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and wanted in out[0] and out[1:] == free[1:]
+    cons.write_text(json.dumps([wanted]) + "\n", encoding="utf-8")
+    assert main(["translate", str(toy_model_dir), "-i", str(src), "--constraints", str(cons)])
+    assert "the constraints end before input line 1" in capsys.readouterr().err
+    cons.write_text('["ok"]\n{"a": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cons.jsonl:2: expected a JSON list"):
+        list(read_constraint_lines(cons))
