@@ -542,3 +542,39 @@ def test_bad_serve_settings_are_a_one_line_error(untrained_model_dir, capsys):
         "rosetta serve: error: --max-texts: Input should be greater than or equal to 1; "
         "--max-wait-ms: Input should be greater than or equal to 0"
     ]
+
+
+# ---- lexical constraints and glossaries -----------------------------------------------------
+def test_translate_with_constraints_and_glossary(client, toy_model_dir):
+    sentences = (toy_model_dir.parent / "corpus" / "test.en").read_text().splitlines()[:3]
+    free = offline(toy_model_dir, sentences, beam=4)
+    wanted = free[1].split()[-1]
+    body = {"text": sentences, "beam": 4, "constraints": [[wanted], [], []]}
+    answer = client.post("/v1/translate", json=body)
+    assert answer.status_code == 200, answer.text
+    got = answer.json()["translations"]
+    expected = Translator.load(toy_model_dir, beam=4).translate(sentences, [[wanted], [], []])
+    assert [t["text"] for t in got] == [t.text for t in expected]
+    assert got[0]["constraints"] == [{"text": wanted, "met": True}] and got[1]["constraints"] == []
+    term = {"source": sentences[2].split()[0], "targets": [wanted]}
+    answer = client.post("/v1/translate", json={"text": sentences[2], "glossary": [term]})
+    assert answer.json()["translations"][0]["constraints"] == [{"text": wanted, "met": True}]
+    for bad, message in [
+        ({"constraints": [["x"], []]}, "2 constraint lists for 3 texts"),
+        ({"constraints": [["x " * 300], [], []]}, "longer than the output limit"),
+        ({"constraints": [["x"], [], []], "search": "sampling"}, "need beam search"),
+        ({"glossary": "legal"}, "no glossary named 'legal'"),
+    ]:
+        answer = client.post("/v1/translate", json={"text": sentences, **bad})
+        assert answer.status_code == 422 and message in answer.json()["error"], answer.text
+
+
+def test_named_glossary_loaded_at_start(toy_model_dir, tmp_path):
+    sentences = (toy_model_dir.parent / "corpus" / "test.en").read_text().splitlines()[:2]
+    target = offline(toy_model_dir, sentences[1:], beam=4)[0].split()[0]
+    (tmp_path / "g.tsv").write_text(f"{sentences[0].split()[0]}\t{target}\n", encoding="utf-8")
+    service = make_service(toy_model_dir, glossaries=f"terms={tmp_path / 'g.tsv'}")
+    with TestClient(create_app(service)) as client:
+        assert client.get("/v1/model").json()["glossaries"] == ["terms"]
+        answer = client.post("/v1/translate", json={"text": sentences[0], "glossary": "terms"})
+        assert answer.json()["translations"][0]["constraints"] == [{"text": target, "met": True}]

@@ -721,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = sub.add_argument_group("batching and limits")
     for name, field in ServeConfig.model_fields.items():
-        kind = {float: float, bool: BOOLEAN}.get(field.annotation, int)
+        kind = {float: float, bool: BOOLEAN, str: str}.get(field.annotation, int)
         group.add_argument(
             "--" + name.replace("_", "-"),
             type=kind,

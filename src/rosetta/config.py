@@ -499,6 +499,14 @@ class ServeConfig(Section):
         20.0, ge=0.0, description="how long a group waits for requests still coming"
     )
     timeout_s: float = Field(30.0, gt=0.0, description="how long a request may wait in all (504)")
+    glossaries: str = Field(
+        "",
+        description="glossaries requests may name: NAME=FILE[,NAME=FILE] (TSV files, "
+        "as rosetta translate --glossary reads)",
+    )
+    max_glossary_terms: int = Field(
+        1000, ge=0, description="terms in a glossary sent with a request (413)"
+    )
     retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503")
 
 

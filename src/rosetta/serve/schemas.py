@@ -47,6 +47,16 @@ Sampling = create_model(
 )
 
 
+class GlossaryTerm(Strict):
+    source: str = Field(description="a source term")
+    targets: list[str] = Field(min_length=1, description="its translations; one must appear")
+
+
+class ConstraintMet(BaseModel):
+    text: str = Field(description="a constraint, its phrases joined by ' | '")
+    met: bool = Field(description="whether the translation contains it")
+
+
 class Request(Strict):
     """What ``POST /v1/translate`` takes besides the search options."""
 
@@ -62,6 +72,17 @@ class Request(Strict):
         False, description="top-k candidates per position and, for beam search, the tree"
     )
     candidates: int = Field(5, ge=1, le=20, description="k of the top-k candidates")
+    constraints: list[list[str | list[str]]] | None = Field(
+        None,
+        description="lexical constraints, one list per text: target phrases the translation "
+        "must contain (an item that is a list: one of its phrases); beam search only",
+    )
+    glossary: str | list[GlossaryTerm] | None = Field(
+        None,
+        description="the name of a glossary the server loaded (GET /v1/model lists them), "
+        "or terms: a term found in a text (whole words, case-folded, leftmost-longest) makes "
+        "one of its targets a constraint",
+    )
 
 
 TranslateRequest = create_model(
@@ -123,6 +144,9 @@ class Translation(BaseModel):
     hypotheses: list[Hypothesis]
     attention: Attention | None = None
     search: Search | None = None
+    constraints: list[ConstraintMet] = Field(
+        default_factory=list, description="the text's constraints, and which the best one met"
+    )
 
 
 class TranslateResponse(BaseModel):

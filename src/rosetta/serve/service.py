@@ -31,6 +31,7 @@ import numpy as np
 
 from rosetta.config import ConfigError, ServeConfig, load_config
 from rosetta.decode.explain import Pieces, attention_weights, candidates, tree
+from rosetta.decode.glossary import Glossary
 from rosetta.decode.search import option_fields
 from rosetta.decode.translator import Source, TorchTranslator, Translation, Translator
 from rosetta.memory import release_memory
@@ -110,6 +111,7 @@ class TranslationService:
         self.metadata = read_metadata(self.model_dir)
         # layers x heads of each attention kind the model has (what one row costs)
         self.attention_maps = maps_per_kind(self.experiment.model)
+        self.glossaries = load_glossaries(config.glossaries)
         stream = EngineStream(self._answer, config.max_sentences, config.batch_tokens)
         self.batcher = Batcher(
             self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue,
@@ -163,6 +165,7 @@ class TranslationService:
             "search": self.translator.settings(),
             "searches": [search.kind() for search in self.translator.searches],
             "search_options": self.translator.search_options,  # the others are refused
+            "glossaries": sorted(self.glossaries),
             "limits": self.config.model_dump(),
             "features": {
                 "attention": self.explains and limits.max_attention_weights > 0,
@@ -226,7 +229,7 @@ class TranslationService:
                 422, "return_attention and return_search need rosetta's own engine "
                 "(rosetta serve --engine torch)",
             )  # fmt: skip
-        sources = translator.encode(texts)
+        sources = self.encode(translator, texts, request)
         if explain:
             limit = translator.max_source_len
             for index, source in enumerate(sources):
@@ -256,6 +259,49 @@ class TranslationService:
             ) from None
         except RuntimeError as error:
             raise RequestError(503, str(error)) from None
+
+    def encode(
+        self, translator: Translator, texts: list[str], request: TranslateRequest
+    ) -> list[Source]:
+        """The texts tokenised, with their lexical constraints (422 when they cannot
+        be honoured: a search or engine without them, a phrase over its text's
+        output limit; 413 for a glossary over ``max_glossary_terms``)."""
+        glossary, given = None, request.glossary
+        if isinstance(given, str):
+            if given not in self.glossaries:
+                known = ", ".join(sorted(self.glossaries)) or "none"
+                raise RequestError(422, f"no glossary named {given!r} (loaded: {known})")
+            glossary = self.glossaries[given]
+        elif given is not None:
+            limit = self.config.max_glossary_terms
+            if len(given) > limit:
+                raise RequestError(
+                    413, f"a glossary of {len(given)} terms; at most {limit}",
+                    "max_glossary_terms", limit,
+                )  # fmt: skip
+            try:
+                glossary = Glossary.from_pairs((term.source, term.targets) for term in given)
+            except ValueError as error:
+                raise RequestError(422, f"glossary: {error}") from None
+        if request.constraints is None and glossary is None:
+            return translator.encode(texts)
+        if request.constraints is not None and len(request.constraints) != len(texts):
+            raise RequestError(
+                422, f"{len(request.constraints)} constraint lists for {len(texts)} texts"
+            )
+        if not getattr(translator.search, "takes_constraints", False) or not isinstance(
+            translator, TorchTranslator
+        ):
+            raise RequestError(
+                422, "lexical constraints need beam search on rosetta's own engine "
+                f"(this request's: {translator.search.describe()['kind']} on {self.engine})",
+            )  # fmt: skip
+        try:
+            sources = translator.encode(texts, request.constraints, glossary)
+            translator.check_constraints([s.ids for s in sources], [s.constraints for s in sources])
+        except ValueError as error:
+            raise RequestError(422, " ".join(str(error).split())) from None
+        return sources
 
     def check_explained(self, work: Work) -> None:
         """Refuses (413) a request whose attention or search view could be larger than
@@ -317,6 +363,7 @@ class TranslationService:
             ],
             "attention": None,
             "search": None,
+            "constraints": translation.constraints,
         }
         if not source.ids or not (work.attention or work.candidates):
             return result
@@ -345,3 +392,14 @@ class TranslationService:
                 shown_tree["nodes"] = [_shown_node(node) for node in shown_tree["nodes"]]
             result["search"] = {"candidates": shown, "beam": shown_tree}
         return result
+
+
+def load_glossaries(spec: str) -> dict[str, Glossary]:
+    """``NAME=FILE[,NAME=FILE]`` (``ServeConfig.glossaries``) loaded, by name."""
+    glossaries: dict[str, Glossary] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise ValueError(f"glossaries: expected NAME=FILE, got {item!r}")
+        glossaries[name] = Glossary.load(path)
+    return glossaries

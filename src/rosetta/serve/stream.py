@@ -73,21 +73,24 @@ class EngineStream:
             and not (work.attention or work.candidates)
         )
 
-    def _engine(self, translator: TorchTranslator) -> tuple[str, Engine]:
-        key = translator.options.model_dump_json()
+    def _engine(self, translator: TorchTranslator, constrained: bool) -> tuple[str, Engine]:
+        key = translator.options.model_dump_json() + (" constrained" if constrained else "")
         if key not in self.engines:
             opts = translator.options
             self.engines[key] = translator.search.engine(
                 translator.model, Lengths.of(opts, translator.max_source_len),
                 scores=opts.scores, max_sentences=self.max_sentences, max_tokens=self.max_tokens,
-                patience=PATIENCE,
+                patience=PATIENCE, constrained=constrained,
             )  # fmt: skip
         return key, self.engines[key]
 
     def open(self, job: Job) -> None:
         work = job.payload
         segmented = work.translator.segment([source.ids for source in work.sources])
-        key, engine = self._engine(work.translator)
+        constrained = any(source.constraints for source in work.sources)
+        key, engine = self._engine(work.translator, constrained)
+        # a constrained source is never split (checked at submission): its one segment
+        wanted = {span.start: work.sources[i].constraints for i, span in segmented.spans.items()}
         count = len(segmented.segments)
         entry = _Open(job, next(self._serials), key, segmented, [None] * count, count)
         if not count:
@@ -95,7 +98,7 @@ class EngineStream:
             return
         self.open_jobs[id(job)] = self._by_serial[entry.serial] = entry
         for index, ids in enumerate(segmented.segments):
-            engine.add(ids, (entry.serial, index))
+            engine.add(ids, (entry.serial, index), wanted.get(index, ()))
 
     def close(self, job: Job) -> bool:
         entry = self.open_jobs.pop(id(job), None)
