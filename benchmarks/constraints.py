@@ -13,10 +13,12 @@ Three systems, all beam 5 at batch 32 (the model's length penalty):
 * ``glossary``: terms the model mistranslates, built **on val** and used on
   test2016: a word translation table from the training corpus (for every source
   word, the target word with the highest Dice coefficient of sentence
-  co-occurrence, both outside the 100 most frequent words of their side, seen
-  together at least 5 times), kept where the unconstrained model's val output
-  lacks the target word in at least 2 val sentences whose source has the source
-  word and whose reference has the target word. Each glossary entry then
+  co-occurrence, at least 0.3, both outside the 100 most frequent words of their
+  side, seen together at least 5 times; the target word in its most frequent
+  spelling in the training targets, e.g. capitalised German nouns), kept where
+  the unconstrained model's val output lacks the target word in at least 2 val
+  sentences whose source has the source word and whose reference has the target
+  word. Each glossary entry then
   applies wherever test2016 has the source word (``rosetta.decode.glossary``).
 
 Reported: BLEU and chrF (sacreBLEU), the term usage rate (required constraints
@@ -69,7 +71,14 @@ def reference_phrases(reference: str, rng: random.Random) -> list[str]:
 
 
 def word_table(sources: list[str], targets: list[str]) -> dict[str, str]:
-    """Each source word's likeliest target word by Dice coefficient (module doc)."""
+    """Each source word's likeliest target word by Dice coefficient, as it is most
+    often spelled (module doc)."""
+    spelled: Counter[tuple[str, str]] = Counter(
+        (words(w)[0], w) for t in targets for w in re.findall(r"\w+", t)
+    )
+    spelling: dict[str, str] = {}
+    for (folded, surface), _ in spelled.most_common():
+        spelling.setdefault(folded, surface)
     src_sets = [set(words(s)) for s in sources]
     tgt_sets = [set(words(t)) for t in targets]
     src_count = Counter(w for s in src_sets for w in s)
@@ -86,9 +95,9 @@ def word_table(sources: list[str], targets: list[str]) -> dict[str, str]:
         if n < 5:
             continue
         dice = 2 * n / (src_count[a] + tgt_count[b])
-        if dice > best.get(a, (0.0, ""))[0]:
+        if dice >= 0.3 and dice > best.get(a, (0.0, ""))[0]:
             best[a] = (dice, b)
-    return {a: b for a, (_, b) in best.items()}
+    return {a: spelling.get(b, b) for a, (_, b) in best.items()}
 
 
 def build_glossary(
@@ -103,7 +112,7 @@ def build_glossary(
         out_words, ref_words = set(words(output)), set(words(reference))
         for a in set(words(source)):
             b = table.get(a)
-            if b and b in ref_words and b not in out_words:
+            if b and words(b)[0] in ref_words and words(b)[0] not in out_words:
                 misses[(a, b)] += 1
     chosen = sorted(((a, b, n) for (a, b), n in misses.items() if n >= 2), key=lambda x: -x[2])
     return Glossary.from_pairs([(a, [b]) for a, b, _ in chosen], "val misses"), chosen

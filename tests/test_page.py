@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from rosetta.config import ServeConfig
+from rosetta.decode.glossary import Glossary
 from rosetta.decode.translator import Translator
 from rosetta.serve.app import create_app
 from rosetta.serve.service import TranslationService
@@ -30,14 +31,32 @@ ARGS = [
     "--no-first-run",
 ]
 SENTENCE = "the small cat found five farmers."
+BEAM = 4  # the beam the glossary test sets on the page and decodes with here
 
 
 @pytest.fixture(scope="module")
-def server(toy_model_dir):
-    """uvicorn serving the toy model on a free loopback port, in a thread."""
+def term(toy_model_dir) -> tuple[str, str, str]:
+    """A test sentence, one of its words and a target word the model produces for
+    another sentence but not for this one: a glossary term that changes its output."""
+    sentences = (toy_model_dir.parent / "corpus" / "test.en").read_text().splitlines()[:6]
+    free = Translator.load(toy_model_dir, beam=BEAM).translate(sentences)
+    own = free[0].text.split()
+    target = next(w for t in free[1:] for w in t.text.split() if w.isalpha() and w not in own)
+    source = next(w for w in sentences[0].split() if w.isalpha())
+    return sentences[0], source, target
+
+
+@pytest.fixture(scope="module")
+def server(toy_model_dir, term, tmp_path_factory):
+    """uvicorn serving the toy model on a free loopback port, in a thread, with the
+    glossary "demo" (the term) loaded."""
     import uvicorn
 
-    service = TranslationService.load(toy_model_dir, config=ServeConfig(max_wait_ms=1))
+    _, source, target = term
+    glossary = tmp_path_factory.mktemp("glossary") / "demo.tsv"
+    glossary.write_text(f"{source}\t{target}\n", encoding="utf-8")
+    config = ServeConfig(max_wait_ms=1, glossaries=f"demo={glossary}")
+    service = TranslationService.load(toy_model_dir, config=config)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -164,3 +183,66 @@ def test_keyboard_layers_and_errors(page):
     assert page.is_hidden("#error")
     sources = page.locator("#heatmap th.source-piece").all_text_contents()
     assert "ä" in "".join(sources) or "Männer" not in SENTENCE  # pieces keep umlauts
+
+
+def translate_again(page) -> dict:
+    """Clicks Translate and waits until the answer is shown; the request's body."""
+    with page.expect_response("**/v1/translate") as answer:
+        page.click("#translate")
+    page.wait_for_function("!document.querySelector('#translate').disabled")
+    return answer.value.request.post_data_json
+
+
+def assert_marked_and_met(page, target: str) -> None:
+    assert target in page.locator("#translation mark.term").all_text_contents()
+    items = page.locator("#constraints li")
+    assert items.count() == 1
+    assert page.text_content("#constraints li .constraint-text") == target
+    assert page.text_content("#constraints li .constraint-status") == "met"
+    assert "1 of 1 required term met" in page.text_content("#constraints-summary")
+
+
+@pytest.mark.slow
+def test_glossary_required_phrases_and_a_malformed_line(page, toy_model_dir, term):
+    sentence, source, target = term
+    translator = Translator.load(toy_model_dir, beam=BEAM)
+    expected = translator.translate([sentence], glossary=Glossary.from_pairs([(source, [target])]))
+    assert expected[0].constraints == [{"text": target, "met": True}]
+
+    # typed terms: the term found in the sentence makes its translation required
+    page.fill("#beam", str(BEAM))
+    page.fill("#glossary", f"{source} = {target}")
+    translate_on(page, sentence)
+    assert page.text_content("#translation") == expected[0].text
+    assert target not in translator.translate([sentence])[0].text.split()  # the glossary did it
+    assert_marked_and_met(page, target)
+
+    # the server's glossary instead: the typed terms are set aside, the name is sent
+    assert page.is_visible("#glossary-name-field")
+    page.select_option("#glossary-name", "demo")
+    assert page.is_disabled("#glossary")
+    body = translate_again(page)
+    assert body["glossary"] == "demo" and "constraints" not in body
+    assert_marked_and_met(page, target)
+
+    # required phrases alone; nothing about glossaries is sent
+    page.select_option("#glossary-name", "")
+    page.fill("#glossary", "")
+    page.fill("#required", f" {target} ,")
+    body = translate_again(page)
+    assert body["constraints"] == [[target]] and "glossary" not in body
+    assert_marked_and_met(page, target)
+
+    # a malformed line: an error beside the box that names it, and no request
+    page.fill("#required", "")
+    page.fill("#glossary", f"{source} = {target}\n\n{source} {target}")
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if "/v1/translate" in r.url else None)
+    page.click("#translate")
+    page.wait_for_selector("#glossary-error:not([hidden])")
+    assert "Glossary line 3" in page.text_content("#glossary-error")
+    assert page.get_attribute("#glossary", "aria-invalid") == "true"
+    assert sent == [] and page.is_hidden("#error")
+    page.fill("#glossary", f"{source} = {target}")  # editing the box clears the error
+    assert page.is_hidden("#glossary-error")
+    assert page.get_attribute("#glossary", "aria-invalid") is None

@@ -3,9 +3,13 @@
  *
  * Data flow
  *   page load  -> GET /v1/model -> state.model
- *                 -> header line, textarea maxlength, beam default/max, self-attention option
+ *                 -> header line, textarea maxlength, beam default/max, self-attention option,
+ *                    the server's named glossaries
  *   translate  -> buildRequest() -> POST /v1/translate -> translations[0]
- *                 -> renderTranslation()  translation text and n-best list
+ *                 (readTerms(): the glossary box and required phrases; a malformed line
+ *                 is an InputError shown beside its field, and nothing is sent)
+ *                 -> renderTranslation()  translation text (met constraints marked), the
+ *                                         constraints met / not met, and n-best list
  *                 -> renderAttention()    kind/layer/head selectors, token strips, heat map table
  *                 -> renderSearch()       top-k candidates table and the beam tree (inline SVG)
  *   heat map   -> the current view (kind, layer, head) gives one rows x cols weight matrix
@@ -20,7 +24,8 @@
 const WORD_MARK = "\u2581"; // SentencePiece's word-start marker
 const HIGHLIGHT_MIN = 0.1; // weights at or above this count as "attended to"
 const SHOWN_MIN = 0.05; // smaller weights are not printed in the cells (their title has them)
-const FALLBACK_LIMITS = { max_chars: 2000, max_beam: 16 };
+const FALLBACK_LIMITS = { max_chars: 2000, max_beam: 16, max_glossary_terms: 1000 };
+const ALTERNATIVES = " | "; // how the API joins a constraint's alternative phrases
 const KIND_LABELS = {
   cross: "cross-attention",
   encoder_self: "encoder self-attention",
@@ -114,6 +119,14 @@ function paintScaleBar() {
 
 class ApiError extends Error {}
 
+/** Input the page refuses before sending anything; `field` is the id of the control at fault. */
+class InputError extends Error {
+  constructor(message, field) {
+    super(message);
+    this.field = field;
+  }
+}
+
 /** fetch JSON; any failure becomes an ApiError with a message fit to show. */
 async function api(path, options = {}) {
   let response;
@@ -141,6 +154,23 @@ function showError(message) {
 
 function clearError() {
   const box = $("error");
+  box.textContent = "";
+  box.hidden = true;
+}
+
+/** An InputError beside its field (only the glossary has such a box), the field marked invalid. */
+function showFieldError(error) {
+  const field = $(error.field);
+  const box = $(`${error.field}-error`);
+  field.setAttribute("aria-invalid", "true");
+  box.textContent = error.message;
+  box.hidden = false;
+  field.focus();
+}
+
+function clearFieldError(id) {
+  $(id).removeAttribute("aria-invalid");
+  const box = $(`${id}-error`);
   box.textContent = "";
   box.hidden = true;
 }
@@ -193,8 +223,26 @@ function configureControls() {
     renderModelInfo(state.model);
     $("source").lang = state.model.source_language;
     $("source-lang").textContent = `(${state.model.source_language})`;
+    $("required").lang = state.model.target_language;
   }
+  configureGlossaries(state.model?.glossaries ?? []);
   updateCharCount();
+}
+
+/** The server's named glossaries as a choice ("none" first); hidden when it has none. */
+function configureGlossaries(names) {
+  const select = $("glossary-name");
+  const current = select.value;
+  fillSelect(select, [["", "none"], ...names.map((name) => [name, name])], names.includes(current) ? current : "");
+  $("glossary-name-field").hidden = names.length === 0;
+  onGlossaryChoice();
+}
+
+/** A named glossary replaces the typed terms: the box is disabled while one is chosen. */
+function onGlossaryChoice() {
+  const named = $("glossary-name").value !== "";
+  $("glossary").disabled = named;
+  if (named) clearFieldError("glossary");
 }
 
 const selfKindOffered = (kind) => (features().attention_kinds ?? []).includes(kind);
@@ -214,12 +262,66 @@ function readBeam() {
   return clamped;
 }
 
+/** Alternatives "a | b" as a list, one phrase as itself; empty parts dropped. */
+function splitAlternatives(text) {
+  return text.split("|").map((p) => p.trim()).filter(Boolean);
+}
+
+/** A glossary line cut at its first tab, or else its first "=": [source, targets], or null. */
+function cutTerm(line) {
+  const tab = line.indexOf("\t");
+  const at = tab >= 0 ? tab : line.indexOf("=");
+  return at >= 0 ? [line.slice(0, at), line.slice(at + 1)] : null;
+}
+
+/**
+ * The glossary box as API terms: each line "source term = target term" (or a tab instead
+ * of " = "), targets separated by "|" (or more tabs); blank lines and "#" comments are
+ * skipped. A malformed line is an InputError naming it.
+ */
+function parseGlossary(text) {
+  const terms = [];
+  text.split(/\r?\n/).forEach((line, i) => {
+    if (!line.trim() || line.trim().startsWith("#")) return;
+    const where = `Glossary line ${i + 1}`;
+    const cut = cutTerm(line);
+    if (!cut) {
+      throw new InputError(`${where}: expected “source term = target term”, got “${line.trim()}”.`, "glossary");
+    }
+    const source = cut[0].trim();
+    const targets = cut[1].split(/\t|\|/).map((t) => t.trim()).filter(Boolean);
+    if (!source) throw new InputError(`${where}: the source term before “=” is empty.`, "glossary");
+    if (!targets.length) throw new InputError(`${where}: no target term after “=” for “${source}”.`, "glossary");
+    terms.push({ source, targets });
+  });
+  const limit = limits().max_glossary_terms;
+  if (terms.length > limit) {
+    throw new InputError(`The glossary has ${terms.length} terms; the server takes at most ${limit}.`, "glossary");
+  }
+  return terms;
+}
+
+/** The glossary (a server's name or typed terms) and required phrases, only those given. */
+function readTerms() {
+  const extra = {};
+  const named = $("glossary-name").value;
+  const terms = named ? [] : parseGlossary($("glossary").value);
+  if (named) extra.glossary = named;
+  else if (terms.length) extra.glossary = terms;
+  const phrases = $("required").value.split(",").map(splitAlternatives).filter((alts) => alts.length)
+    .map((alts) => (alts.length === 1 ? alts[0] : alts));
+  if (phrases.length) extra.constraints = [phrases]; // one list: the request has one text
+  return extra;
+}
+
 function buildRequest(text) {
   const feats = features();
   const withSelf = $("self-attention").checked;
   const kinds = ["cross", ...SELF_KINDS.filter((kind) => withSelf && selfKindOffered(kind))];
+  const terms = readTerms(); // first: an InputError must stop the request before anything else
   return {
     text,
+    ...terms,
     // a model whose search has no beam (mask-predict) refuses the option
     ...(state.model?.search_options?.includes("beam") === false ? {} : { beam: readBeam() }),
     return_attention: feats.attention !== false,
@@ -245,12 +347,22 @@ async function translate() {
     showError("Enter some text to translate.");
     return;
   }
+  let request;
+  try {
+    request = buildRequest(text);
+  } catch (error) {
+    if (!(error instanceof InputError)) throw error;
+    clearError();
+    showFieldError(error);
+    return;
+  }
+  clearFieldError("glossary");
   setBusy(true);
   try {
     const reply = await api("/v1/translate", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "application/json" },
-      body: JSON.stringify(buildRequest(text)),
+      body: JSON.stringify(request),
     });
     const result = reply.translations?.[0];
     if (!result) throw new ApiError("The server returned no translation");
@@ -273,14 +385,62 @@ function renderResult(result) {
 function renderTranslation(result) {
   $("result").hidden = false;
   const target = $("translation");
-  target.textContent = result.text;
+  const constraints = Array.isArray(result.constraints) ? result.constraints : [];
+  target.replaceChildren(...markedText(String(result.text ?? ""), constraints.filter((c) => c.met)));
   if (state.model?.target_language) target.lang = state.model.target_language;
+  renderConstraints(constraints);
 
   const hypotheses = result.hypotheses ?? [];
   $("nbest").replaceChildren(...hypotheses.map((h) => el("li", {},
     el("span", { class: "hyp-text", lang: state.model?.target_language }, h.text),
     el("span", { class: "hyp-score" }, `score ${fmt(h.score)} · log-prob ${fmt(h.log_prob)}`))));
   $("nbest-block").hidden = hypotheses.length < 2;
+}
+
+/** Spans [start, end) of `text` where a phrase of the constraints occurs, overlaps merged. */
+function phraseSpans(text, constraints) {
+  const spans = [];
+  for (const constraint of constraints) {
+    for (const phrase of String(constraint.text).split(ALTERNATIVES).map((p) => p.trim()).filter(Boolean)) {
+      for (let at = text.indexOf(phrase); at >= 0; at = text.indexOf(phrase, at + phrase.length)) {
+        spans.push([at, at + phrase.length]);
+      }
+    }
+  }
+  spans.sort((a, b) => a[0] - b[0] || b[1] - a[1]);
+  const merged = [];
+  for (const [start, end] of spans) {
+    const last = merged[merged.length - 1];
+    if (last && start < last[1]) last[1] = Math.max(last[1], end);
+    else merged.push([start, end]);
+  }
+  return merged;
+}
+
+/** The text as text nodes, with each occurrence of a met constraint's phrase in a <mark class="term">. */
+function markedText(text, met) {
+  const nodes = [];
+  let done = 0;
+  for (const [start, end] of phraseSpans(text, met)) {
+    if (start > done) nodes.push(text.slice(done, start));
+    nodes.push(el("mark", { class: "term", title: "required term (met)" }, text.slice(start, end)));
+    done = end;
+  }
+  if (done < text.length) nodes.push(text.slice(done));
+  return nodes;
+}
+
+/** Each constraint of the translation and whether it was met, in words (not only colour). */
+function renderConstraints(constraints) {
+  $("constraints-block").hidden = constraints.length === 0;
+  const lang = state.model?.target_language;
+  $("constraints").replaceChildren(...constraints.map((c) => el("li", { class: c.met ? "constraint met" : "constraint unmet" },
+    el("span", { class: "constraint-mark", "aria-hidden": "true" }, c.met ? "✓" : "✗"),
+    el("span", { class: "constraint-text", lang }, String(c.text)),
+    el("span", { class: "constraint-status" }, c.met ? "met" : "not met"))));
+  const count = constraints.filter((c) => c.met).length;
+  $("constraints-summary").textContent =
+    `${count} of ${constraints.length} required term${constraints.length === 1 ? "" : "s"} met.`;
 }
 
 /* ------------------------------------------------------------------ attention: data */
@@ -720,14 +880,18 @@ function wireInputEvents() {
     e.preventDefault();
     translate();
   });
-  $("source").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
-      e.preventDefault();
-      translate();
-    }
-  });
+  for (const id of ["source", "glossary"]) {
+    $(id).addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        translate();
+      }
+    });
+  }
   $("source").addEventListener("input", updateCharCount);
   $("beam").addEventListener("change", readBeam);
+  $("glossary").addEventListener("input", () => clearFieldError("glossary"));
+  $("glossary-name").addEventListener("change", onGlossaryChoice);
 }
 
 function start() {
