@@ -13,13 +13,14 @@ Three systems, all beam 5 at batch 32 (the model's length penalty):
 * ``glossary``: terms the model mistranslates, built **on val** and used on
   test2016: a word translation table from the training corpus (for every source
   word, the target word with the highest Dice coefficient of sentence
-  co-occurrence, at least 0.3, both outside the 100 most frequent words of their
-  side, seen together at least 5 times; the target word in its most frequent
-  spelling in the training targets, e.g. capitalised German nouns), kept where
-  the unconstrained model's val output lacks the target word in at least 2 val
-  sentences whose source has the source word and whose reference has the target
-  word. Each glossary entry then
-  applies wherever test2016 has the source word (``rosetta.decode.glossary``).
+  co-occurrence, at least 0.3, and consistent: in at least 70% of the training
+  pairs whose source has the word, the target has that word; both outside the
+  100 most frequent words of their side, seen together at least 5 times; the
+  target word in its most frequent spelling in the training targets, e.g.
+  capitalised German nouns), kept where the unconstrained model's val output
+  lacks the target word in at least 2 val sentences whose source has the source
+  word and whose reference has the target word. Each glossary entry then applies
+  wherever test2016 has the source word (``rosetta.decode.glossary``).
 
 Reported: BLEU and chrF (sacreBLEU), the term usage rate (required constraints
 met in the output, as the search counts them), the same over the sentences
@@ -95,7 +96,7 @@ def word_table(sources: list[str], targets: list[str]) -> dict[str, str]:
         if n < 5:
             continue
         dice = 2 * n / (src_count[a] + tgt_count[b])
-        if dice >= 0.3 and dice > best.get(a, (0.0, ""))[0]:
+        if dice >= 0.3 and n >= 0.7 * src_count[a] and dice > best.get(a, (0.0, ""))[0]:
             best[a] = (dice, b)
     return {a: spelling.get(b, b) for a, (_, b) in best.items()}
 

@@ -564,6 +564,7 @@ def test_translate_with_constraints_and_glossary(client, toy_model_dir):
         ({"constraints": [["x " * 300], [], []]}, "longer than the output limit"),
         ({"constraints": [["x"], [], []], "search": "sampling"}, "need beam search"),
         ({"glossary": "legal"}, "no glossary named 'legal'"),
+        ({"constraints": [["x"], [], []], "return_search": True}, "search view is not shown"),
     ]:
         answer = client.post("/v1/translate", json={"text": sentences, **bad})
         assert answer.status_code == 422 and message in answer.json()["error"], answer.text

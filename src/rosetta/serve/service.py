@@ -230,6 +230,12 @@ class TranslationService:
                 "(rosetta serve --engine torch)",
             )  # fmt: skip
         sources = self.encode(translator, texts, request)
+        if request.return_search and any(source.constraints for source in sources):
+            # a constrained beam considers more candidates than max_search_items counts
+            raise RequestError(
+                422, "the search view is not shown for constrained translations: "
+                "leave out return_search, or the constraints",
+            )  # fmt: skip
         if explain:
             limit = translator.max_source_len
             for index, source in enumerate(sources):
