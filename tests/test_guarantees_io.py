@@ -304,7 +304,8 @@ def test_old_flat_decode_sections_load_as_they_were_read():
                 top_p=1.0, seed=1, iterations=3, length_beam=2)  # fmt: skip
     section = DecodeConfig(**flat, max_len_b=7).search
     assert configure(section, None, SEARCHES).describe() == {
-        "kind": "beam", "beam": 4, "nbest": 2, "length_penalty": 1.0, "eos_within_beam": False
+        "kind": "beam", "beam": 4, "nbest": 2, "length_penalty": 1.0, "eos_within_beam": False,
+        "ordered_constraints": False,
     }  # fmt: skip
     assert configure(section, None, [MaskPredictSearch]).describe() == {
         "kind": "mask-predict", "iterations": 3, "length_beam": 2, "nbest": 2

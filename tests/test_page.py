@@ -212,7 +212,8 @@ def test_glossary_required_phrases_and_a_malformed_line(page, toy_model_dir, ter
     # typed terms: the term found in the sentence makes its translation required
     page.fill("#beam", str(BEAM))
     page.fill("#glossary", f"{source} = {target}")
-    translate_on(page, sentence)
+    page.fill("#source", sentence)
+    translate_again(page)  # waits for the answer, not for a changed text
     assert page.text_content("#translation") == expected[0].text
     assert target not in translator.translate([sentence])[0].text.split()  # the glossary did it
     assert_marked_and_met(page, target)

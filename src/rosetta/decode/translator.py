@@ -282,8 +282,10 @@ class Translator(ABC):
             for index, span in segmented.spans.items():
                 by_segment[span.start] = tuple(constraints[index])
         found = []
-        if segmented.segments:
+        if by_segment is not None:
             found = self.engine_search(segmented.segments, trace, by_segment)
+        elif segmented.segments:  # an engine without constraints needs not take them
+            found = self.engine_search(segmented.segments, trace)
         return segmented.assemble(found)
 
     def check_constraints(

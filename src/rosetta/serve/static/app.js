@@ -326,7 +326,9 @@ function buildRequest(text) {
     ...(state.model?.search_options?.includes("beam") === false ? {} : { beam: readBeam() }),
     return_attention: feats.attention !== false,
     attention_kinds: kinds,
-    return_search: $("show-search").checked && feats.search !== false,
+    // the service shows no search view for a constrained translation (its beam is wider)
+    return_search: $("show-search").checked && feats.search !== false
+      && !terms.glossary && !terms.constraints,
     candidates: 5,
   };
 }
