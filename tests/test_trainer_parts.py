@@ -210,7 +210,7 @@ def test_the_optimisation_step_skips_a_nonfinite_batch_and_counts_it(tmp_path):
         model, objective, config, Context(torch.device("cpu")), logged.append
     )
     batch, _ = fixed_batch()
-    update = Update(end=1, tokens=batch.num_tgt_tokens, batches=[batch])
+    update = Update(end=1, tokens=batch.num_tgt_tokens, batches=[batch], sentences=len(batch))
     progress = Progress()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 

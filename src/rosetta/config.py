@@ -355,6 +355,45 @@ class ScheduledSamplingConfig(Section):
         return self.start + (self.end - self.start) * progress
 
 
+class SequenceLevelConfig(Section):
+    """``train.sequence_level``: fine-tuning on whole sentences against a sentence
+    metric (``rosetta.train.sequence_level``; README "Sequence-level training"),
+    usually from a trained model (``init``).
+
+    ``method``: ``mrt``, minimum risk training (Shen et al. 2016): each source's
+    ``candidates`` (distinct ones) get the distribution p~(c) proportional to
+    p(c)^``sharpness`` renormalised over the set, and the loss is the risk
+    sum_c p~(c) cost(c); ``reinforce``: REINFORCE (Williams 1992, the MIXER family of
+    Ranzato et al. 2016) over samples drawn as drawn, each sample's reward minus the
+    mean reward of the source's other samples (the leave-one-out baseline).
+    ``metric``: sentence BLEU or chrF by sacreBLEU on detokenised text (cost = 1 -
+    score / 100). ``generate``: ``sample`` (ancestral, at ``temperature``) or
+    ``beam`` (its n-best; MRT only: REINFORCE needs draws). ``include_reference``
+    adds the reference to MRT's set. ``token_weight`` lambda mixes in the
+    token-level loss (Edunov et al. 2018): lambda * label-smoothed loss per target
+    token + (1 - lambda) * the sequence-level loss, both per sentence."""
+
+    method: Literal["mrt", "reinforce"] = "mrt"
+    metric: Literal["bleu", "chrf"] = "bleu"
+    candidates: int = Field(8, ge=2, le=256)
+    generate: Literal["sample", "beam"] = "sample"
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    include_reference: bool = False
+    sharpness: float = Field(1.0, gt=0.0)
+    token_weight: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _reinforce_needs_draws(self) -> SequenceLevelConfig:
+        if self.method == "reinforce" and self.generate != "sample":
+            raise ValueError(
+                "reinforce estimates the gradient from draws: generate must be sample "
+                "(beam's n-best is for mrt)"
+            )
+        if self.method == "reinforce" and self.include_reference:
+            raise ValueError("include_reference is for mrt (the reference is not a draw)")
+        return self
+
+
 class TrainConfig(Section):
     """Optimisation, validation and stopping."""
 
@@ -389,6 +428,7 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     scheduled_sampling: ScheduledSamplingConfig | None = None
+    sequence_level: SequenceLevelConfig | None = None  # whole-sentence fine-tuning
     # parts whose weights stay as they are (fine-tuning from ``init``): embeddings (and
     # the output layer tied to them), the encoder's layers, the decoder's
     freeze: list[Literal["embeddings", "encoder", "decoder"]] = []
@@ -529,12 +569,23 @@ class ExperimentConfig(Section):
         return _model_section(values)
 
     @model_validator(mode="after")
-    def _scheduled_sampling_needs_a_left_to_right_model(self) -> ExperimentConfig:
+    def _objective_fits_the_model(self) -> ExperimentConfig:
         if self.train.scheduled_sampling is not None and self.model.arch == "nat":
             raise ValueError(
                 "train.scheduled_sampling feeds a left-to-right decoder its own previous "
                 "tokens; model.arch nat has no previous tokens (glancing is its counterpart)"
             )
+        if self.train.sequence_level is not None:
+            if self.model.arch == "nat":
+                raise ValueError(
+                    "train.sequence_level scores whole sentences a left-to-right decoder writes; "
+                    "model.arch nat does not write left to right"
+                )
+            if self.train.scheduled_sampling is not None:
+                raise ValueError(
+                    "train.sequence_level and train.scheduled_sampling are two objectives: "
+                    "set one of them"
+                )
         return self
 
     def to_yaml(self) -> str:

@@ -174,13 +174,20 @@ class Update:
 
     end:     the epoch's batch index after the update (the resume position)
     tokens:  real target tokens of the whole update, on every process (the
-             gradient's normaliser)
+             gradient's normaliser for a token-level objective)
     batches: this process's micro-batches
+    sentences: sentence pairs of the whole update, on every process (the
+             normaliser for a sentence-level one)
     """
 
     end: int
     tokens: int
     batches: list[Batch]
+    sentences: int
+
+    def count(self, unit: str) -> int:
+        """The update's ``tokens`` or ``sentences`` (``unit``: "token" or "sentence")."""
+        return self.tokens if unit == "token" else self.sentences
 
 
 class BatchIterator:
@@ -243,7 +250,8 @@ class BatchIterator:
             group = batches[first : first + size]
             tokens = sum(int(self.split.tgt_lengths[b].sum()) + len(b) for b in group)  # + <eos>
             mine = group[rank * per_rank : (rank + 1) * per_rank]
-            yield Update(first + size, tokens, [collate(self.split, b) for b in mine])
+            sentences = sum(len(b) for b in group)
+            yield Update(first + size, tokens, [collate(self.split, b) for b in mine], sentences)
 
     def padding_fraction(self, epoch: int = 0) -> float:
         """Fraction of the padded source+target cells that are padding."""

@@ -42,7 +42,8 @@ def _eta(seconds: float) -> str:
 
 class TrainingLog:
     """The training side of the log: per window of ``train.log_every`` steps, each
-    loss term summed over the processes per target token, the learning rate,
+    loss term summed over the processes per target token (per sentence for a
+    sentence-level objective), the learning rate,
     target tokens/s and an ETA (by whichever of ``max_steps`` and ``max_time`` ends
     the run first)."""
 
@@ -62,12 +63,14 @@ class TrainingLog:
         self._start_window(time.monotonic())
 
     def _start_window(self, now: float) -> None:
-        self.tokens, self.steps, self.start = 0, 0, now
+        self.tokens, self.units, self.steps, self.start = 0, 0, 0, now
         self.terms: dict[str, torch.Tensor] = {}
 
-    def add(self, tokens: int, terms: dict[str, torch.Tensor]) -> None:
-        """One update made: its target tokens and its summed loss terms (tensors)."""
+    def add(self, tokens: int, terms: dict[str, torch.Tensor], units: int | None = None) -> None:
+        """One update made: its target tokens, its summed loss terms (tensors) and the
+        count they are shown per (the objective's unit: ``tokens`` when None)."""
         self.tokens += tokens
+        self.units += tokens if units is None else units
         self.steps += 1
         for name, value in terms.items():  # on the device: no host sync until written
             self.terms[name] = self.terms.get(name, 0.0) + value
@@ -80,8 +83,8 @@ class TrainingLog:
         now = time.monotonic()
         seconds = max(now - self.start, 1e-9)
         summed = self.context.sum(self.terms)  # over processes
-        per_token = {k: float(v) / max(self.tokens, 1) for k, v in summed.items()}
-        shown = {name: f"{value:.3f}" for name, value in per_token.items()}
+        per_unit = {k: float(v) / max(self.units, 1) for k, v in summed.items()}
+        shown = {name: f"{value:.3f}" for name, value in per_unit.items()}
         shown.update(lr=f"{lr:.2e}", tok_s=f"{self.tokens / seconds:,.0f}")
         left = [self.max_time - progress.elapsed]
         if self.tc.max_steps:
@@ -96,7 +99,7 @@ class TrainingLog:
                 "type": "train",
                 "step": progress.step,
                 "epoch": progress.epoch + 1,
-                **per_token,  # "loss", "nll" and any term the objective adds
+                **per_unit,  # "loss", "nll" and any term the objective adds
                 "lr": lr,
                 **extra,  # the objective's own numbers (scheduled sampling's rate)
                 "tgt_tokens_per_s": self.tokens / seconds,

@@ -21,6 +21,11 @@ key in the loop:
 - ``logged(step)``: numbers logged beside the training terms of the update made
   at ``step`` (scheduled sampling's rate).
 
+``unit`` says what the trainer divides by: ``"token"`` (the update's target
+tokens) or ``"sentence"`` (its sentence pairs, for the sequence-level
+objectives of ``rosetta.train.sequence_level``, whose loss is one number per
+sentence); the training log shows each term per that unit.
+
 Where an objective needs a family's insides (the RNN's per-step scheduled
 sampling, NAT's glancing pass), it calls a method of the model; the model holds
 no loss of its own.
@@ -30,13 +35,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from rosetta.config import ConfigError, ExperimentConfig, ScheduledSamplingConfig
 from rosetta.data.batching import Batch
-from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID
+from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID, Tokenizer
 from rosetta.model.interface import IncrementalDecoder, Seq2Seq
 from rosetta.model.loss import label_smoothed_nll
 from rosetta.model.nat import NATransformer
@@ -46,6 +52,8 @@ class Objective(ABC):
     """The interface the trainer calls (see the module docstring). ``loss`` and
     ``validation`` are each objective's own; ``report`` and ``logged`` have the
     defaults of an objective whose only validation term that matters is ``nll``."""
+
+    unit: ClassVar[str] = "token"  # what the summed terms are divided by: token | sentence
 
     @abstractmethod
     def loss(self, model: Seq2Seq, batch: Batch, step: int) -> dict[str, torch.Tensor]:
@@ -176,12 +184,27 @@ class MaskedLM(Objective):
         return terms, length_logits.argmax(-1).eq(classes).sum()
 
 
-def objective_for(config: ExperimentConfig, model: Seq2Seq) -> Objective:
+def objective_for(
+    config: ExperimentConfig, model: Seq2Seq, tokenizer: Tokenizer | None = None
+) -> Objective:
     """The objective a run trains ``model`` with: the NAT's masked-LM objective for
-    a ``NATransformer``, scheduled sampling when ``train.scheduled_sampling`` is
-    set, else teacher forcing. A setting the model cannot train with is a
-    ``ConfigError`` that names both."""
+    a ``NATransformer``, a sequence-level one when ``train.sequence_level`` is set
+    (it scores text: it needs the ``tokenizer``), scheduled sampling when
+    ``train.scheduled_sampling`` is, else teacher forcing. A setting the model
+    cannot train with is a ``ConfigError`` that names both."""
     tc = config.train
+    if tc.sequence_level is not None:
+        if not isinstance(model, IncrementalDecoder):
+            raise ConfigError(
+                "train.sequence_level scores whole sentences a left-to-right decoder writes; "
+                f"model.arch {config.model.arch} ({type(model).__name__}) does not write left "
+                "to right"
+            )
+        if tokenizer is None:
+            raise ValueError("a sequence-level objective needs the tokenizer (it scores text)")
+        from rosetta.train.sequence_level import sequence_objective
+
+        return sequence_objective(config, tokenizer)
     if tc.scheduled_sampling is not None and not isinstance(model, IncrementalDecoder):
         counterpart = " (glancing is its counterpart)" if isinstance(model, NATransformer) else ""
         raise ConfigError(

@@ -71,20 +71,23 @@ class Optimisation:
             else contextlib.nullcontext()
         )
         self.module = context.wrap(model, objective)
+        self.unit = objective.unit
 
     def backward(self, update: Update, step: int) -> dict[str, torch.Tensor]:
         """Forward and backward over this process's micro-batches of ``update``, the
         ``step``-th (counting from 0); returns the objective's terms summed over them,
         detached and on the device (no host sync)."""
         summed: dict[str, torch.Tensor] = {}
+        normaliser = update.count(self.unit)
         last = len(update.batches) - 1
         for k, batch in enumerate(update.batches):
             with self.context.accumulating(self.module, last=k == last):
                 with self.autocast:
                     terms = self.module(batch.to(self.context.device), step)
                 # DDP averages gradients over processes: scaled so, they are the
-                # single-process gradient of the update's loss per target token
-                loss = terms["loss"] * self.context.world_size / update.tokens
+                # single-process gradient of the update's loss per target token (per
+                # sentence, for an objective whose unit is the sentence)
+                loss = terms["loss"] * self.context.world_size / normaliser
                 self.scaler.scale(loss).backward()
             for name, value in terms.items():
                 summed[name] = summed.get(name, 0.0) + value.detach()

@@ -7,7 +7,8 @@ budget → the model directory. The loop calls one part per concern, each a
 module that can be read and tested alone:
 
 - ``objectives``: what a step minimises and what validation reports (teacher
-  forcing, scheduled sampling, NAT's masked LM), chosen by ``objective_for``;
+  forcing, scheduled sampling, NAT's masked LM, the sequence-level risk and
+  REINFORCE of ``sequence_level``), chosen by ``objective_for``;
 - ``progress``: where the run stands, the updates from there, its limits;
 - ``optimisation``: forward/backward over an update's micro-batches, AMP,
   clipping, the learning rate, the skip of a non-finite batch;
@@ -118,7 +119,7 @@ def _train(
     tokenizer = Tokenizer.load(exp / "tokenizer")
     train_split, valid_split = load_split(config, "train"), load_split(config, "valid")
     model = model_for(config.model, tokenizer).to(context.device)
-    objective = objective or objective_for(config, model)
+    objective = objective or objective_for(config, model, tokenizer)
     context.seed_for_rank(tc.seed)
     state, state_path = resume_state(resume, folder, config, bound_to)
     if state is not None:
@@ -180,7 +181,7 @@ def _train(
             if lr is None:  # skipped: a NaN or infinite loss or gradient
                 continue
             progress.elapsed = clock  # rank 0's: a time budget ends alike everywhere
-            training_log.add(update.tokens, terms)
+            training_log.add(update.tokens, terms, update.count(objective.unit))
             if progress.step % tc.log_every == 0:
                 training_log.write(progress, lr, objective.logged(step))
 
