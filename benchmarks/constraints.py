@@ -16,17 +16,17 @@ Four systems, all beam 5 at batch 32 (the model's length penalty):
   co-occurrence, at least 0.3, both outside the 100 most frequent words of their
   side, seen together at least 5 times), with that word's other forms as
   alternatives (target words seen with the source word at least 5 times whose
-  spelling without umlauts starts with the word's, bar its last two letters:
-  Baum, Bäume, Bäumen; each in its most frequent spelling in the training
-  targets), kept where one of the forms is in at least 70% of the training
-  targets whose source has the word; an entry becomes a glossary term where the
-  unconstrained model's val output has none of its forms in at least 2 val
-  sentences whose source has the source word and whose reference has one of
-  them. Each term then applies wherever test2016 has the source word
-  (``rosetta.decode.glossary``), and any one of its forms meets it: a glossary
-  of a language with inflection lists the forms, as a person writing one would.
-  The target words' spelling is their most frequent one inside sentences (a
-  sentence's first word is capitalised whatever it is);
+  spelling without umlauts starts with the word's, bar its last two letters, and
+  is at most three letters longer: Baum, Bäume, Bäumen; each in its most
+  frequent spelling in the training targets), kept where one of the forms is in
+  at least 70% of the training targets whose source has the word; an entry
+  becomes a glossary term where the unconstrained model's val output has none of
+  its forms in at least 2 val sentences whose source has the source word and
+  whose reference has one of them. Each term then applies wherever test2016 has
+  the source word (``rosetta.decode.glossary``), and any one of its forms meets
+  it: a glossary of a language with inflection lists the forms, as a person
+  writing one would. The target words' spelling is their most frequent one
+  inside sentences (a sentence's first word is capitalised whatever it is);
 * ``glossary, terms in the reference``: the same glossary applied only where one
   of the term's forms is in the reference, as the terminology test sets of Dinu
   et al. (2019) are made: it stands for a glossary that is right for the text it
@@ -122,7 +122,10 @@ def word_table(sources: list[str], targets: list[str]) -> dict[str, list[str]]:
     table: dict[str, list[str]] = {}
     for a, (_, b) in best.items():
         stem = fold(b)[: max(3, len(b) - 2)]
-        others = [w for w in partners[a] if w != b and fold(w).startswith(stem)]
+        others = [
+            w for w in partners[a]
+            if w != b and fold(w).startswith(stem) and len(w) <= len(b) + 3
+        ]  # fmt: skip
         forms = [b, *sorted(others, key=lambda w: -together[(a, w)])]
         covered = sum(1 for k in pairs_with[a] if tgt_sets[k] & set(forms))
         if covered >= 0.7 * src_count[a]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from rosetta.safeio import atomic_write_text
@@ -18,3 +19,9 @@ def write_results(name: str, results: dict, table: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"{name}.json", json.dumps(results, indent=2))
     atomic_write_text(RESULTS / f"{name}.md", table)
+
+
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` to two decimals (the mean alone for one value)."""
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"

@@ -22,12 +22,11 @@ import argparse
 import math
 import shlex
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from results_io import write_results
+from results_io import mean_sd, write_results
 from rosetta.config import ExperimentConfig, load_config
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.data.text import read_lines
@@ -109,10 +108,6 @@ def main() -> None:
             print(f"{label}: greedy {figures['greedy']:.2f}, beam 5 {figures['beam 5']:.2f}",
                   flush=True)  # fmt: skip
 
-    def summary(values: list[float]) -> str:
-        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.2f}{spread}"
-
     lines = [
         f"`{command}` ({args.steps} updates per run; scheduled sampling: inverse sigmoid "
         f"from 0 to {args.end}, k = {speed}; {base.data.test}, {len(sources)} sentences)",
@@ -126,8 +121,8 @@ def main() -> None:
     lines += ["", "| system | greedy, mean ± sd | beam 5, mean ± sd |", "|---|---:|---:|"]
     for name, figures in runs.items():
         lines.append(
-            f"| {name} | {summary([f['greedy'] for f in figures])} | "
-            f"{summary([f['beam 5'] for f in figures])} |"
+            f"| {name} | {mean_sd([f['greedy'] for f in figures])} | "
+            f"{mean_sd([f['beam 5'] for f in figures])} |"
         )
     signature = runs["teacher forcing"][0]["signature"]
     lines += ["", f"BLEU signature: `{signature}`"]

@@ -39,7 +39,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from results_io import RESULTS, write_results
+from results_io import RESULTS, mean_sd, write_results
 from rosetta.config import load_config
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.data.text import read_lines
@@ -182,10 +182,6 @@ def main() -> None:
             shown = {k: v for k, v in figures.items() if k not in ("valid", "reward")}
             print(f"{label}: {shown}", flush=True)
 
-    def summary(values: list[float]) -> str:
-        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.2f}{spread}"
-
     lines = [
         f"`{command}` (each run {args.minutes:g} min of fine-tuning from the same model; "
         f"{base.data.test}, {len(sources)} sentences; 2 CPU cores)",
@@ -216,8 +212,8 @@ def main() -> None:
         beam = [f["beam_bleu"] for f in figures]
         delta = f"{statistics.mean(beam) - base_beam:+.2f}" if base_beam is not None else "-"
         lines.append(
-            f"| {name} | {summary([f['greedy_bleu'] for f in figures])} | {summary(beam)} | "
-            f"{summary([f['beam_chrf'] for f in figures])} | {delta} |"
+            f"| {name} | {mean_sd([f['greedy_bleu'] for f in figures])} | {mean_sd(beam)} | "
+            f"{mean_sd([f['beam_chrf'] for f in figures])} | {delta} |"
         )
     if base_beam is not None:
         best = max((n for n in runs if n != "teacher forcing"), default=None,

@@ -240,3 +240,24 @@ def test_a_batch_of_sentences_is_the_unit(tmp_path):
     )
     terms = objective.loss(model.train(), batch, step=0)
     assert terms["loss"].requires_grad and terms["candidates"].item() <= 2
+
+
+def test_two_processes_train_on_whole_sentences_as_one_does(tmp_path):
+    """DDP: the per-sentence loss is divided by the update's sentences on every
+    process, so two processes make the update one process makes with two batches."""
+    from test_distributed import finish, free_port, rosetta_train, sensitive_config, write_config
+
+    level = {"sequence_level": {"method": "mrt", "candidates": 3, "generate": "beam"}}
+    single = tmp_path / "single"
+    config = sensitive_config(single, accumulate=2, max_tokens=256, **level)
+    prepare(config, log=quiet)
+    train(config, log=quiet)
+    two = copy_prepared(single, tmp_path / "two")
+    path = write_config(sensitive_config(two, max_tokens=256, **level), tmp_path / "two.yaml")
+    status, output = finish(rosetta_train(path, "--nproc-per-node", "2", port=free_port()))
+    assert status == 0, output
+    one = checkpoint.load(single / "checkpoints" / "last.pt")["model"]
+    both = checkpoint.load(two / "checkpoints" / "last.pt")["model"]
+    start = checkpoint.load(single / "checkpoints" / "step_3.pt")["model"]
+    assert max(float((one[k] - start[k]).abs().max()) for k in one) > 1e-2  # it moved
+    assert max(float((one[k] - both[k]).abs().max()) for k in one) < 1e-5

@@ -14,7 +14,10 @@ there matches and the scan goes on after it, so overlapping terms never both
 match ("New York" before "York" at the same word; "York" alone elsewhere). A
 term that matches twice gives one constraint. Each match becomes one lexical
 constraint (``rosetta.decode.constraints``) whose alternatives are the term's
-target terms.
+target terms and, for a target term that starts with a lower-case letter, the
+same with its first letter upper-cased: the form it takes at the start of a
+sentence ("vier" is met by "Vier weiße Hunde ..."; the search matches subwords,
+and the capitalised word is other subwords).
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ _WORD = re.compile(r"\w+")
 def words(text: str) -> tuple[str, ...]:
     """``text``'s normalised words (NFKC, case-folded)."""
     return tuple(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
+
+
+def with_capitals(targets: list[str]) -> list[str]:
+    """``targets`` and, after them, each one that starts lower-case with its first
+    letter upper-cased (the module docstring)."""
+    capitals = [t[0].upper() + t[1:] for t in targets if t[:1].islower()]
+    return list(dict.fromkeys([*targets, *capitals]))
 
 
 @dataclass
@@ -94,7 +104,7 @@ class Glossary:
                     break
             else:
                 i += 1
-        return [(" ".join(key), targets) for key, targets in found.items()]
+        return [(" ".join(key), with_capitals(targets)) for key, targets in found.items()]
 
     def __len__(self) -> int:
         return len(self.terms)
