@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import write_results
 from rosetta.decode.common import Lengths
-from rosetta.decode.glossary import Glossary, words
+from rosetta.decode.glossary import Glossary, with_capitals, words
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu, chrf
 
@@ -162,7 +162,7 @@ def in_reference(
         ref_words = set(words(reference))
         constraints.append(
             [
-                forms
+                with_capitals(forms)  # as the translator makes a glossary's constraints
                 for _, forms in glossary.match(source)
                 if any(words(form)[0] in ref_words for form in forms)
             ]

@@ -259,5 +259,6 @@ def test_two_processes_train_on_whole_sentences_as_one_does(tmp_path):
     one = checkpoint.load(single / "checkpoints" / "last.pt")["model"]
     both = checkpoint.load(two / "checkpoints" / "last.pt")["model"]
     start = checkpoint.load(single / "checkpoints" / "step_3.pt")["model"]
-    assert max(float((one[k] - start[k]).abs().max()) for k in one) > 1e-2  # it moved
-    assert max(float((one[k] - both[k]).abs().max()) for k in one) < 1e-5
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    assert moved > 1e-4  # the comparison below can fail
+    assert max(float((one[k] - both[k]).abs().max()) for k in one) < moved / 100

@@ -15,9 +15,10 @@ match ("New York" before "York" at the same word; "York" alone elsewhere). A
 term that matches twice gives one constraint. Each match becomes one lexical
 constraint (``rosetta.decode.constraints``) whose alternatives are the term's
 target terms and, for a target term that starts with a lower-case letter, the
-same with its first letter upper-cased: the form it takes at the start of a
-sentence ("vier" is met by "Vier weiße Hunde ..."; the search matches subwords,
-and the capitalised word is other subwords).
+same with its first letter upper-cased (``with_capitals``): the form it takes at
+the start of a sentence ("vier" is met by "Vier weiße Hunde ..."; the search
+matches subwords, and the capitalised word is other subwords). The constraint
+is reported by the terms as written.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Glossary:
                     break
             else:
                 i += 1
-        return [(" ".join(key), with_capitals(targets)) for key, targets in found.items()]
+        return [(" ".join(key), targets) for key, targets in found.items()]
 
     def __len__(self) -> int:
         return len(self.terms)

@@ -46,7 +46,7 @@ from rosetta.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, Tokenizer
 from rosetta.decode.common import Found, Hypothesis, Lengths, Search, Trace, pad_batch
 from rosetta.decode.constraints import Constraint, met
 from rosetta.decode.engine import LeftToRightSearch, queue_all
-from rosetta.decode.glossary import Glossary
+from rosetta.decode.glossary import Glossary, with_capitals
 from rosetta.decode.search import SEARCHES, configure, option_fields, runnable
 from rosetta.device import resolve_device
 from rosetta.model.interface import Seq2Seq
@@ -353,22 +353,25 @@ class Translator(ABC):
         sources = []
         for i, (text, ids) in enumerate(zip(cleaned, self.tokenizer.encode_source(cleaned))):
             given = list(constraints[i] or []) if constraints is not None else []
-            if glossary is not None:
-                given += [targets for _, targets in glossary.match(text)]
-            sources.append(Source(text, ids, self.target_constraints(given)))
+            terms = [targets for _, targets in glossary.match(text)] if glossary else []
+            sources.append(Source(text, ids, self.target_constraints(given, terms)))
         return sources
 
-    def target_constraints(self, given: ConstraintSpec) -> tuple[Constraint, ...]:
+    def target_constraints(
+        self, given: ConstraintSpec, terms: ConstraintSpec = ()
+    ) -> tuple[Constraint, ...]:
         """Constraints from phrases (an item that is a list: alternatives), tokenised
-        with the model's target SentencePiece; the same phrase twice counts once."""
+        with the model's target SentencePiece; the same phrase twice counts once.
+        ``terms``: a glossary's, whose phrases are also met capitalised
+        (``rosetta.decode.glossary.with_capitals``)."""
         made: dict[tuple[tuple[int, ...], ...], Constraint] = {}
-        for item in given:
+        for item, capitals in [*((i, False) for i in given), *((i, True) for i in terms)]:
             phrases = [item] if isinstance(item, str) else list(item)
             if not phrases or not all(isinstance(p, str) for p in phrases):
                 raise ValueError(f"a constraint is a phrase or a list of phrases, got {item!r}")
             cleaned = [clean_line(p) for p in phrases]
-            ids = self.tokenizer.encode_target(cleaned)
             text = " | ".join(cleaned)
+            ids = self.tokenizer.encode_target(with_capitals(cleaned) if capitals else cleaned)
             if not all(ids):
                 raise ValueError(f"constraint {text!r} has no target subwords")
             alternatives = tuple(dict.fromkeys(tuple(i) for i in ids))
