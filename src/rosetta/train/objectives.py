@@ -22,9 +22,9 @@ key in the loop:
   at ``step`` (scheduled sampling's rate).
 
 ``unit`` says what the trainer divides by: ``"token"`` (the update's target
-tokens) or ``"sentence"`` (its sentence pairs, for the sequence-level
-objectives of ``rosetta.train.sequence_level``, whose loss is one number per
-sentence); the training log shows each term per that unit.
+tokens) or ``"sentence"`` (its sentence pairs, for ``SequenceLevel``, whose
+loss is one number per sentence: ``rosetta.train.sequence_level``); the
+training log shows each term per that unit.
 
 Where an objective needs a family's insides (the RNN's per-step scheduled
 sampling, NAT's glancing pass), it calls a method of the model; the model holds
@@ -46,6 +46,7 @@ from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID, Tokenizer
 from rosetta.model.interface import IncrementalDecoder, Seq2Seq
 from rosetta.model.loss import label_smoothed_nll
 from rosetta.model.nat import NATransformer
+from rosetta.train.sequence_level import SentenceLevelLoss
 
 
 class Objective(ABC):
@@ -184,6 +185,31 @@ class MaskedLM(Objective):
         return terms, length_logits.argmax(-1).eq(classes).sum()
 
 
+class SequenceLevel(TeacherForcing):
+    """``train.sequence_level``: minimum risk or REINFORCE on the model's own
+    candidates (``rosetta.train.sequence_level.SentenceLevelLoss``), per sentence,
+    with ``token_weight`` lambda of the label-smoothed loss per target token mixed
+    in (Edunov et al. 2018): lambda * token-level + (1 - lambda) * sequence-level,
+    each counted once per sentence. Validation is teacher forcing's; the training
+    log adds ``token_loss`` when it is mixed in."""
+
+    unit: ClassVar[str] = "sentence"
+
+    def __init__(self, whole: SentenceLevelLoss, label_smoothing: float) -> None:
+        super().__init__(label_smoothing)
+        self.whole = whole
+
+    def loss(self, model: Seq2Seq, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        terms = self.whole(model, batch, step)
+        weight = self.whole.cfg.token_weight
+        if weight > 0:
+            token_loss = super().loss(model, batch, step)["loss"]
+            token_loss = token_loss * len(batch) / batch.num_tgt_tokens  # per token, per sentence
+            terms["loss"] = weight * token_loss + (1.0 - weight) * terms["loss"]
+            terms["token_loss"] = token_loss.detach()
+        return terms
+
+
 def objective_for(
     config: ExperimentConfig, model: Seq2Seq, tokenizer: Tokenizer | None = None
 ) -> Objective:
@@ -202,9 +228,7 @@ def objective_for(
             )
         if tokenizer is None:
             raise ValueError("a sequence-level objective needs the tokenizer (it scores text)")
-        from rosetta.train.sequence_level import sequence_objective
-
-        return sequence_objective(config, tokenizer)
+        return SequenceLevel(SentenceLevelLoss.of(config, tokenizer), tc.label_smoothing)
     if tc.scheduled_sampling is not None and not isinstance(model, IncrementalDecoder):
         counterpart = " (glancing is its counterpart)" if isinstance(model, NATransformer) else ""
         raise ConfigError(

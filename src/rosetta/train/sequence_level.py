@@ -42,7 +42,6 @@ with the validation BLEU choosing the best checkpoint as in any run.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,6 @@ from rosetta.decode.beam import BeamOptions, BeamSearch
 from rosetta.decode.common import Lengths, Search
 from rosetta.decode.sampling import SamplingOptions, SamplingSearch
 from rosetta.model.interface import Seq2Seq
-from rosetta.train.objectives import TeacherForcing
 
 
 class SentenceMetric:
@@ -134,24 +132,27 @@ def reinforce_loss(log_probs: torch.Tensor, rewards: torch.Tensor) -> torch.Tens
     return -((rewards - baseline).detach() * log_probs).sum(1) / n
 
 
-class SequenceLevel(TeacherForcing):
-    """``train.sequence_level`` (the module docstring): candidates, costs, one
-    teacher-forced pass, the risk or REINFORCE loss per sentence. Validation is
-    teacher forcing's."""
-
-    unit: ClassVar[str] = "sentence"
+class SentenceLevelLoss:
+    """``train.sequence_level``'s loss of a batch (the module docstring):
+    candidates, costs, one teacher-forced pass, the risk or REINFORCE loss per
+    sentence. ``rosetta.train.objectives.SequenceLevel`` is the objective that
+    mixes it with the token-level loss and validates as teacher forcing does."""
 
     def __init__(
-        self,
-        cfg: SequenceLevelConfig,
-        label_smoothing: float,
-        tokenizer: Tokenizer,
-        lengths: Lengths,
-        seed: int,
+        self, cfg: SequenceLevelConfig, tokenizer: Tokenizer, lengths: Lengths, seed: int
     ) -> None:
-        super().__init__(label_smoothing)
         self.cfg, self.tokenizer, self.lengths, self.seed = cfg, tokenizer, lengths, seed
         self.metric = SentenceMetric(cfg.metric)
+
+    @classmethod
+    def of(cls, config: ExperimentConfig, tokenizer: Tokenizer) -> SentenceLevelLoss:
+        """The loss ``config.train.sequence_level`` asks for; candidates obey the
+        ``decode`` section's output budget for the model's positions."""
+        tc = config.train
+        if tc.sequence_level is None:
+            raise ValueError("the configuration has no train.sequence_level section")
+        limit = getattr(config.model, "max_positions", 1024) - 1
+        return cls(tc.sequence_level, tokenizer, Lengths.of(config.decode, limit), tc.seed)
 
     def search(self, step: int) -> Search:
         """The candidates' search for update ``step``: samples from a seed of the run's
@@ -191,10 +192,10 @@ class SequenceLevel(TeacherForcing):
             for c in group
         ]
 
-    def loss(self, model: Seq2Seq, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        """Summed over the batch's sentences: ``loss``; detached ``risk`` (MRT),
-        ``reward``, ``candidate_length``, ``candidates`` and, with a token weight,
-        ``token_loss``."""
+    def __call__(self, model: Seq2Seq, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Summed over the batch's sentences: ``loss`` (the risk, or REINFORCE's
+        surrogate); detached ``risk`` (MRT), ``reward``, ``candidate_length`` and
+        ``candidates``."""
         candidates = self.candidates(model, batch, step)
         counts = [len(group) for group in candidates]
         device = batch.src.device
@@ -215,26 +216,4 @@ class SequenceLevel(TeacherForcing):
             terms["risk"] = per_source.sum().detach()
         else:
             per_source = reinforce_loss(log_probs, 1.0 - cost_grid)
-        loss = per_source.sum()
-        weight = self.cfg.token_weight
-        if weight > 0:
-            token_loss = super().loss(model, batch, step)["loss"]
-            token_loss = token_loss * len(batch) / batch.num_tgt_tokens  # per token, per sentence
-            loss = weight * token_loss + (1.0 - weight) * loss
-            terms["token_loss"] = token_loss.detach()
-        return {"loss": loss, **terms}
-
-
-def sequence_objective(config: ExperimentConfig, tokenizer: Tokenizer) -> SequenceLevel:
-    """The sequence-level objective of ``config.train.sequence_level``; candidates
-    obey the ``decode`` section's output budget for the model's positions."""
-    tc = config.train
-    assert tc.sequence_level is not None
-    limit = getattr(config.model, "max_positions", 1024) - 1
-    return SequenceLevel(
-        tc.sequence_level,
-        tc.label_smoothing,
-        tokenizer,
-        Lengths.of(config.decode, limit),
-        tc.seed,
-    )
+        return {"loss": per_source.sum(), **terms}
