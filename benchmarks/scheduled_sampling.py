@@ -21,19 +21,17 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from results_io import mean_sd, write_results
-from rosetta.config import ExperimentConfig, load_config
+from rosetta.config import load_config
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.data.text import read_lines
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu
-from rosetta.train import checkpoint
-from rosetta.train.trainer import train
+from runs import trained
 
 
 def speed_for(steps: int) -> float:
@@ -43,18 +41,6 @@ def speed_for(steps: int) -> float:
         middle = (low + high) / 2
         low, high = (middle, high) if middle * math.log(middle) < steps / 2 else (low, middle)
     return round(low, 1)
-
-
-def trained(config: ExperimentConfig, prepared: Path) -> Path:
-    """Trains ``config`` on a copy of the prepared data unless its model exists."""
-    experiment = config.experiment_dir
-    if (experiment / "model").exists():
-        return experiment / "model"
-    for part in ("corpus", "data", "tokenizer"):
-        if (prepared / part).exists() and not (experiment / part).exists():
-            shutil.copytree(prepared / part, experiment / part)
-    last = experiment / "checkpoints" / checkpoint.LAST
-    return train(config, resume=last.exists())
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -45,7 +44,7 @@ from rosetta.data.prepare import corpus_root, prepare
 from rosetta.data.text import read_lines
 from rosetta.decode.translator import Translator
 from rosetta.evaluate.metrics import bleu, chrf
-from rosetta.train.trainer import train
+from runs import trained
 
 FINE_TUNING = [
     "train.schedule=constant",
@@ -70,19 +69,6 @@ SYSTEMS = {
         SEQUENTIAL_VALID, "train.sequence_level=" + SEQUENCE.format(REINFORCE, "bleu", "sample")
     ],
 }  # fmt: skip
-
-
-def run_dir(config, prepared: Path) -> Path:
-    """Trains ``config`` on a copy of the prepared data unless its model exists."""
-    experiment = config.experiment_dir
-    if (experiment / "model").exists():
-        return experiment / "model"
-    if experiment.exists():  # a run stopped part-way: the clock would not be equal
-        shutil.rmtree(experiment)
-    for part in ("corpus", "data", "tokenizer"):
-        if (prepared / part).exists():
-            shutil.copytree(prepared / part, experiment / part)
-    return train(config)
 
 
 def scores(model_dir: Path, sources: list[str], references: list[str]) -> dict[str, float]:
@@ -174,7 +160,7 @@ def main() -> None:
                 [*common, *SYSTEMS[name], f"train.seed={seed}",
                  f"experiment_dir={args.work / label}"],
             )  # fmt: skip
-            model_dir = run_dir(config, prepared)
+            model_dir = trained(config, prepared, restart=True)
             figures = {"seed": seed, **scores(model_dir, sources, references)}
             figures.update(history(config.experiment_dir))
             figures["seconds_per_update"] = figures["elapsed"] / max(figures["steps"], 1)

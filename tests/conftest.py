@@ -116,6 +116,18 @@ def toy_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny Transformer trained a few steps on the toy task (seed 1): a model
+    directory to start from (``init``), with its prepared experiment beside it."""
+    from rosetta.data.prepare import prepare
+    from rosetta.train.trainer import train
+
+    config = toy_config(tmp_path_factory.mktemp("pretrained") / "exp", train={"max_steps": 4})
+    prepare(config, log=quiet)
+    return train(config, log=quiet)
+
+
+@pytest.fixture(scope="session")
 def untrained_model_dir(tmp_path_factory) -> Path:
     """An untrained tiny Transformer (max_positions 24) with a toy-task tokenizer, for
     tests where only the plumbing matters: line counts, long inputs, errors."""

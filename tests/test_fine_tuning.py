@@ -10,20 +10,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import quiet, toy_config
+from conftest import toy_config
 from rosetta.config import ConfigError, config_from_dict
 from rosetta.data.prepare import prepare
 from rosetta.data.tokenizer import Tokenizer
 from rosetta.modeldir import WEIGHTS, load_model_dir, resolve_init
 from rosetta.train.trainer import train
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny Transformer trained a few steps on the toy task (seed 1)."""
-    config = toy_config(tmp_path_factory.mktemp("pretrained") / "exp", train={"max_steps": 4})
-    prepare(config, log=quiet)
-    return train(config, log=quiet)
 
 
 def fine_tuning_config(tmp_path, pretrained, **sections):

@@ -161,14 +161,6 @@ def test_configurations_that_cannot_work_are_refused(tmp_path):
         toy_config(tmp_path, train={"sequence_level": {}, "scheduled_sampling": {}})
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny toy Transformer trained a few steps, the phase's starting point."""
-    config = toy_config(tmp_path_factory.mktemp("pretrained") / "exp", train={"max_steps": 8})
-    prepare(config, log=quiet)
-    return train(config, log=quiet)
-
-
 def phase(folder, pretrained, **train_keys):
     """A sequence-level phase from ``pretrained`` on the same prepared data."""
     keys = {"max_steps": 6, "valid_every": 3, "max_tokens": 256, **train_keys}

@@ -66,11 +66,11 @@ class TrainingLog:
         self.tokens, self.units, self.steps, self.start = 0, 0, 0, now
         self.terms: dict[str, torch.Tensor] = {}
 
-    def add(self, tokens: int, terms: dict[str, torch.Tensor], units: int | None = None) -> None:
+    def add(self, tokens: int, terms: dict[str, torch.Tensor], units: int) -> None:
         """One update made: its target tokens, its summed loss terms (tensors) and the
-        count they are shown per (the objective's unit: ``tokens`` when None)."""
+        count they are shown per (of the objective's unit: tokens or sentences)."""
         self.tokens += tokens
-        self.units += tokens if units is None else units
+        self.units += units
         self.steps += 1
         for name, value in terms.items():  # on the device: no host sync until written
             self.terms[name] = self.terms.get(name, 0.0) + value

@@ -60,7 +60,6 @@ class SentenceMetric:
     """Sentence BLEU or chrF of detokenised text by sacreBLEU, as a cost in [0, 1]."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
         self.metric = BLEU(effective_order=True) if name == "bleu" else CHRF()
 
     def cost(self, hypothesis: str, reference: str) -> float:
@@ -163,9 +162,11 @@ class SentenceLevelLoss:
         seed = (self.seed * 1_000_003 + step) % (2**32)
         return SamplingSearch(SamplingOptions(nbest=n, temperature=self.cfg.temperature, seed=seed))
 
-    def candidates(self, model: Seq2Seq, batch: Batch, step: int) -> list[list[list[int]]]:
+    def candidates(
+        self, model: Seq2Seq, batch: Batch, step: int, references: list[list[int]]
+    ) -> list[list[list[int]]]:
         """Each source's candidates (token lists): drawn or searched in eval mode
-        without gradients; for MRT distinct, with the reference on request."""
+        without gradients; for MRT distinct, with its ``references`` entry on request."""
         training = model.training
         model.eval()
         try:
@@ -175,20 +176,18 @@ class SentenceLevelLoss:
         groups = [[h.tokens for h in result.hypotheses] for result in found]
         if self.cfg.method == "reinforce":
             return groups
-        references = reference_ids(batch)
         distinct = []
         for group, reference in zip(groups, references):
             extra = [reference] if self.cfg.include_reference else []
             distinct.append([list(c) for c in dict.fromkeys(map(tuple, group + extra))])
         return distinct
 
-    def costs(self, candidates: list[list[list[int]]], batch: Batch) -> list[float]:
-        """Each candidate's cost against its source's reference, flat."""
+    def costs(self, candidates: list[list[list[int]]], references: list[list[int]]) -> list[float]:
+        """Each candidate's cost against its source's reference (ids), flat."""
         decode = self.tokenizer.decode_target
-        references = [decode(ids) for ids in reference_ids(batch)]
         return [
             self.metric.cost(decode(c), reference)
-            for group, reference in zip(candidates, references)
+            for group, reference in zip(candidates, map(decode, references))
             for c in group
         ]
 
@@ -196,10 +195,11 @@ class SentenceLevelLoss:
         """Summed over the batch's sentences: ``loss`` (the risk, or REINFORCE's
         surrogate); detached ``risk`` (MRT), ``reward``, ``candidate_length`` and
         ``candidates``."""
-        candidates = self.candidates(model, batch, step)
+        references = reference_ids(batch)
+        candidates = self.candidates(model, batch, step, references)
         counts = [len(group) for group in candidates]
         device = batch.src.device
-        costs = torch.tensor(self.costs(candidates, batch), device=device)
+        costs = torch.tensor(self.costs(candidates, references), device=device)
         src, tgt_in, tgt_out = candidate_batch(batch.src, candidates)
         log_probs, mask = grid(sequence_log_probs(model, src, tgt_in, tgt_out), counts, 0.0)
         cost_grid, _ = grid(costs, counts, 0.0)
