@@ -147,3 +147,61 @@ def untrained_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     return save_model_dir(exp / "model", config, exp / "tokenizer", model.eval(), {})
+
+
+HEAD_ROLES = {
+    "positional": "attends to a fixed offset (the previous or next token)",
+    "rare-word": "attends to the rarest token of the sentence",
+    "alignment": "attends to the source word being translated",
+    "local": "attends within a few tokens",
+    "diffuse": "spreads its attention widely",
+    "mixed": "none of the above",
+}
+
+
+def heads_report(model_dir: Path, pruned: tuple[tuple[str, int, int], ...] = ()) -> dict:
+    """A ``heads.json`` (version 1) for every attention head of ``model_dir``'s
+    model, kinds, layers and heads read from its config: roles in turn, made-up
+    numbers; the heads in ``pruned`` ((kind, layer, head)) marked pruned, the
+    indices of the others in their layer closing up."""
+    from rosetta.config import load_config
+
+    model = load_config(model_dir / "config.yaml").model
+    if model.arch == "rnn":
+        shape = {"cross": (1, 1)}
+    else:
+        shape = {
+            "encoder_self": (model.encoder_layers, model.heads),
+            "decoder_self": (model.decoder_layers, model.heads),
+            "cross": (model.decoder_layers, model.heads),
+        }
+    roles, heads = list(HEAD_ROLES), []
+    for kind, (layers, count) in shape.items():
+        for layer in range(layers):
+            index = 0
+            for head in range(count):
+                gone = (kind, layer, head) in pruned
+                number = len(heads)
+                heads.append({
+                    "kind": kind, "layer": layer, "head": head,
+                    "index": None if gone else index,
+                    "role": roles[number % len(roles)],
+                    "detail": "previous token" if number % len(roles) == 0 else "",
+                    "confidence": 0.5 + number / 100, "entropy": 1.0, "distance": 1.5,
+                    "importance": {
+                        "masking_bleu": None if number % 3 == 2 else round(0.1 * number, 2),
+                        "masking_nll": 0.031,
+                        "gradient": round(0.5 + 0.01 * number, 2),
+                    },
+                    "pruned": gone,
+                })  # fmt: skip
+                index += not gone
+    return {
+        "version": 1,
+        "model": model_dir.name,
+        "arch": "rnn" if model.arch == "rnn" else "transformer",
+        "sentences": 20,
+        "thresholds": {"positional": 0.5, "rare-word": 0.4, "alignment": 0.3},
+        "roles": HEAD_ROLES,
+        "heads": heads,
+    }

@@ -276,6 +276,69 @@ def cmd_attention(args: argparse.Namespace) -> None:
     print(f"{attention.translation}\nwrote {path}")
 
 
+def cmd_heads(args: argparse.Namespace) -> None:
+    """Analyses every attention head (``rosetta.evaluate.heads``): writes heads.json,
+    heads.png (the grid) and heads_pruning.png (the curve) to -o (default: the model
+    directory, where the service finds heads.json); with --prune or --keep-bleu-drop,
+    also a pruned model directory, and with --finetune-steps its fine-tuned version."""
+    from rosetta.data.text import read_lines
+    from rosetta.decode.translator import TorchTranslator
+    from rosetta.evaluate import heads
+    from rosetta.plotting import plot_head_grid, plot_pruning_curve
+    from rosetta.safeio import atomic_write_text
+
+    pruning = args.prune is not None or args.keep_bleu_drop is not None
+    if pruning and not args.pruned_model:
+        raise ValueError("--prune and --keep-bleu-drop write a model: name it with --pruned-model")
+    if args.finetune_steps and not (pruning and args.finetune_config):
+        raise ValueError("--finetune-steps fine-tunes the pruned model: give --prune or "
+                         "--keep-bleu-drop, --pruned-model and --finetune-config")  # fmt: skip
+    if bool(args.valid_src) != bool(args.valid_ref):
+        raise ValueError("give --valid-src and --valid-ref together")
+    if pruning:
+        heads.check_pruned_output(args.pruned_model, args.model_dir)
+    out = Path(args.output or args.model_dir)
+    translator = TorchTranslator.from_model_dir(
+        args.model_dir, args.device, **_search_overrides(args)
+    )
+    valid = (read_lines(args.valid_src), read_lines(args.valid_ref)) if args.valid_src else None
+    report = heads.analyse(
+        translator, args.model_dir, read_lines(args.src), read_lines(args.ref), valid,
+        steps=args.steps, seed=args.order_seed, masking_bleu=not args.no_masking_bleu,
+        progress=lambda text: print(text, file=sys.stderr),
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "heads.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    written = [out / "heads.json", plot_head_grid(report, out / "heads.png")]
+    if "curve" in report:
+        written.append(plot_pruning_curve(report, out / "heads_pruning.png"))
+        for name, area in report["curve"]["area_vs_random"].items():
+            print(f"{name} order: area above the random order {area:+.1f} BLEU x heads")
+    print("wrote " + ", ".join(str(path) for path in written))
+    if not pruning:
+        return
+    model_heads = heads.heads_of(translator.model, heads.kept_heads(args.model_dir))
+    removed = heads.chosen_removal(report, model_heads, args.order, args.prune, args.keep_bleu_drop)
+    pruned = heads.prune(translator, args.model_dir, removed, args.pruned_model)
+    atomic_write_text(
+        pruned / "heads.json",
+        json.dumps(heads.after_pruning(report, removed), indent=1, ensure_ascii=False) + "\n",
+    )
+    print(f"wrote {pruned}: {len(removed)} of {len(model_heads)} heads removed "
+          f"({', '.join(h.name for h in removed)})")  # fmt: skip
+    if args.finetune_steps:
+        from rosetta.data.prepare import prepare
+        from rosetta.modeldir import resolve_init
+        from rosetta.train.trainer import train
+
+        overrides = [f"init={pruned}", f"train.max_steps={args.finetune_steps}",
+                     f"experiment_dir={pruned}_finetune", *(args.set or [])]  # fmt: skip
+        config = resolve_init(load_config(args.finetune_config, overrides))
+        prepare(config)
+        train(config)
+        print(f"fine-tuned {args.finetune_steps} updates: {config.experiment_dir}/model")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from rosetta.export.ctranslate2 import export_ctranslate2
 
@@ -625,6 +688,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_options(sub, exclude=("nbest",), engines=False)  # the teacher's search
     _add_device_option(sub)
     sub.set_defaults(func=cmd_distill)
+
+    sub = verb(
+        "heads",
+        "what each attention head does, how much it matters, and pruning",
+        "Over a test set: each head's figures and role, its importance (BLEU and NLL "
+        "without it; the gradient proxy of Michel et al.), and BLEU as heads are removed "
+        "least important first (masking, gradient and a random order). Writes heads.json, "
+        "heads.png and heads_pruning.png; with --prune N or --keep-bleu-drop X, also a "
+        "model directory with those heads cut out of the weights.",
+    )
+    sub.add_argument("model_dir", help="a model directory (EXP/model)")
+    sub.add_argument("--src", required=True, help="test sources, one sentence per line")
+    sub.add_argument("--ref", required=True, help="their references")
+    sub.add_argument("--valid-src", help="sources importance is measured on (default --src)")
+    sub.add_argument("--valid-ref", help="their references")
+    sub.add_argument("-o", "--output", help="folder for the report (default: the model directory)")
+    sub.add_argument(
+        "--steps", type=POSITIVE_INT, default=8, help="points of the curve (default 8)"
+    )
+    sub.add_argument(
+        "--order-seed", type=int, default=1, help="seed of the random order (default 1)"
+    )
+    sub.add_argument(
+        "--no-masking-bleu",
+        action="store_true",
+        help="skip BLEU without each head (one translation of the set per head)",
+    )
+    prune = sub.add_mutually_exclusive_group()
+    prune.add_argument("--prune", type=POSITIVE_INT, metavar="N", help="remove N heads")
+    prune.add_argument(
+        "--keep-bleu-drop",
+        type=_number(float, 0.0),
+        metavar="X",
+        help="remove the most heads the curve shows cost at most X BLEU",
+    )
+    sub.add_argument(
+        "--order",
+        choices=["masking", "gradient"],
+        default="masking",
+        help="which importance chooses the heads to remove (default masking)",
+    )
+    sub.add_argument("--pruned-model", type=Path, help="the pruned model directory to write")
+    sub.add_argument(
+        "--finetune-steps",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="then fine-tune the pruned model N updates (into PRUNED_finetune)",
+    )
+    sub.add_argument("--finetune-config", help="the experiment YAML whose data fine-tunes it")
+    sub.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a key of --finetune-config"
+    )
+    _add_search_options(sub, exclude=("nbest",), engines=False)
+    _add_device_option(sub)
+    sub.set_defaults(func=cmd_heads)
 
     sub = verb(
         "attention",

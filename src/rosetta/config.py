@@ -207,11 +207,39 @@ class TransformerConfig(ModelSection):
     output_bias: bool = False  # a bias on the output layer (Marian's final_logits_bias)
     encoder_attention: AttentionConfig = AttentionConfig()  # self-attention of the encoder
     decoder_attention: AttentionConfig = AttentionConfig()  # ... and of the decoder
+    # heads left in attention modules that were pruned (``rosetta heads --prune``), by
+    # module name ("encoder.0.self", "decoder.2.cross"); the others have ``heads``.
+    # A head keeps its width, d_model / heads.
+    head_counts: dict[str, int] = {}
+
+    def heads_at(self, module: str) -> int:
+        """The number of heads of attention module ``module`` (see ``attention_modules``)."""
+        return self.head_counts.get(module, self.heads)
+
+    def attention_modules(self) -> list[str]:
+        """Every attention module's name, in the order of the model: "encoder.{layer}.self",
+        then per decoder layer "decoder.{layer}.self" and "decoder.{layer}.cross"."""
+        encoder = [f"encoder.{i}.self" for i in range(self.encoder_layers)]
+        decoder = [
+            f"decoder.{i}.{kind}" for i in range(self.decoder_layers) for kind in ("self", "cross")
+        ]
+        return encoder + decoder
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TransformerConfig:
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        known = self.attention_modules()
+        for module, count in self.head_counts.items():
+            if module not in known:
+                raise ValueError(
+                    f"head_counts: no attention module {module!r} in this model "
+                    f"(modules: {known[0]} .. {known[-1]})"
+                )
+            if not 1 <= count <= self.heads:
+                raise ValueError(
+                    f"head_counts: {module} has {count} heads; between 1 and heads ({self.heads})"
+                )
         low_rank = self.encoder_attention
         if low_rank.variant == "lowrank" and low_rank.rank > self.max_positions:
             raise ValueError(

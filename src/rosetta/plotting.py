@@ -30,22 +30,24 @@ MARGIN_INCHES = (2.2, 1.8)  # room for labels and the colour bar (width, height)
 class Attention:
     """Weights of one kind for one sentence.
 
-    weights: (layers, heads, rows, columns); rows are the ``queries`` tokens,
-    columns the ``keys`` tokens (for ``cross``: generated x source subwords).
+    weights: per layer, (heads, rows, columns); rows are the ``queries`` tokens,
+    columns the ``keys`` tokens (for ``cross``: generated x source subwords). The
+    layers of a pruned model may have different numbers of heads.
     """
 
     kind: str
     queries: list[str]
     keys: list[str]
-    weights: np.ndarray
+    weights: list[np.ndarray]
     translation: str
 
     def select(self, layer: int = -1, head: int | None = None) -> np.ndarray:
         """(heads, rows, cols) of one layer; one head, or all heads with ``head=None``."""
-        layers, heads = self.weights.shape[:2]
+        layers = len(self.weights)
         if not -layers <= layer < layers:
             raise ValueError(f"layer {layer} out of range: the model has {layers} layer(s)")
         chosen = self.weights[layer]
+        heads = len(chosen)
         if head is None:
             return chosen
         if not 0 <= head < heads:
@@ -58,7 +60,7 @@ class Attention:
         weights = matrices[0] if head is not None else matrices
         return {
             "kind": self.kind,
-            "layer": layer % self.weights.shape[0],
+            "layer": layer % len(self.weights),
             "head": head,
             "translation": self.translation,
             "rows": self.queries,
@@ -114,19 +116,13 @@ def plot_attention(
     """Writes a heat map PNG and returns the path written (``png_path(path)``): the
     head-average of ``layer`` unless ``head`` is given; ``head=-1`` draws every head
     of the layer in a grid. The file is replaced atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if head == -1:
         matrices = attention.select(layer, None)
         titles = [f"head {h}" for h in range(len(matrices))]
     elif head is None:
         matrices = attention.select(layer, None).mean(axis=0, keepdims=True)
-        titles = ["mean over heads"] if attention.weights.shape[1] > 1 else [""]
+        titles = ["mean over heads"] if len(attention.select(layer, None)) > 1 else [""]
     else:
         matrices = attention.select(layer, head)
         titles = [f"head {head}"]
@@ -135,7 +131,7 @@ def plot_attention(
     figure, axes = plt.subplots(
         grid_rows, grid_cols, figsize=(width, height), dpi=DPI, squeeze=False
     )
-    layer_name = layer % attention.weights.shape[0]
+    layer_name = layer % len(attention.weights)
     figure.suptitle(f"{attention.kind.replace('_', ' ')} attention, layer {layer_name}")
     for index, ax in enumerate(axes.flat):
         if index >= len(matrices):
@@ -146,6 +142,23 @@ def plot_attention(
         ax.set_yticks(range(rows), attention.queries, fontsize=9)
         ax.set_title(titles[index], fontsize=10)
         figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _save(figure, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str | Path) -> Path:
+    """Writes ``figure`` as PNG to ``png_path(path)`` atomically, closes it, returns the path."""
+    import io
+
+    plt = _pyplot()
     figure.tight_layout()
     path = png_path(path)
     image_bytes = io.BytesIO()
@@ -153,3 +166,78 @@ def plot_attention(
     plt.close(figure)
     atomic_write_bytes(path, image_bytes.getvalue())
     return path
+
+
+# ---- heads (``rosetta heads``: rosetta.evaluate.heads) ------------------------------------------
+ROLE_COLOURS = {
+    "positional": "#4c72b0",
+    "rare-word": "#dd8452",
+    "alignment": "#55a868",
+    "local": "#8172b3",
+    "diffuse": "#cccccc",
+    "mixed": "#937860",
+}
+KIND_TITLES = {"encoder_self": "encoder self", "decoder_self": "decoder self", "cross": "cross"}
+
+
+def plot_head_grid(report: dict[str, Any], path: str | Path) -> Path:
+    """One panel per kind of attention: layers down, heads across, each cell coloured by
+    the head's role and annotated with its importance (masking BLEU drop, else the
+    gradient score); pruned heads are hatched."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch, Rectangle
+
+    kinds = [k for k in KIND_TITLES if any(h["kind"] == k for h in report["heads"])]
+    layers = 1 + max(h["layer"] for h in report["heads"])
+    heads = 1 + max(h["head"] for h in report["heads"])
+    figure, axes = plt.subplots(
+        1, len(kinds), figsize=(1.2 + 1.1 * heads * len(kinds), 1.6 + 0.75 * layers), squeeze=False
+    )
+    for ax, kind in zip(axes.flat, kinds):
+        for head in (h for h in report["heads"] if h["kind"] == kind):
+            x, y = head["head"], head["layer"]
+            ax.add_patch(Rectangle(
+                (x, y), 0.95, 0.95, color=ROLE_COLOURS.get(head["role"], "#ffffff"),
+                hatch="//" if head.get("pruned") else None, alpha=0.35 if head.get("pruned") else 1,
+            ))  # fmt: skip
+            importance = head["importance"]
+            value = importance.get("masking_bleu")
+            label = f"{value:.2f}" if value is not None else (
+                f"{importance['gradient']:.2f}" if importance.get("gradient") is not None else ""
+            )  # fmt: skip
+            ax.text(x + 0.475, y + 0.475, label, ha="center", va="center", fontsize=8)
+        ax.set_xlim(0, heads)
+        ax.set_ylim(layers, 0)
+        ax.set_xticks([i + 0.475 for i in range(heads)], [str(i) for i in range(heads)])
+        ax.set_yticks([i + 0.475 for i in range(layers)], [str(i) for i in range(layers)])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{KIND_TITLES[kind]} attention")
+    measure = "BLEU lost without the head" if any(
+        h["importance"].get("masking_bleu") is not None for h in report["heads"]
+    ) else "gradient importance"  # fmt: skip
+    figure.suptitle(f"{report['model']}: role of each head; number: {measure}", fontsize=10)
+    legend = [Patch(color=colour, label=name) for name, colour in ROLE_COLOURS.items()]
+    figure.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8)
+    figure.subplots_adjust(bottom=0.25)
+    return _save(figure, path)
+
+
+def plot_pruning_curve(report: dict[str, Any], path: str | Path) -> Path:
+    """BLEU against the number of heads kept, one line per removal order."""
+    plt = _pyplot()
+    curve = report["curve"]
+    total = curve["total_heads"]
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curve["points"].items():
+        area = curve["area_vs_random"].get(name)
+        label = name + (f" (area vs random {area:+.1f})" if area is not None else " (control)")
+        ax.plot([total - p["removed"] for p in points], [p["bleu"] for p in points], marker="o",
+                label=label, linestyle="--" if name == "random" else "-")  # fmt: skip
+    ax.invert_xaxis()
+    ax.set_xlabel("heads kept")
+    ax.set_ylabel("BLEU")
+    ax.set_title(f"{report['model']}: heads removed, least important first")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(figure, path)

@@ -75,18 +75,17 @@ def _teacher_forced(
 @torch.inference_mode()
 def attention_weights(
     translator: TorchTranslator, src_ids: list[int], trace: Trace, kinds: tuple[str, ...]
-) -> dict[str, np.ndarray]:
-    """(layers, heads, rows, columns) float32 weights of each of ``kinds`` the model
-    has (rows and columns: ``Pieces.axes``); a kind the model lacks is left out."""
+) -> dict[str, list[np.ndarray]]:
+    """Per layer, the (heads, rows, columns) float32 weights of each of ``kinds`` the
+    model has (rows and columns: ``Pieces.axes``); a kind the model lacks is left out.
+    A list, not one array: layers of a pruned model have different numbers of heads."""
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown:
         raise ValueError(f"unknown attention kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
     src, tgt_in = _teacher_forced(translator, src_ids, trace)
     maps = translator.model.attention_maps(src, tgt_in)
     return {
-        kind: torch.stack([m[0] for m in maps[kind]]).float().cpu().numpy()
-        for kind in kinds
-        if maps.get(kind)
+        kind: [m[0].float().cpu().numpy() for m in maps[kind]] for kind in kinds if maps.get(kind)
     }
 
 

@@ -73,6 +73,19 @@ def check_representable(model: torch.nn.Module) -> None:
                 f"CTranslate2 cannot represent {type(module).__name__} at {name}: "
                 "it runs standard softmax attention only"
             )
+    counts = sorted({m.heads for m in model.modules() if isinstance(m, MultiHeadAttention)})
+    if len(counts) > 1:
+        raise ValueError(
+            "CTranslate2's format holds one number of heads for every attention layer; "
+            f"this pruned model has {counts[0]} to {counts[-1]} (prune the same number of "
+            "heads in every attention module to export it)"
+        )
+
+
+def head_count(model: Transformer) -> int:
+    """The number of heads of each attention layer (``check_representable``: one for all;
+    fewer than ``model.heads`` in a uniformly pruned model)."""
+    return model.encoder.layers[0].self_attn.heads
 
 
 def build_spec(model: Transformer, tokenizer: Tokenizer):
@@ -89,7 +102,7 @@ def build_spec(model: Transformer, tokenizer: Tokenizer):
     }[cfg.activation]
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.encoder_layers, cfg.decoder_layers),
-        cfg.heads,
+        head_count(model),
         pre_norm=cfg.norm == "pre",
         activation=activation,
     )

@@ -241,17 +241,27 @@ def _padded(memory: Memory, length: int) -> tuple[torch.Tensor, ...]:
 
 
 class MultiHeadAttention(Block):
-    """The shared core: split heads, attend, merge heads, apply W_O."""
+    """The shared core: split heads, attend, merge heads, apply W_O.
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
+    ``heads`` heads of ``head_dim`` each (by default d_model / heads): the heads'
+    total width ``inner`` is d_model, except in a pruned model, whose modules keep
+    fewer heads of the original width (``rosetta.evaluate.heads``).
+    """
+
+    def __init__(
+        self, d_model: int, heads: int, dropout: float = 0.0, head_dim: int | None = None
+    ) -> None:
         super().__init__()
-        if d_model % heads:
-            raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
+        if head_dim is None:
+            if d_model % heads:
+                raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
+            head_dim = d_model // heads
         self.heads = heads
-        self.head_dim = d_model // heads
+        self.head_dim = head_dim
+        self.inner = heads * head_dim  # the width of the concatenated heads
         self.d_model = d_model
         self.dropout = dropout
-        self.out_proj = Linear(d_model, d_model)
+        self.out_proj = Linear(self.inner, d_model)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -261,7 +271,7 @@ class MultiHeadAttention(Block):
     def merge_heads(self, context: torch.Tensor) -> torch.Tensor:
         batch, _, length, _ = context.shape
         # (batch, heads, len, head_dim) -> (batch, len, d_model)
-        return context.transpose(1, 2).reshape(batch, length, self.d_model)
+        return context.transpose(1, 2).reshape(batch, length, self.inner)
 
     def attend(
         self,
@@ -281,9 +291,11 @@ class MultiHeadAttention(Block):
 class SelfAttention(MultiHeadAttention):
     """Q, K and V from the same sequence, with one fused W_QKV projection."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__(d_model, heads, dropout)
-        self.qkv_proj = Linear(d_model, 3 * d_model)
+    def __init__(
+        self, d_model: int, heads: int, dropout: float = 0.0, head_dim: int | None = None
+    ) -> None:
+        super().__init__(d_model, heads, dropout, head_dim)
+        self.qkv_proj = Linear(d_model, 3 * self.inner)
 
     def forward(
         self,
@@ -323,16 +335,18 @@ class SelfAttention(MultiHeadAttention):
         q = qkv[:, :, 0].transpose(1, 2)  # (batch, heads, 1, head_dim)
         # one query sees every cached key of its row (mask: rows that began later)
         context, _ = self.attend(q, k, v, cache.mask())
-        return self.out_proj(context.view(batch, self.d_model))
+        return self.out_proj(context.view(batch, self.inner))
 
 
 class CrossAttention(MultiHeadAttention):
     """Q from the decoder, K and V from the encoder output (fused W_KV)."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__(d_model, heads, dropout)
-        self.q_proj = Linear(d_model, d_model)
-        self.kv_proj = Linear(d_model, 2 * d_model)
+    def __init__(
+        self, d_model: int, heads: int, dropout: float = 0.0, head_dim: int | None = None
+    ) -> None:
+        super().__init__(d_model, heads, dropout, head_dim)
+        self.q_proj = Linear(d_model, self.inner)
+        self.kv_proj = Linear(d_model, 2 * self.inner)
 
     def project_memory(self, memory: torch.Tensor, padding=None) -> Memory:
         """Keys and values of the encoder output (batch, src_len, d_model), once per
@@ -368,4 +382,4 @@ class CrossAttention(MultiHeadAttention):
         # (batch, d_model) -> (sources, heads, group, head_dim)
         q = self.q_proj(x).view(-1, group, self.heads, self.head_dim).transpose(1, 2)
         context, _ = self.attend(q, memory.keys, memory.values, memory.mask)
-        return self.out_proj(context.transpose(1, 2).reshape(batch, self.d_model))
+        return self.out_proj(context.transpose(1, 2).reshape(batch, self.inner))

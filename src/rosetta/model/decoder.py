@@ -25,10 +25,15 @@ class DecoderLayer(Block):
     """Causal self-attention, cross-attention (Q from the decoder, K/V from the
     encoder), feed-forward; each wrapped in a residual + LayerNorm."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = self_attention(cfg, cfg.decoder_attention)
-        self.cross_attn = CrossAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.self_attn = self_attention(cfg, cfg.decoder_attention, f"decoder.{index}.self")
+        self.cross_attn = CrossAttention(
+            cfg.d_model,
+            cfg.heads_at(f"decoder.{index}.cross"),
+            cfg.attention_dropout,
+            cfg.d_model // cfg.heads,
+        )
         self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.self_residual = Residual.of(cfg)
         self.cross_residual = Residual.of(cfg)
@@ -78,7 +83,7 @@ class Decoder(Block):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.decoder_layers))
         self.final_norm = final_norm(cfg)
         self._final_norm_args = layer_norm_args(self.final_norm)
 

@@ -41,9 +41,10 @@ LINEAR_CHUNK = 64  # causal linear attention: positions per chunk of the trainin
 EPS = 1e-6  # linear attention: keeps the normaliser away from zero
 
 
-def self_attention(cfg: TransformerConfig, variant: AttentionConfig) -> SelfAttention:
-    """The self-attention module a stack's configuration asks for."""
-    args = (cfg.d_model, cfg.heads, cfg.attention_dropout)
+def self_attention(cfg: TransformerConfig, variant: AttentionConfig, module: str) -> SelfAttention:
+    """The self-attention module a stack's configuration asks for; ``module`` names it
+    (its head count: ``TransformerConfig.heads_at``)."""
+    args = (cfg.d_model, cfg.heads_at(module), cfg.attention_dropout, cfg.d_model // cfg.heads)
     if variant.variant == "local":
         return LocalSelfAttention(*args, radius=variant.radius)
     if variant.variant == "linear":
@@ -208,8 +209,15 @@ class LocalSelfAttention(SelfAttention):
     """Sliding-window attention: a position sees ``radius`` positions on each side
     (bidirectional, the encoder) or the ``radius`` before it (causal, the decoder)."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, radius: int = 16) -> None:
-        super().__init__(d_model, heads, dropout)
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        radius: int = 16,
+    ) -> None:
+        super().__init__(d_model, heads, dropout, head_dim)
         self.radius = radius
 
     def attend(
@@ -233,7 +241,7 @@ class LocalSelfAttention(SelfAttention):
         keys, values = cache.append(k, v)
         # (batch, heads, 1, head_dim); the mask: rows that began later
         context, _ = attention(q[:, :, None], keys, values, cache.mask())
-        return self.out_proj(context.view(batch, self.d_model))
+        return self.out_proj(context.view(batch, self.inner))
 
 
 # ---- linear (kernelised) attention -------------------------------------------------------
@@ -267,10 +275,11 @@ class LinearSelfAttention(SelfAttention):
         d_model: int,
         heads: int,
         dropout: float = 0.0,
+        head_dim: int | None = None,
         feature_map: str = "elu",
         features: int = 64,
     ) -> None:
-        super().__init__(d_model, heads, dropout)
+        super().__init__(d_model, heads, dropout, head_dim)
         self.feature_map = feature_map
         if feature_map == "favor":
             self.register_buffer("projection", orthogonal_features(features, self.head_dim))
@@ -324,7 +333,7 @@ class LinearSelfAttention(SelfAttention):
         numerator = (fq.unsqueeze(2) @ summed).squeeze(2)  # (batch, heads, head_dim)
         normaliser = (fq * key_sum).sum(-1, keepdim=True)
         context = (numerator / (normaliser + EPS)).to(x.dtype)
-        return self.out_proj(context.view(batch, self.d_model))
+        return self.out_proj(context.view(batch, self.inner))
 
 
 def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -409,9 +418,15 @@ class LowRankSelfAttention(SelfAttention):
     """
 
     def __init__(
-        self, d_model: int, heads: int, dropout: float = 0.0, rank: int = 64, max_length: int = 1024
+        self,
+        d_model: int,
+        heads: int,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        rank: int = 64,
+        max_length: int = 1024,
     ) -> None:
-        super().__init__(d_model, heads, dropout)
+        super().__init__(d_model, heads, dropout, head_dim)
         self.max_length = max_length
         bound = math.sqrt(6.0 / (rank + max_length))  # Xavier, as the other projections
         self.key_length_proj = nn.Parameter(torch.empty(rank, max_length).uniform_(-bound, bound))

@@ -14,9 +14,9 @@ from rosetta.model.packing import SourcePadding
 class EncoderLayer(Block):
     """Multi-head self-attention over the source, then the feed-forward network."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = self_attention(cfg, cfg.encoder_attention)
+        self.self_attn = self_attention(cfg, cfg.encoder_attention, f"encoder.{index}.self")
         self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.attn_residual = Residual.of(cfg)
         self.ff_residual = Residual.of(cfg)
@@ -43,7 +43,7 @@ class Encoder(Block):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.encoder_layers))
         self.final_norm = final_norm(cfg)
 
     def forward(

@@ -5,6 +5,8 @@ Routes:
 - ``GET /``: the page (``static/``: plain HTML, CSS and JS, nothing fetched from
   elsewhere) where a person translates and sees attention and the search;
 - ``POST /v1/translate``, ``GET /v1/model``: rosetta's JSON API;
+- ``GET /v1/heads``: the model directory's ``heads.json`` (``rosetta heads``: the
+  role and importance of every attention head), a 404 saying how to make one;
 - ``POST /translate``, ``GET /languages``: LibreTranslate's API, so its clients
   and browser extensions work unchanged (JSON or form bodies; its errors are 400);
 - ``GET /health`` (the process answers) and ``GET /ready`` (the worker runs and
@@ -45,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rosetta.serve.batcher import Job
 from rosetta.serve.jsonbody import encode
 from rosetta.serve.schemas import Error, LibreTranslateRequest, TranslateRequest, TranslateResponse
-from rosetta.serve.service import LANGUAGE_NAMES, RequestError, TranslationService
+from rosetta.serve.service import HEADS_MISSING, LANGUAGE_NAMES, RequestError, TranslationService
 from rosetta.version import version
 
 STATIC = resources.files("rosetta.serve") / "static"
@@ -204,6 +206,17 @@ def create_app(service: TranslationService) -> FastAPI:
     async def model() -> dict[str, Any]:
         """The model: languages, architecture, sizes, validation scores, search, limits."""
         return service.info()
+
+    @app.get(
+        "/v1/heads",
+        responses={404: {"model": Error, "description": "the model directory has no heads.json"}},
+    )
+    async def heads() -> dict[str, Any]:
+        """Every attention head's role and importance: ``heads.json`` as ``rosetta heads``
+        wrote it (version 1), checked when the server started."""
+        if service.heads is None:
+            raise RequestError(404, HEADS_MISSING)
+        return service.heads
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -24,11 +24,11 @@ def maps_per_kind(model: ModelConfig) -> dict[str, int]:
     kind it lacks is left out. The RNN's alignment is one map, as ``cross``."""
     if model.arch == "rnn":
         return {"cross": 1}
-    return {
-        "cross": model.decoder_layers * model.heads,
-        "encoder_self": model.encoder_layers * model.heads,
-        "decoder_self": model.decoder_layers * model.heads,
-    }
+    heads = {kind: 0 for kind in ("cross", "encoder_self", "decoder_self")}
+    for module in model.attention_modules():  # a pruned model's layers differ
+        part, _, kind = module.split(".")
+        heads["cross" if kind == "cross" else f"{part}_self"] += model.heads_at(module)
+    return heads
 
 
 def longest_output(source_length: int, options: DecodeConfig, limit: int) -> int:

@@ -7,13 +7,16 @@ is a number), numbers are finite, unknown keys are errors (a misspelt option
 must not be ignored silently), and bounds
 that depend on the server's settings (``max_beam``, ``max_texts``, ...) are
 checked by the service, which names the setting in its error.
+
+``HeadsFile`` is the shape of a model directory's ``heads.json`` (``rosetta
+heads``), which the service checks when it loads and serves at ``GET /v1/heads``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic.fields import FieldInfo
 
 from rosetta.decode.sampling import SamplingOptions
@@ -177,3 +180,88 @@ class LibreTranslateRequest(BaseModel):
     format: Literal["text", "html"] = "text"
     alternatives: int = Field(0, ge=0)
     api_key: str | None = None
+
+
+# ---- heads.json: the analysis of every attention head (``rosetta heads``) ----------------
+class HeadsFileModel(BaseModel):
+    """A part of ``heads.json``: unknown keys are errors, numbers finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class HeadImportance(HeadsFileModel):
+    """How much the model needs a head; null where it was not measured."""
+
+    masking_bleu: float | None = Field(None, description="BLEU lost when the head is masked")
+    masking_nll: float | None = Field(None, description="NLL gained when the head is masked")
+    gradient: float | None = Field(None, description="gradient-based importance")
+
+
+class HeadReport(HeadsFileModel):
+    """One attention head: where it is, what it does, how much it matters."""
+
+    kind: AttentionKind
+    layer: int = Field(ge=0)
+    head: int = Field(ge=0, description="the head's number in the original model (stable)")
+    index: int | None = Field(
+        None, ge=0, description="its position among the layer's current heads, in the "
+        "attention maps; null for a pruned head",
+    )  # fmt: skip
+    module: str | None = Field(None, description="its attention module (model.head_counts)")
+    role: str
+    detail: str = ""
+    confidence: float | None = None
+    entropy: float | None = None
+    distance: float | None = None
+    figures: dict[str, float] = Field(
+        default_factory=dict, description="the other figures (rosetta.evaluate.heads)"
+    )
+    importance: HeadImportance = HeadImportance()
+    pruned: bool = False
+
+    @model_validator(mode="after")
+    def _index_unless_pruned(self) -> HeadReport:
+        if self.pruned != (self.index is None):
+            raise ValueError(
+                "a pruned head has index null, and every other head an index "
+                f"(got pruned {str(self.pruned).lower()}, index {self.index})"
+            )
+        return self
+
+
+class HeadsFile(HeadsFileModel):
+    """``heads.json`` (version 1), written by ``rosetta heads`` and served at ``GET /v1/heads``."""
+
+    version: Literal[1]
+    model: str = Field(description="the model directory's name")
+    arch: Literal["transformer", "rnn"]
+    sentences: int = Field(ge=0, description="sentences the heads were analysed on")
+    thresholds: dict[str, float] = Field(description="the numbers the role rules compare with")
+    roles: dict[str, str] = Field(description="each role, described in one line")
+    heads: list[HeadReport]
+    search: dict[str, Any] | None = Field(None, description="the search BLEU was measured with")
+    base: dict[str, Any] | None = Field(None, description="the whole model's BLEU and NLL")
+    agreement: dict[str, float] | None = Field(
+        None, description="Spearman correlations between the importance measures"
+    )
+    curve: dict[str, Any] | None = Field(None, description="the pruning curve")
+    importance_note: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HeadsFile:
+        seen: set[tuple[str, int, int]] = set()
+        positions: set[tuple[str, int, int]] = set()
+        for number, head in enumerate(self.heads):
+            where = f"heads.{number}"
+            if head.role not in self.roles:
+                raise ValueError(f"{where}: role {head.role!r} is not one of roles")
+            if (head.kind, head.layer, head.head) in seen:
+                raise ValueError(f"{where}: {head.kind} layer {head.layer} head {head.head} twice")
+            seen.add((head.kind, head.layer, head.head))
+            if head.index is not None:
+                if (head.kind, head.layer, head.index) in positions:
+                    raise ValueError(
+                        f"{where}: index {head.index} of {head.kind} layer {head.layer} twice"
+                    )
+                positions.add((head.kind, head.layer, head.index))
+        return self

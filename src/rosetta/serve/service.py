@@ -18,18 +18,25 @@ decimals as float64, so the JSON holds ``0.0524``, not the float32 value's
 
 Errors a client can cause are ``RequestError`` with the HTTP status and the
 name of the limit; anything else would be a bug.
+
+A model directory may hold ``heads.json``, the analysis of every attention head
+(``rosetta heads``): the service checks it when it loads (``load_heads``; a file
+that does not fit is a ``ValueError``, a one-line error at start-up) and serves
+it as it is.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from rosetta.config import ConfigError, ServeConfig, load_config
+from rosetta.config import ConfigError, ModelConfig, ServeConfig, load_config
 from rosetta.decode.explain import Pieces, attention_weights, candidates, tree
 from rosetta.decode.glossary import Glossary
 from rosetta.decode.search import option_fields
@@ -38,7 +45,7 @@ from rosetta.memory import release_memory
 from rosetta.modeldir import CONFIG, read_metadata
 from rosetta.serve.batcher import Batcher, Job, ModelThread, QueueFull
 from rosetta.serve.budget import attention_size, maps_per_kind, search_size
-from rosetta.serve.schemas import TranslateRequest
+from rosetta.serve.schemas import HeadsFile, TranslateRequest
 from rosetta.serve.stream import EngineStream
 
 LANGUAGE_NAMES = {
@@ -48,6 +55,11 @@ LANGUAGE_NAMES = {
     "zh": "Chinese",
 }  # fmt: skip
 WEIGHT_DIGITS = 4  # attention weights, probabilities and tree scores in responses
+HEADS = "heads.json"  # in the model directory: the analysis of its attention heads
+HEADS_MISSING = (
+    f"this model has no {HEADS}: make one with rosetta heads MODEL_DIR --src FILE --ref FILE "
+    "-o MODEL_DIR (MODEL_DIR: the directory served), then restart the server"
+)
 
 
 def rounded(values: np.ndarray | list[float]) -> list:
@@ -112,6 +124,7 @@ class TranslationService:
         # layers x heads of each attention kind the model has (what one row costs)
         self.attention_maps = maps_per_kind(self.experiment.model)
         self.glossaries = load_glossaries(config.glossaries)
+        self.heads = load_heads(self.model_dir, self.experiment.model)  # None: no heads.json
         stream = EngineStream(self._answer, config.max_sentences, config.batch_tokens)
         self.batcher = Batcher(
             self._process, config.batch_tokens, config.max_wait_ms / 1000, config.max_queue,
@@ -171,6 +184,7 @@ class TranslationService:
                 "attention": self.explains and limits.max_attention_weights > 0,
                 "search": self.explains and limits.max_search_items > 0,
                 "attention_kinds": kinds,
+                "heads": self.heads is not None,
             },
         }
 
@@ -384,7 +398,7 @@ class TranslationService:
                 "source_pieces": pieces.source,
                 "target_pieces": pieces.produced,
                 "decoder_inputs": pieces.decoder_inputs,
-                **{kind: rounded(w) for kind, w in weights.items()},
+                **{kind: [rounded(layer) for layer in w] for kind, w in weights.items()},
             }
         if work.candidates:
             top = candidates(translator, source.ids, trace, work.candidates)
@@ -409,3 +423,54 @@ def load_glossaries(spec: str) -> dict[str, Glossary]:
             raise ValueError(f"glossaries: expected NAME=FILE, got {item!r}")
         glossaries[name] = Glossary.load(path)
     return glossaries
+
+
+def load_heads(model_dir: Path, model: ModelConfig) -> dict[str, Any] | None:
+    """``model_dir/heads.json`` as written, or None when there is none. It must be a
+    ``HeadsFile`` about this model (its kinds, layers and heads); one that is not is
+    a ``ValueError`` naming the file and the first problem."""
+    path = model_dir / HEADS
+    if not path.exists():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    try:
+        report = HeadsFile.model_validate(content)
+    except ValidationError as error:
+        first, *others = error.errors()
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        more = f" (and {len(others)} more problems)" if others else ""
+        raise ValueError(
+            f"invalid {path}: {where + ': ' if where else ''}{message}{more}"
+        ) from None
+    rnn = model.arch == "rnn"
+    if (report.arch == "rnn") != rnn:
+        raise ValueError(
+            f"invalid {path}: it describes an {report.arch} model; this one is {model.arch}"
+        )
+    for number, head in enumerate(report.heads):
+        where = f"invalid {path}: heads.{number}: {head.kind} layer {head.layer} head {head.head}"
+        layers, heads, current = _attention_shape(model, head.kind, head.layer)
+        if head.layer >= layers:
+            raise ValueError(f"{where}: this model has {layers} {head.kind} layers")
+        if head.head >= heads:
+            raise ValueError(f"{where}: this model has {heads} heads a layer")
+        if head.index is not None and head.index >= current:
+            raise ValueError(f"{where}: index {head.index}, but the layer has {current} heads")
+    return content
+
+
+def _attention_shape(model: ModelConfig, kind: str, layer: int) -> tuple[int, int, int]:
+    """For an attention ``kind`` of ``model``: its layers, the heads a layer had before
+    any pruning, and the heads ``layer`` has now (0s for a kind the model lacks)."""
+    if model.arch == "rnn":  # one Bahdanau alignment, as cross-attention
+        return (1, 1, 1) if kind == "cross" else (0, 0, 0)
+    part = "encoder" if kind == "encoder_self" else "decoder"
+    name = "cross" if kind == "cross" else "self"
+    layers = model.encoder_layers if part == "encoder" else model.decoder_layers
+    return layers, model.heads, model.heads_at(f"{part}.{layer}.{name}")

@@ -12,6 +12,13 @@
  *                                         constraints met / not met, and n-best list
  *                 -> renderAttention()    kind/layer/head selectors, token strips, heat map table
  *                 -> renderSearch()       top-k candidates table and the beam tree (inline SVG)
+ *   heads view -> the "Heads" tab, opened the first time: GET /v1/heads -> state.heads
+ *                 -> renderHeads()  one grid per kind (layers x heads, by the head's original
+ *                                   number), cells coloured by role, the importance in each;
+ *                                   a 404's message (how to make heads.json) instead of a grid
+ *                 clicking a head -> showHead(): its kind translated for the current sentence
+ *                 if the shown one lacks it, then the heat map below set to that head
+ *                 (attention[kind][layer][index]: a pruned model's layers differ in heads)
  *   heat map   -> the current view (kind, layer, head) gives one rows x cols weight matrix
  *                 (state.matrix; "average" = mean over heads, computed here);
  *                 hovering / focusing / clicking a header sets state.hover or state.pinned,
@@ -33,6 +40,13 @@ const KIND_LABELS = {
 };
 const SELF_KINDS = ["encoder_self", "decoder_self"];
 const SVG_NS = "http://www.w3.org/2000/svg";
+const HEAD_KINDS = ["encoder_self", "decoder_self", "cross"]; // the order of the heads' grids
+// role colours (Tableau 10); a role not listed here takes one of the spare colours
+const ROLE_COLOURS = {
+  positional: "#4e79a7", "rare-word": "#f28e2b", alignment: "#59a14f",
+  local: "#76b7b2", diffuse: "#bab0ac", mixed: "#edc948",
+};
+const SPARE_COLOURS = ["#b07aa1", "#ff9da7", "#9c755f", "#e15759"];
 
 const state = {
   model: null, // GET /v1/model, or null when it failed
@@ -42,6 +56,11 @@ const state = {
   matrix: [], // weights of the current view: rows x cols
   pinned: null, // {axis: "row" | "col", index}
   hover: null, // same shape; shown instead of pinned while set
+  lastRequest: null, // the body of the last translation shown (to ask it for another kind)
+  heads: null, // GET /v1/heads, once loaded
+  headsAsked: false, // GET /v1/heads has been sent (it is asked once)
+  roleColours: {}, // role -> colour, for the grids, the legend and the caption
+  chosenHead: null, // the heads.json entry whose map is shown (kept for the next translation)
 };
 
 const $ = (id) => document.getElementById(id);
@@ -117,7 +136,12 @@ function paintScaleBar() {
 
 /* ------------------------------------------------------------------ API */
 
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status = null) {
+    super(message);
+    this.status = status; // the HTTP status, or null when there was no answer
+  }
+}
 
 /** Input the page refuses before sending anything; `field` is the id of the control at fault. */
 class InputError extends Error {
@@ -140,7 +164,7 @@ async function api(path, options = {}) {
     let message = body && typeof body.error === "string" ? body.error : `HTTP ${response.status}`;
     const retry = response.headers.get("Retry-After");
     if (response.status === 503 && retry) message += ` (try again in ${retry} s)`;
-    throw new ApiError(message);
+    throw new ApiError(message, response.status);
   }
   if (body === null) throw new ApiError(`HTTP ${response.status}: the reply is not JSON`);
   return body;
@@ -314,10 +338,13 @@ function readTerms() {
   return extra;
 }
 
-function buildRequest(text) {
+/** The request for `text`; attention for `extraKinds` too, and for the chosen head's kind. */
+function buildRequest(text, extraKinds = []) {
   const feats = features();
   const withSelf = $("self-attention").checked;
-  const kinds = ["cross", ...SELF_KINDS.filter((kind) => withSelf && selfKindOffered(kind))];
+  const wanted = [...extraKinds, state.chosenHead?.kind].filter(Boolean);
+  const kinds = ["cross", ...SELF_KINDS.filter((kind) =>
+    (withSelf || wanted.includes(kind)) && selfKindOffered(kind))];
   const terms = readTerms(); // first: an InputError must stop the request before anything else
   return {
     text,
@@ -342,23 +369,30 @@ function setBusy(busy) {
   button.setAttribute("aria-busy", String(busy));
 }
 
-async function translate() {
-  if (state.busy) return;
+/** Translates the text in the box (with attention for `extraKinds` too); whether it was shown. */
+async function translate(extraKinds = []) {
+  if (state.busy) return false;
   const text = $("source").value;
   if (!text.trim()) {
     showError("Enter some text to translate.");
-    return;
+    return false;
   }
   let request;
   try {
-    request = buildRequest(text);
+    request = buildRequest(text, extraKinds);
   } catch (error) {
     if (!(error instanceof InputError)) throw error;
     clearError();
     showFieldError(error);
-    return;
+    return false;
   }
   clearFieldError("glossary");
+  return send(request);
+}
+
+/** Posts a translation request and shows the answer; whether it was shown. */
+async function send(request) {
+  if (state.busy) return false;
   setBusy(true);
   try {
     const reply = await api("/v1/translate", {
@@ -369,10 +403,13 @@ async function translate() {
     const result = reply.translations?.[0];
     if (!result) throw new ApiError("The server returned no translation");
     clearError();
+    state.lastRequest = request;
     renderResult(result);
+    return true;
   } catch (error) {
     showError(error instanceof ApiError ? error.message : `Unexpected error: ${error.message}`);
     if (!(error instanceof ApiError)) console.warn(error);
+    return false;
   } finally {
     setBusy(false);
   }
@@ -491,10 +528,18 @@ function renderAttention(attention) {
 
   const rnn = state.model?.arch === "rnn";
   $("map-title").textContent = rnn ? "Bahdanau alignment" : "Attention";
-  const kind = kinds.includes(state.view.kind) ? state.view.kind : kinds[0];
+  const chosen = shownHead(state.chosenHead);
+  const kind = chosen?.kind ?? (kinds.includes(state.view.kind) ? state.view.kind : kinds[0]);
   fillSelect($("kind"), kinds.map((k) => [k, KIND_LABELS[k]]), kind);
   $("kind").closest("label").hidden = kinds.length < 2;
-  selectKind($("kind").value);
+  if (chosen) selectKind(chosen.kind, chosen.layer, chosen.index);
+  else selectKind($("kind").value);
+}
+
+/** `entry` (a heads.json head) if the shown attention has its map, else null. */
+function shownHead(entry) {
+  const heads = entry && !entry.pruned ? state.attention?.[entry.kind]?.[entry.layer] : null;
+  return Array.isArray(heads) && Number.isInteger(entry.index) && entry.index < heads.length ? entry : null;
 }
 
 function fillSelect(select, options, selected) {
@@ -502,27 +547,39 @@ function fillSelect(select, options, selected) {
   select.value = String(selected);
 }
 
-/** A new kind: refill layer and head selectors (defaults: last layer, average) and rebuild the map. */
-function selectKind(kind) {
+/**
+ * A new kind: refill the layer and head selectors and rebuild the map, showing `layer`
+ * (default: the last) and `head` (an index into that layer's heads; default: their average).
+ */
+function selectKind(kind, layer = null, head = "avg") {
   const layers = state.attention[kind];
-  const heads = layers[0].length;
   const rnn = state.model?.arch === "rnn";
-  state.view = { kind, layer: layers.length - 1, head: "avg" };
+  state.view = { kind, layer: layer ?? layers.length - 1, head };
   fillSelect($("layer"), layers.map((_, i) => [i, `${i + 1} of ${layers.length}`]), state.view.layer);
-  const headOptions = Array.from({ length: heads }, (_, i) => [i, `${i + 1}`]);
-  fillSelect($("head"), [["avg", "average"], ...headOptions], "avg");
   $("layer-label").hidden = rnn || layers.length < 2;
-  $("head-label").hidden = rnn || heads < 2;
+  fillHeadOptions();
   state.pinned = state.hover = null;
   buildHeatmap();
   buildStrips();
   updateView();
 }
 
+/** The head selector for the view's layer: a pruned model's layers may differ in heads. */
+function fillHeadOptions() {
+  const { kind, layer, head } = state.view;
+  const count = state.attention[kind][layer].length;
+  const options = Array.from({ length: count }, (_, i) => [i, headName(kind, layer, i)]);
+  state.view.head = head !== "avg" && head < count ? head : "avg";
+  fillSelect($("head"), [["avg", "average"], ...options], state.view.head);
+  $("head-label").hidden = state.model?.arch === "rnn" || count < 2;
+}
+
 function onViewChange() {
   const head = $("head").value;
   state.view.layer = Number($("layer").value);
   state.view.head = head === "avg" ? "avg" : Number(head);
+  fillHeadOptions();
+  state.chosenHead = headAt(state.view); // a head chosen here is kept like one clicked
   updateView();
 }
 
@@ -531,6 +588,7 @@ function updateView() {
   state.matrix = viewMatrix(state.attention, state.view);
   paintCells();
   applyHighlight();
+  showHeadCaption();
 }
 
 /* ------------------------------------------------------------------ attention: heat map */
@@ -687,9 +745,218 @@ function wireHeatmapEvents() {
     if (e.key === "Escape") clearSelection();
   });
   $("clear-selection").addEventListener("click", clearSelection);
-  $("kind").addEventListener("change", () => selectKind($("kind").value));
+  $("kind").addEventListener("change", () => {
+    selectKind($("kind").value);
+    state.chosenHead = null;
+  });
   $("layer").addEventListener("change", onViewChange);
   $("head").addEventListener("change", onViewChange);
+}
+
+/* ------------------------------------------------------------------ views: translation, heads */
+
+const VIEWS = { translation: "tab-translation", heads: "tab-heads" };
+
+/** Shows one view (the body's data-view selects the panels, see style.css); heads load once. */
+function showView(view) {
+  document.body.dataset.view = view;
+  for (const [name, id] of Object.entries(VIEWS)) {
+    const tab = $(id);
+    tab.setAttribute("aria-selected", String(name === view));
+    tab.tabIndex = name === view ? 0 : -1;
+  }
+  if (view === "heads") loadHeads();
+}
+
+function wireViewEvents() {
+  for (const [name, id] of Object.entries(VIEWS)) $(id).addEventListener("click", () => showView(name));
+  $("view-tabs").addEventListener("keydown", (e) => { // arrow keys move between the tabs
+    if (e.key !== "ArrowLeft" && e.key !== "ArrowRight") return;
+    const names = Object.keys(VIEWS);
+    const at = names.indexOf(document.body.dataset.view);
+    const next = names[(at + (e.key === "ArrowRight" ? 1 : names.length - 1)) % names.length];
+    showView(next);
+    $(VIEWS[next]).focus();
+  });
+  $("heads-grids").addEventListener("click", (e) => {
+    const button = e.target instanceof Element ? e.target.closest("button.head-button") : null;
+    if (!button || button.disabled) return;
+    const { kind, layer, head } = button.closest("td").dataset;
+    const entry = state.heads.heads.find((h) =>
+      h.kind === kind && h.layer === Number(layer) && h.head === Number(head));
+    if (entry) showHead(entry);
+  });
+}
+
+/* ------------------------------------------------------------------ heads: the grids */
+
+const kindLabel = (kind) => (state.model?.arch === "rnn" && kind === "cross" ? "Bahdanau alignment" : KIND_LABELS[kind]);
+
+/** The heads.json entry at the view's position (kind, layer, index into the maps), or null. */
+function headAt({ kind, layer, head }) {
+  if (head === "avg" || !state.heads) return null;
+  return state.heads.heads.find((h) => !h.pruned && h.kind === kind && h.layer === layer && h.index === head) ?? null;
+}
+
+/** A head's name (1-based): its number in the original model where heads.json gives it. */
+function headName(kind, layer, index) {
+  const entry = headAt({ kind, layer, head: index });
+  return String((entry ? entry.head : index) + 1);
+}
+
+const hexRgb = (hex) => [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+
+function roleColours(roles) {
+  let spare = 0;
+  return Object.fromEntries(Object.keys(roles).map((role) =>
+    [role, ROLE_COLOURS[role] ?? SPARE_COLOURS[spare++ % SPARE_COLOURS.length]]));
+}
+
+/** The number a cell shows: BLEU lost when the head is masked, else its gradient importance. */
+function importanceOf(entry) {
+  const { masking_bleu: bleu, gradient } = entry.importance ?? {};
+  if (Number.isFinite(bleu)) return { value: bleu, measure: "BLEU lost when masked" };
+  if (Number.isFinite(gradient)) return { value: gradient, measure: "gradient importance" };
+  return null;
+}
+
+async function loadHeads() {
+  if (state.headsAsked) return;
+  state.headsAsked = true;
+  const message = $("heads-message");
+  message.textContent = "Loading the analysis of the heads…";
+  message.hidden = false;
+  try {
+    renderHeads(await api("/v1/heads"));
+    message.hidden = true;
+  } catch (error) {
+    message.textContent = error.message; // a 404 says how to make heads.json
+    if (error.status === null) state.headsAsked = false; // no answer: ask again next time
+  }
+}
+
+function renderHeads(report) {
+  state.heads = report;
+  state.roleColours = roleColours(report.roles ?? {});
+  const shown = report.heads.filter((h) => !h.pruned).length;
+  const pruned = report.heads.length - shown;
+  $("heads-summary").textContent = `${report.model} (${report.arch}): ${shown} heads` +
+    (pruned ? ` and ${pruned} pruned` : "") +
+    `, analysed on ${Number(report.sentences).toLocaleString("en")} sentences.`;
+  renderHeadsLegend(report);
+  const kinds = HEAD_KINDS.filter((kind) => report.heads.some((h) => h.kind === kind));
+  $("heads-grids").replaceChildren(...kinds.map((kind) => headsGrid(report.heads.filter((h) => h.kind === kind), kind)));
+  if (state.attention) { // name the shown heads as heads.json does
+    fillHeadOptions();
+    showHeadCaption();
+  }
+}
+
+function renderHeadsLegend(report) {
+  const items = Object.entries(report.roles ?? {}).map(([role, description]) => el("li", {},
+    roleSwatch(role), el("span", { class: "role-name" }, role), ` ${description}`));
+  const thresholds = Object.entries(report.thresholds ?? {}).map(([name, value]) => `${name} ${value}`).join(" · ");
+  $("heads-legend").replaceChildren(
+    el("ul", { class: "role-list", "aria-label": "Roles" }, ...items),
+    el("p", { class: "legend", title: "the numbers the rules that assign the roles compare with" },
+      `Role thresholds: ${thresholds || "none given"}.`));
+}
+
+function roleSwatch(role) {
+  const swatch = el("span", { class: "role-swatch", "data-role": role, "aria-hidden": "true" });
+  swatch.style.backgroundColor = state.roleColours[role] ?? "#fff";
+  return swatch;
+}
+
+/** One kind's grid: a row per layer, a column per head (original numbers); absent positions empty. */
+function headsGrid(entries, kind) {
+  const layers = Math.max(...entries.map((h) => h.layer)) + 1;
+  const columns = Math.max(...entries.map((h) => h.head)) + 1;
+  const at = new Map(entries.map((h) => [`${h.layer}/${h.head}`, h]));
+  const headRow = el("tr", {}, el("td", { class: "corner" }),
+    ...Array.from({ length: columns }, (_, h) => el("th", { scope: "col" }, `head ${h + 1}`)));
+  const body = el("tbody");
+  for (let layer = 0; layer < layers; layer++) {
+    const row = el("tr", {}, el("th", { scope: "row" }, `layer ${layer + 1}`));
+    for (let head = 0; head < columns; head++) {
+      const entry = at.get(`${layer}/${head}`);
+      row.append(entry ? headCell(entry) : el("td", { class: "head-cell empty" }));
+    }
+    body.append(row);
+  }
+  return el("table", { class: "heads-grid", id: `heads-grid-${kind}`, "data-kind": kind },
+    el("caption", {}, kindLabel(kind)), el("thead", {}, headRow), body);
+}
+
+function headCell(entry) {
+  const { kind, layer, head, role, pruned } = entry;
+  const importance = importanceOf(entry);
+  const name = `${kindLabel(kind)}, layer ${layer + 1}, head ${head + 1}`;
+  const lines = [name, pruned ? "pruned: removed from this model" : `role: ${role}${entry.detail ? ` (${entry.detail})` : ""}`];
+  const stats = [["confidence", entry.confidence], ["entropy", entry.entropy], ["mean distance", entry.distance]]
+    .filter(([, v]) => Number.isFinite(v)).map(([k, v]) => `${k} ${fmt(v)}`);
+  if (stats.length) lines.push(stats.join(" · "));
+  const measures = [["BLEU lost when masked", "masking_bleu"], ["NLL gained when masked", "masking_nll"], ["gradient", "gradient"]]
+    .filter(([, key]) => Number.isFinite(entry.importance?.[key]))
+    .map(([label, key]) => `${label} ${fmt(entry.importance[key], 3)}`);
+  if (measures.length) lines.push(`importance: ${measures.join(", ")}`);
+  const button = el("button", {
+    type: "button", class: "head-button", disabled: pruned, "aria-pressed": "false",
+    title: lines.join("\n"), "aria-label": lines.join("; "),
+  },
+  el("span", { class: "head-importance" }, importance ? fmt(importance.value) : "–"),
+  el("span", { class: "head-role" }, pruned ? "pruned" : role));
+  if (!pruned) {
+    const colour = state.roleColours[role] ?? "#fff";
+    button.style.backgroundColor = colour;
+    button.style.color = textOn(hexRgb(colour));
+  }
+  return el("td", { class: pruned ? "head-cell pruned" : "head-cell", "data-kind": kind,
+    "data-layer": layer, "data-head": head, "data-role": role }, button);
+}
+
+/* ------------------------------------------------------------------ heads: one head's map */
+
+/** Shows `entry`'s heat map on the current sentence, translating for its kind if need be. */
+async function showHead(entry) {
+  if (features().attention === false) {
+    showError("This server does not return attention (rosetta serve --engine torch does).");
+    return;
+  }
+  state.chosenHead = entry;
+  document.body.classList.add("head-shown");
+  if (shownHead(entry)) {
+    $("kind").value = entry.kind;
+    selectKind(entry.kind, entry.layer, entry.index);
+  } else {
+    // the last sentence again with this kind (or, before any, the text in the box);
+    // renderAttention shows the chosen head
+    const last = state.lastRequest;
+    const kinds = [...new Set([...(last?.attention_kinds ?? []), entry.kind])];
+    const shown = last ? await send({ ...last, return_attention: true, attention_kinds: kinds }) : await translate([entry.kind]);
+    if (shown && state.chosenHead === entry && !shownHead(entry)) {
+      showError(`The attention returned has no ${kindLabel(entry.kind)} layer ${entry.layer + 1} head at index ${entry.index}.`);
+    }
+  }
+  if (state.chosenHead === entry) $("attention").scrollIntoView({ block: "nearest" });
+}
+
+/** The caption naming the head shown (kind, layer, head, role), and its cell marked in the grid. */
+function showHeadCaption() {
+  const entry = state.attention ? headAt(state.view) : null;
+  const caption = $("head-caption");
+  caption.hidden = !entry;
+  if (entry) {
+    const detail = entry.detail ? ` (${entry.detail})` : "";
+    caption.replaceChildren(roleSwatch(entry.role),
+      `${kindLabel(entry.kind)}, layer ${entry.layer + 1}, head ${entry.head + 1}: ${entry.role}${detail}`);
+  }
+  for (const cell of $("heads-grids").querySelectorAll("td.head-cell:not(.empty)")) {
+    const { kind, layer, head } = cell.dataset;
+    const chosen = Boolean(entry) && kind === entry.kind && Number(layer) === entry.layer && Number(head) === entry.head;
+    cell.classList.toggle("chosen", chosen);
+    cell.firstChild.setAttribute("aria-pressed", String(chosen));
+  }
 }
 
 /* ------------------------------------------------------------------ search: candidates */
@@ -900,6 +1167,7 @@ function start() {
   paintScaleBar();
   wireInputEvents();
   wireHeatmapEvents();
+  wireViewEvents();
   updateCharCount();
   loadModel();
 }
