@@ -310,3 +310,27 @@ def test_pruning_refuses_to_write_over_its_model_or_a_folder_of_the_user(random_
     module = [h for h in heads if h.module == "encoder.0.self"]
     with pytest.raises(ValueError, match=r"every head of encoder\.0\.self"):
         H.prune(translator, random_model, module, tmp_path / "empty")
+
+
+def test_the_rnn_has_one_attention_shown_as_one_head(tmp_path):
+    exp = tmp_path / "exp"
+    config = toy_config(
+        exp,
+        data={"toy": {"seed": 1, "train_size": 300, "valid_size": 20, "test_size": 20}},
+        model={"arch": "rnn"},
+    )
+    prepare(config, log=lambda _: None)
+    tokenizer = Tokenizer.load(exp / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model_dir = save_model_dir(exp / "model", config, exp / "tokenizer", model.eval(), {})
+    sources, references = corpus(model_dir, "test", 20)
+    report = H.analyse(Translator.load(model_dir, beam=1), model_dir, sources, references)
+    HeadsFile.model_validate(report)
+    assert report["arch"] == "rnn" and len(report["heads"]) == 1
+    (head,) = report["heads"]
+    assert (head["kind"], head["layer"], head["head"], head["index"]) == ("cross", 0, 0, 0)
+    assert head["figures"]["agreement"] == pytest.approx(1.0)  # it is the model's alignment
+    assert "curve" not in report and "context" in report["importance_note"]
+    with pytest.raises(ValueError, match="only a Transformer"):
+        H.prune(Translator.load(model_dir), model_dir, [], tmp_path / "p")

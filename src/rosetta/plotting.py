@@ -154,12 +154,13 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: str | Path) -> Path:
-    """Writes ``figure`` as PNG to ``png_path(path)`` atomically, closes it, returns the path."""
+def _save(figure, path: str | Path, bottom: float = 0.0) -> Path:
+    """Writes ``figure`` as PNG to ``png_path(path)`` atomically, closes it, returns the
+    path; ``bottom``: the share of the height kept free below the panels (a legend)."""
     import io
 
     plt = _pyplot()
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, bottom, 1, 1))
     path = png_path(path)
     image_bytes = io.BytesIO()
     figure.savefig(image_bytes, format="png", dpi=DPI)
@@ -219,8 +220,7 @@ def plot_head_grid(report: dict[str, Any], path: str | Path) -> Path:
     figure.suptitle(f"{report['model']}: role of each head; number: {measure}", fontsize=10)
     legend = [Patch(color=colour, label=name) for name, colour in ROLE_COLOURS.items()]
     figure.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8)
-    figure.subplots_adjust(bottom=0.25)
-    return _save(figure, path)
+    return _save(figure, path, bottom=0.1)
 
 
 def plot_pruning_curve(report: dict[str, Any], path: str | Path) -> Path:

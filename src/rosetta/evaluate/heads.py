@@ -30,18 +30,21 @@ A **role** per head, first rule that holds (``ROLE_THRESHOLDS``): *positional*
 piece and >= 3x uniform), *alignment* (cross, agreement >= 0.5), *diffuse*
 (entropy_share >= 0.75), *local* (mean distance <= 2), else *mixed*.
 
-**How much it matters** (``importance``): with that head alone removed (its
-share of the concatenated heads set to zero in front of W_O, by a gate), the
-increase in the references' NLL per token and the loss of BLEU of the
-translations; and Michel et al.'s proxy, the expected |dL/dg| of the head's gate
-g at 1, from one backward pass per batch over the set, normalised per attention
-module (L2) as they do. How well the orders agree: Spearman's rank correlation.
+**How much it matters**: with that head alone removed (the columns of W_O that
+read it scaled by a gate of 0, ``gated``), the increase in the references' NLL
+per token and the loss of BLEU of the translations; and Michel et al.'s proxy,
+E_batch |dL/dg| of the head's gate g at 1, from one backward pass per batch,
+normalised per attention module (L2) as they do, beside the signed first-order
+estimate of masking's NLL change, -dL/dg over the set. How well the measures
+agree: Spearman's rank correlation.
 
-**What a model loses without them** (``pruning_curve``): heads removed in order
-of least importance first (masking NLL, gradient, and a seeded random order as
-the control), in steps, BLEU measured at each; every attention module keeps at
-least one head. The area between an importance curve and the random one is
-reported in BLEU x heads.
+**What a model loses without them** (``iterative_order``, ``pruning_curve``):
+heads are removed least important first in chunks, the importance measured
+again before each chunk with the heads removed so far left out (as Michel et
+al. prune): by masking (NLL), by the gradient proxy, and in a seeded random
+order (the control); BLEU is measured at the end of every chunk, and every
+attention module keeps at least one head. The area between an importance curve
+and the random one is reported in BLEU x heads.
 
 **Pruned models** (``prune``): the chosen heads are cut out of the weights
 (their rows of W_Q, W_K, W_V, their columns of W_O), the model section records
@@ -637,7 +640,7 @@ def analyse(
             if masking_bleu:
                 drop = base_valid_bleu - translate_bleu(translator, valid_src, valid_ref)
                 entry["importance"]["masking_bleu"] = round(drop, 2)
-        say(f"{head.name}: NLL +{increase:.4f}" + (f", BLEU -{drop:.2f}" if masking_bleu else ""))
+        say(f"{head.name}: NLL {increase:+.4f}" + (f", BLEU {-drop:+.2f}" if masking_bleu else ""))
     gradient, first_order = gradient_importance(model, heads, scored)
     for entry, score, estimate in zip(entries, gradient, first_order):
         entry["importance"]["gradient"] = round(score, 5)
