@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import pytest
 
 from rosetta.cli import main
@@ -68,7 +69,7 @@ def test_trained_model_attends_to_the_aligned_source_words(toy_model_dir):
         "▁vidas": "▁sees",
     }
     assert attention.keys[: len(source)] == source
-    mean = attention.weights.mean(axis=(0, 1))  # over layers and heads
+    mean = np.stack(attention.weights).mean(axis=(0, 1))  # over layers and heads
     hits = [
         attention.keys[mean[row].argmax()] == expected[piece]
         for row, piece in enumerate(attention.queries)

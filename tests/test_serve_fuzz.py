@@ -32,12 +32,14 @@ def operations(schema) -> dict[str, object]:
 
 def test_every_operation_is_fuzzed(schema):
     assert set(operations(schema)) == {
-        "POST /v1/translate", "GET /v1/model", "GET /health", "GET /ready",
+        "POST /v1/translate", "GET /v1/model", "GET /v1/heads", "GET /health", "GET /ready",
         "GET /languages", "POST /translate",
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("label", ["POST /v1/translate", "POST /translate", "GET /v1/model"])
+@pytest.mark.parametrize(
+    "label", ["POST /v1/translate", "POST /translate", "GET /v1/model", "GET /v1/heads"]
+)
 def test_no_server_error_on_any_input(schema, label):
     operation = operations(schema)[label]
 
