@@ -271,6 +271,12 @@ class NATConfig(TransformerConfig):
     """
 
     arch: Literal["nat"]  # type: ignore[assignment]
+    # how the decoder knows how many tokens to emit: ``classifier`` (a length
+    # classifier, mask-predict), ``eos`` (a fixed ceil(upsample x source length)
+    # positions, the output cut at the first <eos>) or ``ctc`` (the encoder output
+    # up-sampled by ``upsample``, blanks and repeats collapsed; rosetta.model.ctc)
+    length: Literal["classifier", "eos", "ctc"] = "classifier"
+    upsample: float = Field(2.0, ge=1.0, le=8.0)  # decoder positions per source piece
     length_loss_weight: float = Field(0.1, ge=0.0)
     max_length_offset: int = Field(32, ge=1)
     glancing: float = Field(0.0, ge=0.0, le=1.0)

@@ -13,6 +13,15 @@
 4. Each source keeps its candidates ranked by their average token
    log-probability (the best first), which is also the ``score``.
 
+A model without a length classifier (``model.length``: ``eos`` or ``ctc``) has
+no lengths to propose and nothing to re-mask: ``emit_once`` fills its
+ceil(upsample x source length) positions in one pass and takes the most
+probable token at each; ``eos`` cuts the output at the first <eos> (or
+<pad>), ``ctc`` merges repeats and drops blanks (``rosetta.model.ctc``). The
+``score`` is the average log-probability of the tokens kept (``ctc``: of the
+path, over the output's length). ``iterations`` and ``length_beam`` do not
+apply; it gives one hypothesis per source.
+
 ``iterations = 1`` is single-pass decoding. The decoder runs exactly
 ``iterations`` times per batch, on ``sources x length_beam`` rows; the output
 projection (a product with the whole vocabulary) runs only on the positions a
@@ -37,6 +46,7 @@ from rosetta.decode.common import (
     SearchOptions,
     Trace,
 )
+from rosetta.model.ctc import BLANK_ID, collapse
 from rosetta.model.interface import IterativeRefiner
 
 NEVER = (PAD_ID, BOS_ID, EOS_ID, MASK_ID)  # ids a filled-in position never takes
@@ -77,15 +87,22 @@ def mask_predict(
     length_beam: int = MaskPredictOptions().length_beam,
     nbest: int = 1,
     lengths: Lengths = DEFAULT_LENGTHS,
-    final_inputs: list[list[int]] | None = None,
+    final_inputs: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decodes a padded source batch (batch, src_len) into at most ``nbest``
     hypotheses per row (one per possible length candidate), best first.
-    ``final_inputs``, a list, receives what the decoder read in the last pass for
-    each row's best hypothesis (its tokens, ``<mask>`` where it filled in), which is
-    what attention is shown for."""
+    ``final_inputs``, a list, receives for each row's best hypothesis what the
+    decoder read in the last pass (its tokens, ``<mask>`` where it filled in) and
+    what it produced: what attention is shown for."""
     if iterations < 1 or length_beam < 1:
         raise ValueError("iterations and length_beam must be at least 1")
+    mode = getattr(model, "length_mode", "classifier")
+    if mode != "classifier":
+        if nbest > 1:
+            raise ValueError(
+                f"a model with length {mode} gives one hypothesis per source (nbest 1)"
+            )
+        return emit_once(model, src, lengths, final_inputs)
     device, batch = src.device, src.size(0)
     src_lengths = src.ne(PAD_ID).sum(1)
     encoded = model.encode(src)
@@ -132,8 +149,41 @@ def mask_predict(
             length = int(target_lengths[k])
             hyps.append(Hypothesis(tokens[k, :length].tolist(), float(average[k]), float(total[k])))
             if final_inputs is not None and len(hyps) == 1:
-                final_inputs.append(last_input[k, :length].tolist())
+                final_inputs.append((last_input[k, :length].tolist(), hyps[0].tokens))
         results.append(hyps)
+    return results
+
+
+def emit_once(
+    model: IterativeRefiner,
+    src: torch.Tensor,
+    lengths: Lengths = DEFAULT_LENGTHS,
+    final_inputs: list[tuple[list[int], list[int]]] | None = None,
+) -> list[list[Hypothesis]]:
+    """The single pass of a model with length ``eos`` or ``ctc`` (module doc);
+    ``final_inputs`` receives, per row, what its decoder read (``<mask>`` at each of
+    its positions) and what each position emitted: what attention is shown for."""
+    ctc = model.length_mode == "ctc"
+    encoded = model.encode(src)
+    positions = model.positions(src.ne(PAD_ID).sum(1))
+    log_probs = model.emit(encoded, model.memories(encoded), positions).float().log_softmax(-1)
+    banned = (PAD_ID, BOS_ID, EOS_ID) if ctc else (BOS_ID, MASK_ID)  # ctc: <mask> is blank
+    log_probs.index_fill_(-1, torch.tensor(banned, device=src.device), float("-inf"))
+    best, guess = log_probs.max(-1)
+    budget = (lengths.per_source(src) - 1).clamp(min=1).tolist()
+    results = []
+    for row, (count, limit) in enumerate(zip(positions.tolist(), budget)):
+        emitted = guess[row, :count].tolist()
+        if ctc:
+            tokens, used = collapse(emitted, BLANK_ID)[:limit], count
+        else:
+            ends = [i for i, t in enumerate(emitted) if t in (EOS_ID, PAD_ID)]
+            cut = ends[0] if ends else count
+            tokens, used = emitted[:cut][:limit], min(cut + 1, count)
+        total = float(best[row, :used].sum())
+        results.append([Hypothesis(tokens, total / max(len(tokens), 1), total)])
+        if final_inputs is not None:
+            final_inputs.append(([MASK_ID] * count, emitted))
     return results
 
 
@@ -152,14 +202,14 @@ class MaskPredictSearch(Search):
         trace: bool = False,
     ) -> list[Found]:
         opts = self.options
-        inputs: list[list[int]] | None = [] if trace else None
+        inputs: list[tuple[list[int], list[int]]] | None = [] if trace else None
         found = mask_predict(
             model, src, opts.iterations, opts.length_beam, opts.nbest, lengths, inputs
         )
         if inputs is None:
             return [Found(hyps) for hyps in found]
         # the decoder read its last pass's input and produced the output, position by position
-        return [Found(hyps, Trace(read, hyps[0].tokens)) for hyps, read in zip(found, inputs)]
+        return [Found(hyps, Trace(*traced)) for hyps, traced in zip(found, inputs)]
 
     def for_hypotheses(self, count: int) -> dict[str, Any]:
         return {"length_beam": max(self.options.length_beam, count), "nbest": count}

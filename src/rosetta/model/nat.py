@@ -33,6 +33,7 @@ import torch
 from rosetta.config import NATConfig
 from rosetta.data.tokenizer import MASK_ID, PAD_ID
 from rosetta.model.attention import Memory
+from rosetta.model.ctc import decoder_lengths, upsample_index
 from rosetta.model.interface import EncoderOutput
 from rosetta.model.linear import Linear
 from rosetta.model.packing import SourcePadding
@@ -46,8 +47,12 @@ class NATransformer(TransformerBase):
 
     def __init__(self, cfg: NATConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
         super().__init__(cfg, src_vocab_size, tgt_vocab_size)
+        self.length_mode = cfg.length
+        self.upsample = cfg.upsample
+        self.max_positions = cfg.max_positions
         self.max_offset = cfg.max_length_offset
-        self.length_head = Linear(cfg.d_model, 2 * cfg.max_length_offset + 1)
+        if cfg.length == "classifier":
+            self.length_head = Linear(cfg.d_model, 2 * cfg.max_length_offset + 1)
 
     # ---- lengths ---------------------------------------------------------------------
     def length_logits(self, encoder_output: EncoderOutput) -> torch.Tensor:
@@ -82,6 +87,65 @@ class NATransformer(TransformerBase):
         chosen = lengths.gather(1, top.indices)
         chosen = torch.minimum(chosen.clamp(min=1), max_lengths[:, None].clamp(min=1))
         return chosen, top.values.isfinite()
+
+    # ---- lengths without a classifier: ``eos`` and ``ctc`` ----------------------------
+    def positions(self, src_lengths: torch.Tensor) -> torch.Tensor:
+        """Decoder positions of each source (``eos``, ``ctc``): ceil(upsample x its
+        length), within the model's positions."""
+        return decoder_lengths(src_lengths, self.upsample, self.max_positions)
+
+    def emit(
+        self,
+        encoded: EncoderOutput,
+        memories: list[Memory],
+        lengths: torch.Tensor,
+        shown: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, positions, vocab) of one pass over each row's ``lengths``
+        positions. The decoder reads ``<mask>`` at every position (``eos``) or the
+        encoder output up-sampled, each source position ``upsample`` times in turn
+        (``ctc``); ``shown`` (batch, positions), glancing's gold tokens, replaces what
+        a position reads where it is not ``<pad>``."""
+        x, reads = self._emit_inputs(encoded, lengths, shown)
+        states, _ = self.decoder(x, memories, padding=self.target_padding(reads))
+        return self.output(states)
+
+    def _emit_inputs(
+        self, encoded: EncoderOutput, lengths: torch.Tensor, shown: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``emit``'s decoder reads (batch, positions, d_model), and as tokens
+        (``<mask>`` at the real positions, ``<pad>`` after; shown tokens in place)."""
+        width = int(lengths.max())
+        real = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+        reads = torch.full(real.shape, MASK_ID, device=lengths.device).masked_fill(~real, PAD_ID)
+        if self.length_mode != "ctc":
+            if shown is not None:
+                reads = torch.where(shown.ne(PAD_ID), shown, reads)
+            return self.tgt_embed(reads), reads
+        src_lengths = (~encoded.pad_mask).sum(1)
+        index = upsample_index(src_lengths, lengths)[..., None]
+        memory = encoded.memory.gather(1, index.expand(-1, -1, encoded.memory.size(-1)))
+        x = self.tgt_embed.dropout(memory + self.tgt_embed.positions(width))
+        if shown is not None:
+            x = torch.where(shown.ne(PAD_ID)[..., None], self.tgt_embed(shown), x)
+        return x, reads
+
+    @torch.no_grad()
+    def attention_maps(
+        self, src: torch.Tensor, tgt_in: torch.Tensor
+    ) -> dict[str, list[torch.Tensor]]:
+        """As the Transformer's; in ``ctc``, the decoder reads the up-sampled source
+        at as many positions as ``tgt_in`` has (what a pass emitted)."""
+        if self.length_mode != "ctc":
+            return super().attention_maps(src, tgt_in)
+        encoded = self.encode(src, need_weights=True)
+        x, reads = self._emit_inputs(encoded, tgt_in.ne(PAD_ID).sum(1))
+        _, weights = self.decoder(x, self.memories(encoded), True, self.target_padding(reads))
+        return {
+            "encoder_self": encoded.attention,
+            "decoder_self": [layer["self"] for layer in weights],
+            "cross": [layer["cross"] for layer in weights],
+        }
 
     # ---- the decoder -----------------------------------------------------------------
     def target_padding(self, tgt_in: torch.Tensor) -> SourcePadding:

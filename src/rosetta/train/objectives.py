@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from rosetta.config import ConfigError, ExperimentConfig, ScheduledSamplingConfig
 from rosetta.data.batching import Batch
 from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID, Tokenizer
+from rosetta.model.ctc import BLANK_ID, best_alignment, collapse
 from rosetta.model.interface import IncrementalDecoder, Seq2Seq
 from rosetta.model.loss import label_smoothed_nll
 from rosetta.model.nat import NATransformer
@@ -210,6 +211,124 @@ class SequenceLevel(TeacherForcing):
         return terms
 
 
+class PositionsNAT(Objective):
+    """The non-autoregressive Transformer's objective without a length classifier
+    (``model.length``: ``eos`` or ``ctc``; ``rosetta.model.nat``). The decoder has
+    ceil(upsample x source length) positions and one pass fills them all:
+
+    - ``eos``: the label-smoothed loss of the target, then <eos>, then <pad> at the
+      remaining positions (a target with no room for its <eos> is cut);
+    - ``ctc``: PyTorch's ``ctc_loss`` over the up-sampled positions (summed over
+      every alignment of the target; the blank is <mask>; no label smoothing).
+
+    Glancing (``glancing > 0``) reveals a share of a first pass's errors as gold
+    tokens (``eos``: the target's own positions; ``ctc``: where the best CTC
+    alignment puts them, ``rosetta.model.ctc.best_alignment``), at random positions,
+    and the loss is on the rest (``ctc``: over all, as Gu & Kong 2021).
+
+    Validation is the single pass from all positions; ``report`` adds the ratio of
+    output to reference length and the share of sentences of exactly the
+    reference's length."""
+
+    def __init__(self, label_smoothing: float, glancing: float, mode: str) -> None:
+        self.label_smoothing = label_smoothing
+        self.glancing = glancing
+        self.mode = mode
+
+    def loss(self, model: NATransformer, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        return self._terms(model, batch, self.label_smoothing, training=True)[0]
+
+    def validation(self, model: NATransformer, batch: Batch) -> dict[str, torch.Tensor]:
+        terms, output_lengths, target_lengths = self._terms(model, batch, 0.0, training=False)
+        return {
+            **terms,
+            "output_tokens": output_lengths.sum(),
+            "reference_tokens": target_lengths.sum(),
+            "length_correct": output_lengths.eq(target_lengths).sum(),
+            "sentences": torch.tensor(batch.src.size(0), device=batch.src.device),
+        }
+
+    def report(self, sums: dict[str, float], tokens: int) -> dict[str, float]:
+        record = super().report(sums, tokens)
+        if sums.get("sentences"):
+            record["valid_length_accuracy"] = sums["length_correct"] / sums["sentences"]
+            record["valid_length_ratio"] = sums["output_tokens"] / max(sums["reference_tokens"], 1)
+        return record
+
+    def _terms(
+        self, model: NATransformer, batch: Batch, smoothing: float, training: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The loss terms, and each sentence's output and reference lengths (of the
+        pass without glancing: validation's)."""
+        target = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS_ID), PAD_ID)
+        target_lengths = target.ne(PAD_ID).sum(1)
+        encoded = model.encode(batch.src)
+        memories = model.memories(encoded)
+        lengths = model.positions(batch.src_lengths)
+        width = int(lengths.max())
+        real = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+        if self.mode == "ctc":
+            gold = None
+        else:  # the target, <eos>, then <pad> at every other real position
+            gold = F.pad(target, (0, max(width - target.size(1), 0)), value=PAD_ID)[:, :width]
+            room = (target_lengths < lengths).nonzero(as_tuple=True)[0]
+            gold[room, target_lengths[room]] = EOS_ID
+            gold = gold.masked_fill(~real, PAD_ID)
+        shown, learned = None, real
+        if training and self.glancing > 0:
+            with torch.no_grad():
+                first = model.emit(encoded, memories, lengths).float().log_softmax(-1)
+            shown, learned = self._glance(first, target, target_lengths, gold, lengths, real)
+        logits = model.emit(encoded, memories, lengths, shown)
+        if self.mode == "ctc":
+            log_probs = logits.float().log_softmax(-1)
+            loss = F.ctc_loss(
+                log_probs.transpose(0, 1), target, lengths, target_lengths, blank=BLANK_ID,
+                reduction="sum", zero_infinity=True,
+            )  # fmt: skip
+            nll = loss.detach()
+        else:
+            loss, nll = label_smoothed_nll(logits[learned], gold[learned], smoothing)
+        terms = {"loss": loss, "nll": nll}
+        if training:
+            return terms, target_lengths, target_lengths
+        guess = logits.argmax(-1).masked_fill(~real, PAD_ID)
+        if self.mode == "ctc":
+            out = [len(collapse(row[: int(n)])) for row, n in zip(guess.tolist(), lengths.tolist())]
+        else:
+            ended = guess.eq(EOS_ID) | guess.eq(PAD_ID)
+            out = torch.where(ended.any(1), ended.float().argmax(1), lengths).tolist()
+        return terms, torch.tensor(out, device=lengths.device), target_lengths
+
+    def _glance(
+        self,
+        log_probs: torch.Tensor,
+        target: torch.Tensor,
+        target_lengths: torch.Tensor,
+        gold: torch.Tensor | None,
+        lengths: torch.Tensor,
+        real: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Glancing's gold tokens to show (PAD elsewhere) and the positions learned."""
+        guess = log_probs.argmax(-1)
+        if gold is None:  # ctc: the tokens of the best alignment, where it exists
+            repeats = (target[:, 1:].eq(target[:, :-1]) & target[:, 1:].ne(PAD_ID)).sum(1)
+            feasible = lengths >= target_lengths + repeats
+            aligned = best_alignment(log_probs, target, lengths, target_lengths)
+            candidates = real & feasible[:, None]
+        else:  # eos: the target's own positions and its <eos>
+            aligned = gold
+            candidates = real & (
+                torch.arange(real.size(1), device=real.device)[None, :] <= target_lengths[:, None]
+            )
+        wrong = (guess.ne(aligned) & candidates).sum(1)
+        reveal = (wrong.float() * self.glancing).long()
+        noise = torch.rand(real.shape, device=real.device).masked_fill(~candidates, 2.0)
+        shown_at = noise.argsort(1).argsort(1) < reveal[:, None]
+        shown = torch.where(shown_at, aligned, torch.full_like(aligned, PAD_ID))
+        return shown, real & ~shown_at
+
+
 def objective_for(
     config: ExperimentConfig, model: Seq2Seq, tokenizer: Tokenizer | None = None
 ) -> Objective:
@@ -238,6 +357,8 @@ def objective_for(
         )
     if isinstance(model, NATransformer):
         cfg = model.cfg
+        if cfg.length != "classifier":
+            return PositionsNAT(tc.label_smoothing, cfg.glancing, cfg.length)
         return MaskedLM(tc.label_smoothing, cfg.length_loss_weight, cfg.glancing)
     if tc.scheduled_sampling is not None:
         return ScheduledSampling(tc.label_smoothing, tc.scheduled_sampling)
