@@ -21,6 +21,12 @@ classifier's loss; the model gives it the two ways of choosing those positions:
   second pass learns the rest. The better the model, the less it is shown, which
   is what makes single-pass decoding good.
 
+Without a classifier (``model.length``): ``eos`` gives the decoder
+ceil(upsample x source length) ``<mask>`` positions and teaches it the target,
+``<eos>``, then ``<pad>``; ``ctc`` feeds it the encoder output up-sampled to as
+many positions and trains it with CTC (``rosetta.model.ctc``). Both are one
+pass (``emit``), trained by ``rosetta.train.objectives.PositionsNAT``.
+
 Validation scores the single-pass case, every token from all masks at the gold
 length, which is deterministic, and counts the sentences whose length the
 classifier gets right. Search is ``rosetta.decode.mask_predict``.
@@ -106,9 +112,20 @@ class NATransformer(TransformerBase):
         encoder output up-sampled, each source position ``upsample`` times in turn
         (``ctc``); ``shown`` (batch, positions), glancing's gold tokens, replaces what
         a position reads where it is not ``<pad>``."""
+        return self.output(self._emit_states(encoded, memories, lengths, shown)[0])
+
+    def _emit_states(
+        self,
+        encoded: EncoderOutput,
+        memories: list[Memory],
+        lengths: torch.Tensor,
+        shown: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor | None]]]:
+        """``emit``'s decoder states (batch, positions, d_model), and its attention
+        weights when asked."""
         x, reads = self._emit_inputs(encoded, lengths, shown)
-        states, _ = self.decoder(x, memories, padding=self.target_padding(reads))
-        return self.output(states)
+        return self.decoder(x, memories, need_weights, self.target_padding(reads))
 
     def _emit_inputs(
         self, encoded: EncoderOutput, lengths: torch.Tensor, shown: torch.Tensor | None = None
@@ -130,22 +147,26 @@ class NATransformer(TransformerBase):
             x = torch.where(shown.ne(PAD_ID)[..., None], self.tgt_embed(shown), x)
         return x, reads
 
+    def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """As the Transformer's; in ``ctc`` the decoder reads the up-sampled source at
+        as many positions as ``tgt_in`` has (what a pass emitted)."""
+        if self.length_mode != "ctc":
+            return super().hidden_states(src, tgt_in)
+        encoded = self.encode(src)
+        lengths = tgt_in.ne(PAD_ID).sum(1)
+        return self._emit_states(encoded, self.memories(encoded), lengths)[0]
+
     @torch.no_grad()
     def attention_maps(
         self, src: torch.Tensor, tgt_in: torch.Tensor
     ) -> dict[str, list[torch.Tensor]]:
-        """As the Transformer's; in ``ctc``, the decoder reads the up-sampled source
-        at as many positions as ``tgt_in`` has (what a pass emitted)."""
+        """As the Transformer's; in ``ctc``, over the positions ``hidden_states`` reads."""
         if self.length_mode != "ctc":
             return super().attention_maps(src, tgt_in)
         encoded = self.encode(src, need_weights=True)
-        x, reads = self._emit_inputs(encoded, tgt_in.ne(PAD_ID).sum(1))
-        _, weights = self.decoder(x, self.memories(encoded), True, self.target_padding(reads))
-        return {
-            "encoder_self": encoded.attention,
-            "decoder_self": [layer["self"] for layer in weights],
-            "cross": [layer["cross"] for layer in weights],
-        }
+        lengths = tgt_in.ne(PAD_ID).sum(1)
+        _, weights = self._emit_states(encoded, self.memories(encoded), lengths, None, True)
+        return self.maps(encoded, weights)
 
     # ---- the decoder -----------------------------------------------------------------
     def target_padding(self, tgt_in: torch.Tensor) -> SourcePadding:

@@ -89,6 +89,13 @@ class TransformerBase(Seq2Seq):
         _, weights = self.decoder(
             self.tgt_embed(tgt_in), self.memories(encoded), True, self.target_padding(tgt_in)
         )
+        return self.maps(encoded, weights)
+
+    @staticmethod
+    def maps(
+        encoded: EncoderOutput, weights: list[dict[str, torch.Tensor | None]]
+    ) -> dict[str, list[torch.Tensor]]:
+        """``attention_maps``' dict from the encoder's and each decoder layer's weights."""
         return {
             "encoder_self": encoded.attention,
             "decoder_self": [layer["self"] for layer in weights],
