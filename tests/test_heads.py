@@ -334,3 +334,19 @@ def test_the_rnn_has_one_attention_shown_as_one_head(tmp_path):
     assert "curve" not in report and "context" in report["importance_note"]
     with pytest.raises(ValueError, match="only a Transformer"):
         H.prune(Translator.load(model_dir), model_dir, [], tmp_path / "p")
+
+
+def test_a_non_autoregressive_model_is_refused_with_the_reason(tmp_path):
+    exp = tmp_path / "exp"
+    config = toy_config(
+        exp,
+        data={"toy": {"seed": 1, "train_size": 300, "valid_size": 20, "test_size": 20}},
+        model={"arch": "nat"},
+    )
+    prepare(config, log=lambda _: None)
+    tokenizer = Tokenizer.load(exp / "tokenizer")
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model_dir = save_model_dir(exp / "model", config, exp / "tokenizer", model.eval(), {})
+    sources, references = corpus(model_dir, "test", 5)
+    with pytest.raises(ValueError, match="left-to-right model"):
+        H.analyse(Translator.load(model_dir), model_dir, sources, references)

@@ -75,6 +75,7 @@ from rosetta.decode.common import pad_batch
 from rosetta.decode.translator import TorchTranslator
 from rosetta.evaluate.metrics import bleu
 from rosetta.model.attention import MultiHeadAttention
+from rosetta.model.interface import IncrementalDecoder
 from rosetta.modeldir import read_metadata, save_model_dir
 
 KINDS = ("encoder_self", "decoder_self", "cross")
@@ -596,6 +597,11 @@ def analyse(
     measured on the set the heads were chosen on."""
     say = progress or (lambda _text: None)
     model = translator.model
+    if not isinstance(model, IncrementalDecoder):
+        raise ValueError(
+            f"rosetta heads reads a left-to-right model teacher-forced on the references; "
+            f"{type(model).__name__} (model.arch {getattr(model.cfg, 'arch', '?')}) is not one"
+        )
     heads = heads_of(model, kept_heads(model_dir))
     analysed = Analysed.of(translator, sources, references)
     valid_src, valid_ref = valid or (sources, references)
