@@ -205,3 +205,50 @@ def heads_report(model_dir: Path, pruned: tuple[tuple[str, int, int], ...] = ())
         "roles": HEAD_ROLES,
         "heads": heads,
     }
+
+
+def batch_of(sources: list[list[int]], targets: list[list[int]]):
+    """A training batch of id lists (no <bos>/<eos> given: they are added)."""
+    from rosetta.data.batching import Batch
+    from rosetta.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+    def pad(rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+
+    return Batch(
+        src=pad(sources),
+        src_lengths=torch.tensor([len(s) for s in sources]),
+        tgt_in=pad([[BOS_ID, *t] for t in targets]),
+        tgt_out=pad([[*t, EOS_ID] for t in targets]),
+        indices=torch.arange(len(sources)),
+    )
+
+
+@pytest.fixture(scope="session")
+def distilled_toy(toy_model_dir, tmp_path_factory) -> Path:
+    """The tiny AR teacher's translations of its own training set (sequence-level
+    distillation), once per session: the training set of the NAT tests."""
+    from rosetta.decode.distill import distill
+    from rosetta.decode.translator import Translator
+
+    teacher_config = learning_config(toy_model_dir.parent)  # the teacher's own corpus
+    target = tmp_path_factory.mktemp("distilled") / "distilled"
+    return distill(Translator.load(toy_model_dir, beam=2), toy_model_dir, teacher_config,
+                   target, log=quiet)  # fmt: skip
+
+
+def train_on_distilled(distilled: Path, experiment_dir: Path, **model) -> Path:
+    """A tiny NAT (``model``: its keys beside ``arch: nat``) trained 600 updates on a
+    distilled set; its model directory."""
+    from rosetta.data.prepare import prepare
+    from rosetta.train.trainer import train
+
+    config = learning_config(experiment_dir, arch="nat", **model)
+    data = config.data.model_copy(
+        update={"root": distilled, "toy": None, "train": "train", "valid": "valid", "test": "test"}
+    )
+    train_section = config.train.model_copy(update={"max_steps": 600, "valid_every": 600})
+    config = config.model_copy(update={"data": data, "train": train_section})
+    prepare(config, log=quiet)
+    return train(config, log=quiet)

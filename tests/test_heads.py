@@ -312,18 +312,23 @@ def test_pruning_refuses_to_write_over_its_model_or_a_folder_of_the_user(random_
         H.prune(translator, random_model, module, tmp_path / "empty")
 
 
-def test_the_rnn_has_one_attention_shown_as_one_head(tmp_path):
+def untrained(tmp_path: Path, **model) -> Path:
+    """An untrained model directory of the toy task's tokenizer (``model``: its keys)."""
     exp = tmp_path / "exp"
     config = toy_config(
         exp,
         data={"toy": {"seed": 1, "train_size": 300, "valid_size": 20, "test_size": 20}},
-        model={"arch": "rnn"},
+        model=model,
     )
     prepare(config, log=lambda _: None)
     tokenizer = Tokenizer.load(exp / "tokenizer")
     torch.manual_seed(0)
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    model_dir = save_model_dir(exp / "model", config, exp / "tokenizer", model.eval(), {})
+    built = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    return save_model_dir(exp / "model", config, exp / "tokenizer", built.eval(), {})
+
+
+def test_the_rnn_has_one_attention_shown_as_one_head(tmp_path):
+    model_dir = untrained(tmp_path, arch="rnn")
     sources, references = corpus(model_dir, "test", 20)
     report = H.analyse(Translator.load(model_dir, beam=1), model_dir, sources, references)
     HeadsFile.model_validate(report)
@@ -337,16 +342,7 @@ def test_the_rnn_has_one_attention_shown_as_one_head(tmp_path):
 
 
 def test_a_non_autoregressive_model_is_refused_with_the_reason(tmp_path):
-    exp = tmp_path / "exp"
-    config = toy_config(
-        exp,
-        data={"toy": {"seed": 1, "train_size": 300, "valid_size": 20, "test_size": 20}},
-        model={"arch": "nat"},
-    )
-    prepare(config, log=lambda _: None)
-    tokenizer = Tokenizer.load(exp / "tokenizer")
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    model_dir = save_model_dir(exp / "model", config, exp / "tokenizer", model.eval(), {})
+    model_dir = untrained(tmp_path, arch="nat")
     sources, references = corpus(model_dir, "test", 5)
     with pytest.raises(ValueError, match="left-to-right model"):
         H.analyse(Translator.load(model_dir), model_dir, sources, references)

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import learning_config
+from conftest import batch_of, train_on_distilled
 from rosetta.config import DecodeConfig, NATConfig, config_from_dict
-from rosetta.data.batching import Batch
 from rosetta.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, MASK_PIECE, PAD_ID
 from rosetta.decode.mask_predict import MaskPredictOptions, mask_predict
 from rosetta.model import NATransformer, build_model
@@ -33,20 +32,6 @@ def tiny(**overrides) -> NATransformer:
     model = build_model(cfg, VOCAB, VOCAB)
     assert isinstance(model, NATransformer)
     return model
-
-
-def batch_of(sources: list[list[int]], targets: list[list[int]]) -> Batch:
-    def pad(rows: list[list[int]]) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
-
-    return Batch(
-        src=pad(sources),
-        src_lengths=torch.tensor([len(s) for s in sources]),
-        tgt_in=pad([[BOS_ID, *t] for t in targets]),
-        tgt_out=pad([[*t, EOS_ID] for t in targets]),
-        indices=torch.arange(len(sources)),
-    )
 
 
 SOURCES = [[5, 6, 7, 8, 9], [10, 11, 12]]
@@ -230,28 +215,14 @@ def test_a_nat_model_is_a_refiner_not_an_incremental_decoder():
 
 
 @pytest.mark.slow
-def test_tiny_nat_learns_the_toy_task_from_a_distilled_set(toy_model_dir, tmp_path):
+def test_tiny_nat_learns_the_toy_task_from_a_distilled_set(distilled_toy, tmp_path):
     """The standard recipe: a tiny AR teacher's translations of the training set,
     then a CMLM trained on them."""
-    from rosetta.data.prepare import prepare
-    from rosetta.decode.distill import distill
     from rosetta.decode.translator import Translator
     from rosetta.evaluate.metrics import bleu
-    from rosetta.train.trainer import train
 
-    teacher_config = learning_config(toy_model_dir.parent)  # the teacher's own corpus
-    distilled = distill(
-        Translator.load(toy_model_dir, beam=2), toy_model_dir, teacher_config,
-        tmp_path / "distilled", log=lambda _: None,
-    )  # fmt: skip
-    config = learning_config(tmp_path / "exp", arch="nat")
-    data = config.data.model_copy(
-        update={"root": distilled, "toy": None, "train": "train", "valid": "valid", "test": "test"}
-    )
-    train_section = config.train.model_copy(update={"max_steps": 600, "valid_every": 600})
-    config = config.model_copy(update={"data": data, "train": train_section})
-    prepare(config, log=lambda _: None)
-    model_dir = train(config, log=lambda _: None)
+    distilled = distilled_toy
+    model_dir = train_on_distilled(distilled, tmp_path / "exp")
     history = [
         json.loads(line)
         for line in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()

@@ -7,11 +7,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from conftest import toy_config
+from conftest import batch_of, toy_config, train_on_distilled
 from rosetta.config import NATConfig
-from rosetta.data.batching import Batch
 from rosetta.data.prepare import prepare
-from rosetta.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
+from rosetta.data.tokenizer import EOS_ID, MASK_ID, PAD_ID
 from rosetta.decode.mask_predict import emit_once
 from rosetta.decode.translator import Translator
 from rosetta.model import NATransformer, build_model
@@ -34,20 +33,6 @@ def tiny(**overrides) -> NATransformer:
         dropout=0.0, **settings,
     )  # fmt: skip
     return build_model(cfg, VOCAB, VOCAB)
-
-
-def batch_of(sources: list[list[int]], targets: list[list[int]]) -> Batch:
-    def pad(rows: list[list[int]]) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
-
-    return Batch(
-        src=pad(sources),
-        src_lengths=torch.tensor([len(s) for s in sources]),
-        tgt_in=pad([[BOS_ID, *t] for t in targets]),
-        tgt_out=pad([[*t, EOS_ID] for t in targets]),
-        indices=torch.arange(len(sources)),
-    )
 
 
 def test_positions_are_the_upsampled_source_within_the_model():
@@ -169,26 +154,13 @@ def test_a_length_mode_round_trips_through_the_model_directory_and_the_service(m
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ctc", "eos"])
-def test_a_tiny_length_free_nat_learns_the_toy_task(mode, toy_model_dir, tmp_path):
+def test_a_tiny_length_free_nat_learns_the_toy_task(mode, distilled_toy, tmp_path):
     """The recipe of tests/test_nat.py's CMLM (a tiny AR teacher's distilled set, 600
     updates), one pass, no length prediction."""
-    from conftest import learning_config
-    from rosetta.decode.distill import distill
     from rosetta.evaluate.metrics import bleu
 
-    teacher_config = learning_config(toy_model_dir.parent)
-    distilled = distill(
-        Translator.load(toy_model_dir, beam=2), toy_model_dir, teacher_config,
-        tmp_path / "distilled", log=lambda _: None,
-    )  # fmt: skip
-    config = learning_config(tmp_path / "exp", arch="nat", length=mode, glancing=0.5)
-    data = config.data.model_copy(
-        update={"root": distilled, "toy": None, "train": "train", "valid": "valid", "test": "test"}
-    )
-    train_section = config.train.model_copy(update={"max_steps": 600, "valid_every": 600})
-    config = config.model_copy(update={"data": data, "train": train_section})
-    prepare(config, log=lambda _: None)
-    model_dir = train(config, log=lambda _: None)
+    distilled = distilled_toy
+    model_dir = train_on_distilled(distilled, tmp_path / "exp", length=mode, glancing=0.5)
     sources = (distilled / "test.en").read_text(encoding="utf-8").splitlines()
     references = (distilled / "test.zeta").read_text(encoding="utf-8").splitlines()
     outputs = [t.text for t in Translator.load(model_dir).translate([*sources, ""])]
