@@ -22,7 +22,11 @@ over sessions; the times are those of the run that did the stage):
    decoding (``--no-glat`` leaves it out);
 5. a deep-encoder, one-layer-decoder AR model (Kasai et al. 2021) trained on the
    distilled set for ``--budget``: the baseline NAT papers rarely show
-   (``--no-deep-shallow`` leaves it out, saying so in the table).
+   (``--no-deep-shallow`` leaves it out, saying so in the table);
+6. NATs that need no length classifier, with glancing (``--glancing``):
+   ``model.length: ctc`` (the encoder output up-sampled ``--upsample`` times,
+   CTC) and ``model.length: eos`` (that many ``<mask>`` positions, cut at <eos>),
+   one pass each (``--no-ctc`` / ``--no-eos`` leave them out).
 
 Then, on test2016: BLEU (sacreBLEU, signature printed) and sentences/s at batch
 1 and batch 32 (and at batch 1 for the search alone, without SentencePiece
@@ -33,7 +37,11 @@ against sentences/s).
 
 Bars (the issue's), on the better of NAT and GLAT: k = 10, length beam 5 within
 2 BLEU of the teacher's greedy BLEU; single pass at least 4x the teacher's
-greedy sentences/s at batch 1.
+greedy sentences/s at batch 1. For the length-free NATs: a single pass with no
+length search of at least 34.0 BLEU at 3x the teacher's greedy sentences/s at
+batch 1; the best NAT row not dominated at batch 1 by deep-shallow greedy. Each
+NAT row also gives its model's last validation length accuracy (and, for the
+length-free ones, output / reference length).
 """
 
 from __future__ import annotations
@@ -119,6 +127,9 @@ def main() -> None:
         "--glancing", type=float, default=0.5, help="GLAT's share of errors revealed"
     )
     parser.add_argument("--no-glat", action="store_true", help="leave out the GLAT model")
+    parser.add_argument("--no-ctc", action="store_true", help="leave out the CTC NAT")
+    parser.add_argument("--no-eos", action="store_true", help="leave out the cut-at-<eos> NAT")
+    parser.add_argument("--upsample", type=float, default=2.0, help="positions per source piece")
     parser.add_argument(
         "--no-deep-shallow",
         action="store_true",
@@ -179,6 +190,9 @@ def main() -> None:
 
     nat_dir = nat("nat", "NAT")
     glat_dir = None if args.no_glat else nat("glat", "GLAT", f"model.glancing={args.glancing}")
+    length_free = [f"model.glancing={args.glancing}", f"model.upsample={args.upsample}"]
+    ctc_dir = None if args.no_ctc else nat("ctc", "CTC", "model.length=ctc", *length_free)
+    eos_dir = None if args.no_eos else nat("eos", "NAT eos", "model.length=eos", *length_free)
     deep_dir = None if args.no_deep_shallow else deep_shallow(args, base, student)
 
     root = corpus_root(base)
@@ -200,7 +214,10 @@ def main() -> None:
         "GLAT k=1, length beam 1": (glat_dir, {"iterations": 1, "length_beam": 1}),
         "GLAT k=1, length beam 5": (glat_dir, {"iterations": 1, "length_beam": 5}),
         "GLAT k=10, length beam 5": (glat_dir, {"iterations": 10, "length_beam": 5}),
+        "CTC, one pass": (ctc_dir, {}),
+        "NAT eos, one pass": (eos_dir, {}),
     }
+    lengths = {d: last_valid(d) for d in (nat_dir, glat_dir, ctc_dir, eos_dir) if d is not None}
     rows = {}
     for name, (model_dir, search) in systems.items():
         if model_dir is None:
@@ -216,6 +233,7 @@ def main() -> None:
         outputs = [t.text for t in translations]
         score = bleu(outputs, references)
         figures |= {"bleu": score.score, "bleu_signature": score.signature}
+        figures |= lengths.get(model_dir, {})
         rows[name] = figures
         print(
             f"{name}: BLEU {score.score:.1f}, {figures['batch_1_sentences_per_s']:.1f} sent/s "
@@ -241,10 +259,29 @@ def main() -> None:
         )
         >= 4 * teacher_greedy["batch_1_sentences_per_s"],
     }
+    free = [rows[n] for n in ("CTC, one pass", "NAT eos, one pass") if n in rows]
+    if free:
+        bars["a length-free single pass >= 34.0 BLEU at >= 3x the teacher's greedy at batch 1"] = (
+            any(
+                r["bleu"] >= 34.0
+                and r["batch_1_sentences_per_s"] >= 3 * teacher_greedy["batch_1_sentences_per_s"]
+                for r in free
+            )
+        )
+    if "AR deep-shallow, greedy" in rows:
+        deep = rows["AR deep-shallow, greedy"]
+        nats = [r for n, r in rows.items() if not n.startswith("AR ")]
+        bars["a NAT row not dominated by deep-shallow greedy at batch 1"] = any(
+            r["bleu"] > deep["bleu"]
+            or r["batch_1_sentences_per_s"] > deep["batch_1_sentences_per_s"]
+            for r in nats
+        )
     labelled = (
         ("teacher", teacher_dir),
         ("nat", nat_dir),
         ("glat", glat_dir),
+        ("ctc", ctc_dir),
+        ("eos", eos_dir),
         ("deep_shallow", deep_dir),
     )
     models = {label: read_metadata(path) for label, path in labelled if path is not None}
@@ -265,6 +302,18 @@ def main() -> None:
     plot(rows, RESULTS / f"{args.name}.png")
 
 
+def last_valid(model_dir: Path) -> dict[str, float]:
+    """The model's last validation length figures (``valid_length_accuracy``; for
+    the length-free modes also ``valid_length_ratio``), from its metrics.jsonl."""
+    records = [
+        json.loads(line)
+        for line in (model_dir.parent / "metrics.jsonl").read_text().splitlines()
+        if '"valid_length_accuracy"' in line
+    ]
+    keys = ("valid_length_accuracy", "valid_length_ratio")
+    return {k: records[-1][k] for k in keys if records and k in records[-1]}
+
+
 def report(results: dict) -> str:
     """The Markdown table of a run's ``results`` (as written to its JSON file)."""
     trained_for = "; ".join(
@@ -276,16 +325,22 @@ def report(results: dict) -> str:
         f"{trained_for}; distillation {results['distill_seconds'] / 60:.1f} min; "
         f"{results['test_sentences']} test sentences)",
         "",
-        "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 | search alone, batch 1 |",
-        "|---|---:|---:|---:|---:|",
+        "| system | BLEU | sent/s, batch 1 | sent/s, batch 32 | search alone, batch 1 "
+        "| val length accuracy | val output / reference length |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     rows = results["systems"]
+
+    def shown(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for name, figures in rows.items():
         search = figures.get("batch_1_search_sentences_per_s")  # runs before it had none
         lines.append(
             f"| {name} | {figures['bleu']:.1f} | {figures['batch_1_sentences_per_s']:.1f} | "
-            f"{figures['batch_32_sentences_per_s']:.1f} | "
-            f"{'-' if search is None else f'{search:.1f}'} |"
+            f"{figures['batch_32_sentences_per_s']:.1f} | {shown(search)} | "
+            f"{shown(figures.get('valid_length_accuracy'), 2)} | "
+            f"{shown(figures.get('valid_length_ratio'), 3)} |"
         )
     if "deep_shallow" not in results["models"]:
         lines += ["", "The deep-shallow AR baseline was left out of this run (--no-deep-shallow)."]
