@@ -487,10 +487,6 @@ def area_between(curve: list[dict[str, float]], control: list[dict[str, float]])
     return round(area, 2)
 
 
-def _head_rows(width: int, index: int) -> slice:
-    return slice(index * width, (index + 1) * width)
-
-
 def pruned_state(model: torch.nn.Module, removed: Sequence[Head]) -> dict[str, torch.Tensor]:
     """The state dict with ``removed`` heads cut out of the weights: their rows of
     each input projection (W_Q, W_K, W_V, fused or not) and columns of W_O."""
