@@ -25,8 +25,9 @@ over sessions; the times are those of the run that did the stage):
    (``--no-deep-shallow`` leaves it out, saying so in the table);
 6. NATs that need no length classifier, with glancing (``--glancing``):
    ``model.length: ctc`` (the encoder output up-sampled ``--upsample`` times,
-   CTC) and ``model.length: eos`` (that many ``<mask>`` positions, cut at <eos>),
-   one pass each (``--no-ctc`` / ``--no-eos`` leave them out).
+   CTC), ``model.length: eos`` (that many ``<mask>`` positions, cut at <eos>)
+   and ``model.length: crf`` (``eos``'s positions decoded by a linear-chain
+   CRF), one pass each (``--no-ctc`` / ``--no-eos`` / ``--no-crf`` leave them out).
 
 Then, on test2016: BLEU (sacreBLEU, signature printed) and sentences/s at batch
 1 and batch 32 (and at batch 1 for the search alone, without SentencePiece
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--no-glat", action="store_true", help="leave out the GLAT model")
     parser.add_argument("--no-ctc", action="store_true", help="leave out the CTC NAT")
     parser.add_argument("--no-eos", action="store_true", help="leave out the cut-at-<eos> NAT")
+    parser.add_argument("--no-crf", action="store_true", help="leave out the CRF NAT")
     parser.add_argument("--upsample", type=float, default=2.0, help="positions per source piece")
     parser.add_argument(
         "--no-deep-shallow",
@@ -199,6 +201,7 @@ def main() -> None:
     length_free = [f"model.glancing={args.glancing}", f"model.upsample={args.upsample}"]
     ctc_dir = None if args.no_ctc else nat("ctc", "CTC", "model.length=ctc", *length_free)
     eos_dir = None if args.no_eos else nat("eos", "NAT eos", "model.length=eos", *length_free)
+    crf_dir = None if args.no_crf else nat("crf", "NAT CRF", "model.length=crf", *length_free)
     deep_dir = None if args.no_deep_shallow else deep_shallow(args, base, student)
     if args.train_only:
         return
@@ -224,8 +227,10 @@ def main() -> None:
         "GLAT k=10, length beam 5": (glat_dir, {"iterations": 10, "length_beam": 5}),
         "CTC, one pass": (ctc_dir, {}),
         "NAT eos, one pass": (eos_dir, {}),
+        "NAT CRF, one pass": (crf_dir, {}),
     }
-    lengths = {d: last_valid(d) for d in (nat_dir, glat_dir, ctc_dir, eos_dir) if d is not None}
+    trained_nats = (nat_dir, glat_dir, ctc_dir, eos_dir, crf_dir)
+    lengths = {d: last_valid(d) for d in trained_nats if d is not None}
     rows = {}
     for name, (model_dir, search) in systems.items():
         if model_dir is None:
@@ -266,7 +271,9 @@ def main() -> None:
             best_nat("k=1, length beam 1", "batch_1_sentences_per_s")
             >= 4 * teacher_greedy["batch_1_sentences_per_s"]
         )
-    free = [rows[n] for n in ("CTC, one pass", "NAT eos, one pass") if n in rows]
+    free = [
+        rows[n] for n in ("CTC, one pass", "NAT eos, one pass", "NAT CRF, one pass") if n in rows
+    ]
     if free:
         bars["a length-free single pass >= 34.0 BLEU at >= 3x the teacher's greedy at batch 1"] = (
             any(
@@ -289,6 +296,7 @@ def main() -> None:
         ("glat", glat_dir),
         ("ctc", ctc_dir),
         ("eos", eos_dir),
+        ("crf", crf_dir),
         ("deep_shallow", deep_dir),
     )
     models = {label: read_metadata(path) for label, path in labelled if path is not None}

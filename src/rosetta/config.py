@@ -275,8 +275,13 @@ class NATConfig(TransformerConfig):
     # classifier, mask-predict), ``eos`` (a fixed ceil(upsample x source length)
     # positions, the output cut at the first <eos>) or ``ctc`` (the encoder output
     # up-sampled by ``upsample``, blanks and repeats collapsed; rosetta.model.ctc)
-    length: Literal["classifier", "eos", "ctc"] = "classifier"
+    # or ``crf`` (``eos``'s positions decoded jointly by a linear-chain CRF with
+    # ``crf_rank`` low-rank transitions over each position's ``crf_beam`` best
+    # tokens; rosetta.model.crf)
+    length: Literal["classifier", "eos", "ctc", "crf"] = "classifier"
     upsample: float = Field(2.0, ge=1.0, le=8.0)  # decoder positions per source piece
+    crf_rank: int = Field(32, ge=1)
+    crf_beam: int = Field(64, ge=1)
     length_loss_weight: float = Field(0.1, ge=0.0)
     max_length_offset: int = Field(32, ge=1)
     glancing: float = Field(0.0, ge=0.0, le=1.0)

@@ -13,14 +13,16 @@
 4. Each source keeps its candidates ranked by their average token
    log-probability (the best first), which is also the ``score``.
 
-A model without a length classifier (``model.length``: ``eos`` or ``ctc``) has
-no lengths to propose and nothing to re-mask: ``emit_once`` fills its
-ceil(upsample x source length) positions in one pass and takes the most
-probable token at each; ``eos`` cuts the output at the first <eos> (or
-<pad>), ``ctc`` merges repeats and drops blanks (``rosetta.model.ctc``). The
-``score`` is the average log-probability of the tokens kept (``ctc``: of the
-path, over the output's length). ``iterations`` and ``length_beam`` do not
-apply; it gives one hypothesis per source.
+A model without a length classifier (``model.length``: ``eos``, ``ctc`` or
+``crf``) has no lengths to propose and nothing to re-mask: ``emit_once`` fills
+its ceil(upsample x source length) positions in one pass and takes the most
+probable token at each (``crf``: the CRF's Viterbi path over each position's
+``crf_beam`` best tokens, ``rosetta.model.crf``); ``eos`` and ``crf`` cut the
+output at the first <eos> (or <pad>), ``ctc`` merges repeats and drops blanks
+(``rosetta.model.ctc``). The ``score`` is the average per-position
+log-probability of the tokens kept (``ctc``: of the path, over the output's
+length). ``iterations`` and ``length_beam`` do not apply; it gives one
+hypothesis per source.
 
 ``iterations = 1`` is single-pass decoding. The decoder runs exactly
 ``iterations`` times per batch, on ``sources x length_beam`` rows; the output
@@ -160,16 +162,23 @@ def emit_once(
     lengths: Lengths = DEFAULT_LENGTHS,
     final_inputs: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[list[Hypothesis]]:
-    """The single pass of a model with length ``eos`` or ``ctc`` (module doc);
-    ``final_inputs`` receives, per row, what its decoder read (``<mask>`` at each of
-    its positions) and what each position emitted: what attention is shown for."""
+    """The single pass of a model with length ``eos``, ``ctc`` or ``crf`` (module
+    doc); ``final_inputs`` receives, per row, what its decoder read (``<mask>`` at
+    each of its positions) and what each position emitted: what attention is shown
+    for."""
     ctc = model.length_mode == "ctc"
     encoded = model.encode(src)
     positions = model.positions(src.ne(PAD_ID).sum(1))
-    log_probs = model.emit(encoded, model.memories(encoded), positions).float().log_softmax(-1)
+    logits = model.emit(encoded, model.memories(encoded), positions).float()
     banned = (PAD_ID, BOS_ID, EOS_ID) if ctc else (BOS_ID, MASK_ID)  # ctc: <mask> is blank
-    log_probs.index_fill_(-1, torch.tensor(banned, device=src.device), float("-inf"))
-    best, guess = log_probs.max(-1)
+    logits.index_fill_(-1, torch.tensor(banned, device=src.device), float("-inf"))
+    log_probs = logits.log_softmax(-1)
+    if model.length_mode == "crf":
+        real = torch.arange(logits.size(1), device=src.device)[None, :] < positions[:, None]
+        guess = model.crf.viterbi(logits, real, model.crf_beam)[0]
+        best = log_probs.gather(2, guess[..., None]).squeeze(-1)
+    else:
+        best, guess = log_probs.max(-1)
     budget = (lengths.per_source(src) - 1).clamp(min=1).tolist()
     results = []
     for row, (count, limit) in enumerate(zip(positions.tolist(), budget)):

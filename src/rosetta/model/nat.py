@@ -24,7 +24,9 @@ classifier's loss; the model gives it the two ways of choosing those positions:
 Without a classifier (``model.length``): ``eos`` gives the decoder
 ceil(upsample x source length) ``<mask>`` positions and teaches it the target,
 ``<eos>``, then ``<pad>``; ``ctc`` feeds it the encoder output up-sampled to as
-many positions and trains it with CTC (``rosetta.model.ctc``). Both are one
+many positions and trains it with CTC (``rosetta.model.ctc``); ``crf`` has
+``eos``'s positions and targets and decodes them jointly with a linear-chain CRF
+(``rosetta.model.crf``), its transitions learned with the decoder. Each is one
 pass (``emit``), trained by ``rosetta.train.objectives.PositionsNAT``.
 
 Validation scores the single-pass case, every token from all masks at the gold
@@ -39,6 +41,7 @@ import torch
 from rosetta.config import NATConfig
 from rosetta.data.tokenizer import MASK_ID, PAD_ID
 from rosetta.model.attention import Memory
+from rosetta.model.crf import LinearChainCRF
 from rosetta.model.ctc import decoder_lengths, upsample_index
 from rosetta.model.interface import EncoderOutput
 from rosetta.model.linear import Linear
@@ -59,6 +62,9 @@ class NATransformer(TransformerBase):
         self.max_offset = cfg.max_length_offset
         if cfg.length == "classifier":
             self.length_head = Linear(cfg.d_model, 2 * cfg.max_length_offset + 1)
+        if cfg.length == "crf":
+            self.crf = LinearChainCRF(tgt_vocab_size, cfg.crf_rank)
+            self.crf_beam = cfg.crf_beam
 
     # ---- lengths ---------------------------------------------------------------------
     def length_logits(self, encoder_output: EncoderOutput) -> torch.Tensor:
@@ -94,10 +100,10 @@ class NATransformer(TransformerBase):
         chosen = torch.minimum(chosen.clamp(min=1), max_lengths[:, None].clamp(min=1))
         return chosen, top.values.isfinite()
 
-    # ---- lengths without a classifier: ``eos`` and ``ctc`` ----------------------------
+    # ---- lengths without a classifier: ``eos``, ``ctc`` and ``crf`` -------------------
     def positions(self, src_lengths: torch.Tensor) -> torch.Tensor:
-        """Decoder positions of each source (``eos``, ``ctc``): ceil(upsample x its
-        length), within the model's positions."""
+        """Decoder positions of each source (``eos``, ``ctc``, ``crf``): ceil(upsample x
+        its length), within the model's positions."""
         return decoder_lengths(src_lengths, self.upsample, self.max_positions)
 
     def emit(
@@ -108,7 +114,7 @@ class NATransformer(TransformerBase):
         shown: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (batch, positions, vocab) of one pass over each row's ``lengths``
-        positions. The decoder reads ``<mask>`` at every position (``eos``) or the
+        positions. The decoder reads ``<mask>`` at every position (``eos``, ``crf``) or the
         encoder output up-sampled, each source position ``upsample`` times in turn
         (``ctc``); ``shown`` (batch, positions), glancing's gold tokens, replaces what
         a position reads where it is not ``<pad>``."""

@@ -211,20 +211,28 @@ class SequenceLevel(TeacherForcing):
         return terms
 
 
+CRF_TOKEN_WEIGHT = 0.5  # the per-position loss's weight beside a CRF's (PositionsNAT)
+
+
 class PositionsNAT(Objective):
     """The non-autoregressive Transformer's objective without a length classifier
-    (``model.length``: ``eos`` or ``ctc``; ``rosetta.model.nat``). The decoder has
-    ceil(upsample x source length) positions and one pass fills them all:
+    (``model.length``: ``eos``, ``ctc`` or ``crf``; ``rosetta.model.nat``). The
+    decoder has ceil(upsample x source length) positions and one pass fills them all:
 
     - ``eos``: the label-smoothed loss of the target, then <eos>, then <pad> at the
       remaining positions (a target with no room for its <eos> is cut);
     - ``ctc``: PyTorch's ``ctc_loss`` over the up-sampled positions (summed over
-      every alignment of the target; the blank is <mask>; no label smoothing).
+      every alignment of the target; the blank is <mask>; no label smoothing);
+    - ``crf``: the CRF's negative log-likelihood of ``eos``'s labels over all the
+      positions plus ``CRF_TOKEN_WEIGHT`` x ``eos``'s per-position loss (Sun et al.
+      2019 train the two together; fairseq's NAT-CRF weighs the second 0.5).
 
     Glancing (``glancing > 0``) reveals a share of a first pass's errors as gold
-    tokens (``eos``: the target's own positions; ``ctc``: where the best CTC
-    alignment puts them, ``rosetta.model.ctc.best_alignment``), at random positions,
-    and the loss is on the rest (``ctc``: over all, as Gu & Kong 2021).
+    tokens (``eos``, ``crf``: the target's own positions, the ``crf`` pass Viterbi-
+    decoded; ``ctc``: where the best CTC alignment puts them,
+    ``rosetta.model.ctc.best_alignment``), at random positions, and the
+    per-position loss is on the rest (``ctc``, ``crf``'s sequence loss: over all,
+    as Gu & Kong 2021).
 
     Validation is the single pass from all positions; ``report`` adds the ratio of
     output to reference length and the share of sentences of exactly the
@@ -277,8 +285,11 @@ class PositionsNAT(Objective):
         shown, learned = None, real
         if training and self.glancing > 0:
             with torch.no_grad():
-                first = model.emit(encoded, memories, lengths).float().log_softmax(-1)
-            shown, learned = self._glance(first, target, target_lengths, gold, lengths, real)
+                first = model.emit(encoded, memories, lengths).float()
+                guess = self._guess(model, first, real)
+            shown, learned = self._glance(
+                first.log_softmax(-1), guess, target, target_lengths, gold, lengths, real
+            )
         logits = model.emit(encoded, memories, lengths, shown)
         if self.mode == "ctc":
             log_probs = logits.float().log_softmax(-1)
@@ -290,9 +301,12 @@ class PositionsNAT(Objective):
         else:
             loss, nll = label_smoothed_nll(logits[learned], gold[learned], smoothing)
         terms = {"loss": loss, "nll": nll}
+        if self.mode == "crf":
+            sequence = -model.crf.log_likelihood(logits, gold, real, model.crf_beam).sum()
+            terms |= {"loss": sequence + CRF_TOKEN_WEIGHT * loss, "crf_nll": sequence.detach()}
         if training:
             return terms, target_lengths, target_lengths
-        guess = logits.argmax(-1).masked_fill(~real, PAD_ID)
+        guess = self._guess(model, logits.float(), real).masked_fill(~real, PAD_ID)
         if self.mode == "ctc":
             out = [len(collapse(row[: int(n)])) for row, n in zip(guess.tolist(), lengths.tolist())]
         else:
@@ -300,17 +314,27 @@ class PositionsNAT(Objective):
             out = torch.where(ended.any(1), ended.float().argmax(1), lengths).tolist()
         return terms, torch.tensor(out, device=lengths.device), target_lengths
 
+    def _guess(
+        self, model: NATransformer, logits: torch.Tensor, real: torch.Tensor
+    ) -> torch.Tensor:
+        """What a single pass with these ``logits`` outputs at each position: the most
+        probable token (``crf``: the Viterbi path's)."""
+        if self.mode == "crf":
+            return model.crf.viterbi(logits, real, model.crf_beam)[0]
+        return logits.argmax(-1)
+
     def _glance(
         self,
         log_probs: torch.Tensor,
+        guess: torch.Tensor,
         target: torch.Tensor,
         target_lengths: torch.Tensor,
         gold: torch.Tensor | None,
         lengths: torch.Tensor,
         real: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Glancing's gold tokens to show (PAD elsewhere) and the positions learned."""
-        guess = log_probs.argmax(-1)
+        """Glancing's gold tokens to show (PAD elsewhere) and the positions learned,
+        from a first pass's ``log_probs`` and the output ``guess`` it gives."""
         if gold is None:  # ctc: the tokens of the best alignment, where it exists
             repeats = (target[:, 1:].eq(target[:, :-1]) & target[:, 1:].ne(PAD_ID)).sum(1)
             feasible = lengths >= target_lengths + repeats
