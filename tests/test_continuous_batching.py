@@ -23,6 +23,7 @@ DECODERS = {
     "local": {"variant": "local", "radius": 2},
     "linear": {"variant": "linear"},
     "favor": {"variant": "linear", "feature_map": "favor", "features": 16},
+    "sparse": {"variant": "sparse", "radius": 1, "global_tokens": 2},
 }
 
 

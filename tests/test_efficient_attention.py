@@ -19,10 +19,14 @@ from rosetta.model.efficient_attention import (
     LinearState,
     LocalSelfAttention,
     LowRankSelfAttention,
+    LSHSelfAttention,
+    SparseSelfAttention,
     WindowCache,
     band,
     causal_linear_attention,
     local_attention,
+    sparse_allowed,
+    sparse_attention,
 )
 
 VOCAB = 40
@@ -31,8 +35,10 @@ VARIANTS = {
     "linear": {"variant": "linear"},
     "favor": {"variant": "linear", "feature_map": "favor", "features": 16},
     "lowrank": {"variant": "lowrank", "rank": 5},
+    "sparse": {"variant": "sparse", "radius": 2, "global_tokens": 2},
+    "lsh": {"variant": "lsh", "bucket_size": 4, "hashes": 2},
 }
-DECODER_VARIANTS = ["local", "linear", "favor"]
+DECODER_VARIANTS = ["local", "linear", "favor", "sparse"]
 
 
 def qkv(batch=2, heads=3, n=50, dim=8, seed=0):
@@ -177,6 +183,107 @@ def test_lowrank_attention_refuses_inputs_longer_than_its_projection():
         module.attend(*qkv(n=10), causal=True)
 
 
+# ---- sparse with global positions ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,radius,globals_", [(100, 3, 2), (97, 32, 5), (200, 1, 1), (70, 4, 0)])
+def test_sparse_attention_by_blocks_equals_its_n_by_n_mask(n, radius, globals_, causal):
+    q, k, v = qkv(n=n)
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[1, n - 9 :] = False  # padding at the end of row 2
+    got, _ = sparse_attention(q, k, v, radius, globals_, keep, causal)
+    allowed = sparse_allowed(n, radius, globals_, causal)
+    allowed = allowed & (keep[:, None, None, :] | torch.eye(n, dtype=torch.bool))
+    torch.testing.assert_close(got, reference(q, k, v, allowed), atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_attention_pattern_window_plus_global_rows_and_columns():
+    allowed = sparse_allowed(8, 1, 2, causal=False)
+    assert allowed[0].all() and allowed[:, 1].all()  # global: sees and is seen by all
+    assert allowed[5].tolist() == [True, True, False, False, True, True, True, False]
+    causal = sparse_allowed(8, 1, 2, causal=True)
+    assert causal[5].tolist() == [True, True, False, False, True, True, False, False]
+    assert not causal.triu(1).any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sparse_attention_with_a_window_covering_everything_is_full_attention(causal):
+    q, k, v = qkv(n=90)
+    got, _ = sparse_attention(q, k, v, radius=90, globals_=3, causal=causal)
+    full = torch.ones(90, 90, dtype=torch.bool)
+    torch.testing.assert_close(got, reference(q, k, v, full.tril() if causal else full))
+
+
+def test_causal_sparse_attention_never_looks_ahead():
+    """The gradient of each output position reaches no later input position."""
+    module = SparseSelfAttention(16, 2, radius=3, globals_=2)
+    x = torch.randn(1, 80, 16, requires_grad=True)
+    out, _ = module(x, causal=True)
+    for t in (0, 1, 5, 40, 79):
+        (grad,) = torch.autograd.grad(out[0, t].sum(), x, retain_graph=True)
+        seen = grad[0].abs().sum(-1) > 0
+        assert not seen[t + 1 :].any() and seen[t]
+        assert seen[: min(2, t + 1)].all()  # the global positions (before it)
+        assert not seen[2 : max(2, t - 3)].any()  # outside the window
+
+
+# ---- LSH (Reformer) ---------------------------------------------------------------------
+
+
+def shared_qk_reference(q, v, keep=None):
+    """Full attention with Reformer's rules, written out: keys = q / |q|, a query's
+    score on itself -1e5 (used only when nothing else is there)."""
+    keys = torch.nn.functional.normalize(q, dim=-1)
+    scores = (q @ keys.transpose(-1, -2)) / q.size(-1) ** 0.5
+    n = q.size(2)
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], -1e9)
+    scores = scores.masked_fill(torch.eye(n, dtype=torch.bool), -1e5)
+    return scores.softmax(-1) @ v
+
+
+def test_lsh_with_one_chunk_is_full_attention_with_shared_qk():
+    module = LSHSelfAttention(24, 3, bucket_size=64, hashes=3)
+    q, _, v = qkv(heads=3, n=50)
+    keep = torch.ones(2, 50, dtype=torch.bool)
+    keep[1, 41:] = False
+    got, weights = module.attend(q, q, v, keep[:, None, None, :], need_weights=True)
+    expected = shared_qk_reference(q, v, keep)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1, :, :41], expected[1, :, :41], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights @ v, got, atol=1e-5, rtol=1e-4)  # the maps are exact
+
+
+def test_lsh_attends_within_hash_chunks_and_its_maps_give_its_output():
+    torch.manual_seed(0)
+    module = LSHSelfAttention(16, 2, bucket_size=8, hashes=1)
+    q, _, v = qkv(heads=2, n=64, dim=8)
+    got, weights = module.attend(q, q, v, need_weights=True)
+    torch.testing.assert_close(weights @ v, got, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 64))
+    # each query sees at most its chunk and the one before: 2 x 8 keys
+    assert int((weights > 0).sum(-1).max()) <= 16
+    # the keys it sees are of its own bucket (8 buckets of 64 positions)
+    buckets = module.buckets(q)[:, :, 0]  # (batch, heads, n)
+    same = buckets[..., :, None] == buckets[..., None, :]
+    assert float((weights * ~same).sum()) < 1e-6
+
+
+def test_lsh_refuses_the_decoder():
+    module = LSHSelfAttention(16, 2)
+    with pytest.raises(ValueError, match="not causal"):
+        module.attend(*qkv(heads=2, n=10), causal=True)
+    with pytest.raises(ConfigError, match=r"decoder_attention\.variant lsh"):
+        config_from_dict(
+            {
+                "experiment_dir": "x",
+                "data": {"toy": {}},
+                "model": {"decoder_attention": {"variant": "lsh"}},
+            }
+        )
+
+
 # ---- in the model -----------------------------------------------------------------------
 
 
@@ -210,7 +317,12 @@ def random_batch(batch=4, src_len=23, tgt_len=14, seed=1):
 def test_the_encoder_variant_is_chosen_by_configuration_and_ignores_padding(encoder):
     model = variant_model(encoder)
     expected = {"full": "SelfAttention", "lowrank": "LowRankSelfAttention"}
-    kind = {"local": "LocalSelfAttention", "linear": "LinearSelfAttention"}
+    kind = {
+        "local": "LocalSelfAttention",
+        "linear": "LinearSelfAttention",
+        "sparse": "SparseSelfAttention",
+        "lsh": "LSHSelfAttention",
+    }
     name = expected.get(encoder) or kind.get(encoder, "LinearSelfAttention")
     assert all(type(layer.self_attn).__name__ == name for layer in model.encoder.layers)
     src, tgt = random_batch()

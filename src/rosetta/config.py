@@ -181,14 +181,22 @@ class AttentionConfig(Section):
     features, ``features`` of them), O(n·d²), and a fixed-size decoding state.
     ``lowrank``: Linformer, keys and values projected along the length to
     ``rank`` rows, O(n·k·d), for the encoder only and for sources of at most
-    ``model.max_positions`` positions.
+    ``model.max_positions`` positions. ``sparse``: ``local``'s window plus the
+    first ``global_tokens`` positions, which every position sees and which (in
+    the encoder) see every position (Longformer, BigBird), O(n·(r+g)·d).
+    ``lsh``: Reformer's shared-QK attention within buckets of a random-rotation
+    hash, chunks of ``bucket_size`` sorted positions seeing their own and the
+    previous chunk, ``hashes`` rounds, O(n·c·d), for the encoder only.
     """
 
-    variant: Literal["full", "local", "linear", "lowrank"] = "full"
+    variant: Literal["full", "local", "linear", "lowrank", "sparse", "lsh"] = "full"
     radius: int = Field(16, ge=1)
     feature_map: Literal["elu", "favor"] = "elu"
     features: int = Field(64, ge=1)
     rank: int = Field(64, ge=1)
+    global_tokens: int = Field(1, ge=0)
+    bucket_size: int = Field(32, ge=1)
+    hashes: int = Field(2, ge=1)
 
 
 class TransformerConfig(ModelSection):
@@ -249,7 +257,13 @@ class TransformerConfig(ModelSection):
         if self.decoder_attention.variant == "lowrank":
             raise ValueError(
                 "decoder_attention.variant lowrank is not possible: Linformer's projection "
-                "along the length mixes future positions; use full, local or linear"
+                "along the length mixes future positions; use full, local, linear or sparse"
+            )
+        if self.decoder_attention.variant == "lsh":
+            raise ValueError(
+                "decoder_attention.variant lsh is not possible: which chunk a position "
+                "falls in depends on the hashes of later positions, so no decoding step "
+                "can reproduce the training pass; use full, local, linear or sparse"
             )
         return self
 

@@ -1,4 +1,5 @@
-"""Self-attention for long inputs: local, linear and low-rank (SPEC §3).
+"""Self-attention for long inputs: local, linear, low-rank, sparse with global
+positions and LSH (SPEC §3).
 
 Full attention costs O(n²·d) in the length n. Each variant here is one
 subclass of ``SelfAttention`` that overrides the attention product
@@ -8,14 +9,16 @@ code as full attention, so a variant reaches training, cached decoding, beam
 search and attention maps alike. ``self_attention`` picks one from the
 configuration (``model.encoder_attention`` / ``model.decoder_attention``).
 
-=============  ==========  ===========================  ======================
-variant        time        memory                       decoding step
-=============  ==========  ===========================  ======================
-full           O(n²·d)     O(n²) scores (SDPA: blocks)  O(t·d), cache grows
-local (r)      O(n·r·d)    O(n·r)                       O(r·d), ring of r + 1
-linear         O(n·d²)     O(n·d + d²)                  O(d²), fixed d×d state
-lowrank (k)    O(n·k·d)    O(n·k)                       (encoder only)
-=============  ==========  ===========================  ======================
+=============  ============  ===========================  ======================
+variant        time          memory                       decoding step
+=============  ============  ===========================  ======================
+full           O(n²·d)       O(n²) scores (SDPA: blocks)  O(t·d), cache grows
+local (r)      O(n·r·d)      O(n·r)                       O(r·d), ring of r + 1
+linear         O(n·d²)       O(n·d + d²)                  O(d²), fixed d×d state
+lowrank (k)    O(n·k·d)      O(n·k)                       (encoder only)
+sparse (r, g)  O(n·(r+g)·d)  O(n·(r+g))                   O((r+g)·d), g + ring
+lsh (c, h)     O(h·n·c·d)    O(h·n·c)                     (encoder only)
+=============  ============  ===========================  ======================
 
 Why written here rather than with ``torch.nn.attention.flex_attention``: in
 the pinned PyTorch (2.13) flex attention has no backward pass on CPU, and its
@@ -53,6 +56,15 @@ def self_attention(cfg: TransformerConfig, variant: AttentionConfig, module: str
         )
     if variant.variant == "lowrank":
         return LowRankSelfAttention(*args, rank=variant.rank, max_length=cfg.max_positions)
+    if variant.variant == "sparse":
+        return SparseSelfAttention(*args, radius=variant.radius, globals_=variant.global_tokens)
+    if variant.variant == "lsh":
+        return LSHSelfAttention(
+            *args,
+            bucket_size=variant.bucket_size,
+            hashes=variant.hashes,
+            max_length=cfg.max_positions,
+        )
     return SelfAttention(*args)
 
 
@@ -463,3 +475,349 @@ class LowRankSelfAttention(SelfAttention):
 
     def new_cache(self) -> None:
         raise ValueError("low-rank (Linformer) attention is not causal: encoder only")
+
+
+# ---- sparse attention with global tokens (Longformer, BigBird) -----------------------------
+
+
+def sparse_allowed(n: int, radius: int, globals_: int, causal: bool, device=None) -> torch.Tensor:
+    """(n, n) booleans of sparse attention: the band of ``radius``, every position
+    sees the first ``globals_`` positions and (not causal) is seen by them; causal:
+    never a later position."""
+    positions = torch.arange(n, device=device)
+    allowed = band(positions, positions, radius, causal)
+    allowed = allowed | (positions[None, :] < globals_)
+    if causal:
+        return allowed & (positions[None, :] <= positions[:, None])
+    return allowed | (positions[:, None] < globals_)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    radius: int,
+    globals_: int,
+    keep: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A window of ``radius`` plus ``globals_`` global positions (the first ones) in
+    O(n·(r + g)): every position also sees the global ones, and (not causal) they
+    see every position.
+
+    Blocks of queries as ``local_attention``: a block's keys are its window (the
+    global positions in it masked out there) and the global positions, so no key
+    is counted twice; the global queries' rows are then attention over all n keys,
+    O(g·n). Causal, a global position only sees those before it, which are global
+    too: the blocks give every row. With ``need_weights`` or a sequence one
+    window covers, a mask over the n×n scores gives the same result."""
+    batch, heads, n, head_dim = q.shape
+    globals_ = min(globals_, n)
+    block = max(radius, MIN_BLOCK)
+    before, after = radius, (0 if causal else radius)
+    if need_weights or n <= block + before + after:
+        allowed = sparse_allowed(n, radius, globals_, causal, q.device)
+        if keep is not None:
+            itself = torch.eye(n, dtype=torch.bool, device=q.device)
+            allowed = allowed & (keep[:, None, None, :] | itself)
+        return attention(q, k, v, allowed, False, dropout, need_weights)
+
+    blocks = -(-n // block)
+    tail = blocks * block - n
+    window = block + before + after
+    real = torch.ones(batch, n, dtype=torch.bool, device=q.device) if keep is None else keep
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(t, (0, 0, before, tail + after))
+        return padded.unfold(2, window, block).transpose(-1, -2)
+
+    def with_globals(t: torch.Tensor) -> torch.Tensor:
+        # (batch, heads, blocks, window + g, head_dim): each block's window, then the globals
+        shared = t[:, :, None, :globals_].expand(-1, -1, blocks, -1, -1)
+        return torch.cat([windows(t), shared], dim=3)
+
+    q_blocks = F.pad(q, (0, 0, 0, tail)).view(batch, heads, blocks, block, head_dim)
+    starts = torch.arange(blocks, device=q.device)[:, None] * block
+    query_pos = (starts + torch.arange(block, device=q.device))[:, :, None]  # (blocks, block, 1)
+    key_pos = starts + torch.arange(window, device=q.device) - before  # (blocks, window)
+    in_band = band(torch.arange(block), torch.arange(window) - before, radius, causal)
+    in_band = in_band.to(q.device) & (key_pos[:, None, :] >= globals_)  # globals come apart
+    window_real = F.pad(real, (before, tail + after), value=False).unfold(1, window, block)
+    itself = query_pos == key_pos[:, None, :]  # (blocks, block, window)
+    allowed_window = in_band & (window_real[:, :, None, :] | itself)
+    global_pos = torch.arange(globals_, device=q.device)
+    allowed_global = real[:, None, None, :globals_] | (query_pos == global_pos)
+    if causal:
+        allowed_global = allowed_global & (global_pos <= query_pos)
+    allowed_global = allowed_global.expand(batch, blocks, block, globals_)
+    allowed = torch.cat([allowed_window.expand(batch, -1, -1, -1), allowed_global], dim=3)
+    context = F.scaled_dot_product_attention(
+        q_blocks, with_globals(k), with_globals(v), allowed[:, None], dropout
+    )
+    context = context.reshape(batch, heads, blocks * block, head_dim)[:, :, :n]
+    if causal or not globals_:
+        return context, None
+    # the global positions see every (real) position
+    itself = global_pos[:, None] == torch.arange(n, device=q.device)
+    seen = (real[:, None, None, :] | itself).expand(batch, 1, globals_, n)
+    rows, _ = attention(q[:, :, :globals_], k, v, seen, False, dropout)
+    return torch.cat([rows, context[:, :, globals_:]], dim=2), None
+
+
+class SparseCache:
+    """Causal sparse attention's decoding state: the first ``globals_`` positions of
+    each row (batch, heads, globals_, head_dim) and a ``WindowCache`` of the last
+    ``radius + 1``. A row's positions count from the step it began at (rows can
+    join a search), so its global positions are its own first ones."""
+
+    def __init__(self, radius: int, globals_: int) -> None:
+        self.window = WindowCache(radius + 1)
+        self.globals_ = globals_
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None  # (batch,) the step each row began at
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds one position, k and v (batch, heads, head_dim); returns the keys and
+        values it attends to: the global slots, then the window's."""
+        batch = k.size(0)
+        if self.starts is None:
+            self.starts = torch.zeros(batch, dtype=torch.long, device=k.device)
+        if self.keys is None:
+            shape = (batch, k.size(1), self.globals_, k.size(2))
+            self.keys, self.values = k.new_zeros(shape), v.new_zeros(shape)
+        position = self.window.length - self.starts  # of this step, in each row
+        rows = (position >= 0) & (position < self.globals_)
+        if bool(rows.any()):
+            slot = position.clamp(0, self.globals_ - 1)
+            index = torch.arange(batch, device=k.device)
+            written = rows[:, None, None]
+            self.keys = self.keys.clone() if torch.is_grad_enabled() else self.keys
+            self.values = self.values.clone() if torch.is_grad_enabled() else self.values
+            self.keys[index, :, slot] = torch.where(written, k, self.keys[index, :, slot])
+            self.values[index, :, slot] = torch.where(written, v, self.values[index, :, slot])
+        keys, values = self.window.append(k, v)
+        return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+
+    def mask(self) -> torch.Tensor:
+        """The additive mask (batch, 1, 1, globals_ + window slots): a global slot its
+        row has not written yet, a window slot written before the row began, and a
+        window slot holding one of the row's global positions (counted there) are
+        hidden."""
+        length, size = self.window.length, self.window.size
+        used = min(length, size)
+        slot = torch.arange(used, device=self.starts.device)
+        written = slot + (length - 1 - slot) // size * size  # the step each slot holds
+        own = written[None, :] - self.starts[:, None]  # its position in each row
+        window_seen = own >= self.globals_
+        global_seen = (
+            torch.arange(self.globals_, device=own.device) < (length - self.starts)[:, None]
+        )
+        seen = torch.cat([global_seen, window_seen], dim=1)
+        mask = torch.zeros(seen.shape, dtype=self.keys.dtype, device=seen.device)
+        return mask.masked_fill_(~seen, float("-inf"))[:, None, None, :]
+
+    def select_rows(self, index: torch.Tensor) -> SparseCache:
+        """Keeps batch rows ``index`` (in that order, repeats allowed), in place."""
+        self.window.select_rows(index)
+        if self.keys is not None:
+            self.keys, self.values = self.keys[index], self.values[index]
+            self.starts = self.starts[index]
+        return self
+
+    def join(self, other: SparseCache, rows: int) -> SparseCache:
+        """Adds ``rows`` rows with no positions yet (sentences joining the search)."""
+        if other.window.length:
+            raise ValueError("only rows with no positions yet can join a cache")
+        if self.keys is None:
+            return self
+        self.window.join(other.window, rows)
+        self.starts = torch.cat([self.starts, self.starts.new_full((rows,), self.window.length)])
+        shape = (rows, *self.keys.shape[1:])
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(shape)])
+        self.values = torch.cat([self.values, self.values.new_zeros(shape)])
+        return self
+
+
+class SparseSelfAttention(SelfAttention):
+    """Sliding-window attention plus global positions (Longformer, Beltagy et al.
+    2020; BigBird's window and global parts, Zaheer et al. 2020): a position sees
+    ``radius`` positions on each side (causal: the ``radius`` before it) and the
+    first ``globals_`` positions, which (not causal) see every position, so
+    information travels between any two positions in two layers."""
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        radius: int = 16,
+        globals_: int = 1,
+    ) -> None:
+        super().__init__(d_model, heads, dropout, head_dim)
+        self.radius, self.globals_ = radius, globals_
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dropout = self.dropout if self.training else 0.0
+        return sparse_attention(
+            q, k, v, self.radius, self.globals_, _keep(mask), causal, dropout, need_weights
+        )
+
+    def new_cache(self) -> SparseCache:
+        return SparseCache(self.radius, self.globals_)
+
+    def step(self, x: torch.Tensor, cache: SparseCache) -> torch.Tensor:
+        batch = x.size(0)
+        q, k, v = _step_qkv(self, x)
+        keys, values = cache.append(k, v)
+        context, _ = attention(q[:, :, None], keys, values, cache.mask())
+        return self.out_proj(context.view(batch, self.inner))
+
+
+# ---- LSH attention (Reformer) ------------------------------------------------------------
+
+SELF_SCORE = -1e5  # LSH: a query's score on itself, kept only when it sees nothing else
+MASKED_SCORE = -1e9  # ... on a padded key
+
+
+class LSHSelfAttention(SelfAttention):
+    """Reformer's LSH attention (Kitaev et al. 2020): queries and keys are shared
+    (k = q / |q|), hashed into buckets by a random rotation (h(x) = argmax [xR; -xR]),
+    and sorted by bucket; the sorted sequence is cut into chunks of ``bucket_size``
+    and each chunk attends to itself and the chunk before it, to the keys of its
+    own bucket there, so a query sees the keys that hash with it at O(n·c·d).
+    ``hashes`` rounds with independent rotations are combined by their softmax
+    normalisers. A query does not attend to itself unless nothing else is there
+    (with shared QK it would score highest).
+
+    The rotations are a buffer drawn once (saved with the weights), so a model
+    translates deterministically; the bucket count is n / ``bucket_size`` made
+    even, or one bucket where the sequence fits in one chunk (full attention).
+    Not causal: which chunk a position falls in depends on the hashes of
+    positions after it, so no decoding step can reproduce the training
+    pass; encoder only. The ``k`` projection is not used (shared QK).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        bucket_size: int = 32,
+        hashes: int = 2,
+        max_length: int = 1024,
+    ) -> None:
+        super().__init__(d_model, heads, dropout, head_dim)
+        self.bucket_size, self.hashes = bucket_size, hashes
+        half = max(1, -(-max_length // bucket_size) // 2)
+        generator = torch.Generator().manual_seed(0)
+        rotations = torch.randn(hashes, self.head_dim, half, generator=generator)
+        self.register_buffer("rotations", rotations)
+
+    def buckets(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, n, head_dim) -> (batch, heads, hashes, n) bucket of each
+        position in each round: n / bucket_size buckets made even, or one."""
+        n = x.size(2)
+        if n <= self.bucket_size:
+            return x.new_zeros((*x.shape[:2], self.hashes, n), dtype=torch.long)
+        half = min(max(1, -(-n // self.bucket_size) // 2), self.rotations.size(-1))
+        rotated = torch.einsum("bhnd,rdk->bhrnk", x.float(), self.rotations[..., :half].float())
+        return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if causal:
+            raise ValueError(
+                "LSH attention is not causal (its chunks depend on later positions): encoder only"
+            )
+        batch, heads, n, head_dim = q.shape
+        keys = F.normalize(q.float(), dim=-1)  # shared QK
+        keep = _keep(mask)
+        size = min(self.bucket_size, n)
+        chunks = -(-n // size)
+        tail = chunks * size - n
+        # sort each round's positions by (bucket, position); padding goes last
+        buckets = self.buckets(q)
+        if keep is not None:
+            buckets = buckets.masked_fill(~keep[:, None, None, :], buckets.max() + 1)
+        positions = torch.arange(n, device=q.device)
+        order = (buckets * n + positions).argsort(dim=-1)  # (batch, heads, hashes, n)
+        order = F.pad(order, (0, tail), value=n)  # added positions: index n, a blank key
+        blank = q.new_zeros(batch, heads, 1, head_dim)
+
+        def sorted_chunks(t: torch.Tensor) -> torch.Tensor:
+            # (batch, heads, n, x) -> (batch, heads, hashes, chunks, size, x) in sorted order
+            t = torch.cat([t, blank.to(t.dtype).expand(-1, -1, -1, t.size(-1))], dim=2)
+            picked = t[:, :, None].expand(-1, -1, self.hashes, -1, -1)
+            index = order[..., None].expand(-1, -1, -1, -1, t.size(-1))
+            return picked.gather(3, index).view(batch, heads, self.hashes, chunks, size, -1)
+
+        def look_back(t: torch.Tensor) -> torch.Tensor:
+            # each chunk, then the one before it (the first: the last, as Reformer)
+            return torch.cat([t, t.roll(1, dims=3)], dim=4)
+
+        sq, sk, sv = (
+            sorted_chunks(q.float()),
+            look_back(sorted_chunks(keys)),
+            look_back(sorted_chunks(v.float())),
+        )
+        query_pos = order.view(batch, heads, self.hashes, chunks, size)
+        key_pos = look_back(query_pos[..., None]).squeeze(-1)
+        sorted_buckets = F.pad(buckets, (0, 1), value=-1).gather(3, order).view(query_pos.shape)
+        key_buckets = look_back(sorted_buckets[..., None]).squeeze(-1)
+        scores = (sq @ sk.transpose(-1, -2)) * head_dim**-0.5  # (..., chunks, size, 2 size)
+        real = torch.ones(batch, n + 1, dtype=torch.bool, device=q.device)
+        real[:, n] = False
+        if keep is not None:
+            real[:, :n] = keep
+        key_real = real.gather(1, key_pos.flatten(1)).view(key_pos.shape)
+        elsewhere = sorted_buckets[..., :, None] != key_buckets[..., None, :]  # another bucket
+        scores = scores.masked_fill(~key_real[..., None, :] | elsewhere, MASKED_SCORE)
+        scores = scores.masked_fill(query_pos[..., :, None] == key_pos[..., None, :], SELF_SCORE)
+        normaliser = scores.logsumexp(-1, keepdim=True)
+        weights = (scores - normaliser).exp()
+        if self.training and self.dropout:
+            weights = F.dropout(weights, self.dropout)
+        out = weights @ sv  # (batch, heads, hashes, chunks, size, head_dim)
+        # back to the original order, then the rounds weighted by their normalisers
+        flat = query_pos.flatten(3)  # (batch, heads, hashes, chunks * size)
+        unsorted = out.new_zeros(batch, heads, self.hashes, n + 1, head_dim)
+        unsorted.scatter_(3, flat[..., None].expand(-1, -1, -1, -1, head_dim), out.flatten(3, 4))
+        lse = out.new_full((batch, heads, self.hashes, n + 1), float("-inf"))
+        lse.scatter_(3, flat, normaliser.flatten(3))
+        share = lse[..., :n].softmax(dim=2)  # (batch, heads, hashes, n)
+        context = (unsorted[..., :n, :] * share[..., None]).sum(2)
+        dense = None
+        if need_weights:  # the n×n weights the rounds add up to, for attention maps
+            dense = weights.new_zeros(batch, heads, self.hashes, n + 1, n + 1)
+            # (batch, heads, hashes, chunks * size, 2 size): each query's keys, flat n+1 x n+1
+            cells = flat[..., None] * (n + 1) + key_pos.repeat_interleave(size, dim=3)
+            dense.view(batch, heads, self.hashes, -1).scatter_add_(
+                3, cells.flatten(3), weights.flatten(3)
+            )
+            dense = (dense[..., :n, :n] * share[..., None]).sum(2).to(q.dtype)
+        return context.to(q.dtype), dense
+
+    def new_cache(self) -> None:
+        raise ValueError(
+            "LSH attention is not causal (its chunks depend on later positions): encoder only"
+        )
