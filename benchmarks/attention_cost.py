@@ -1,5 +1,5 @@
-"""What attention costs as the input grows: full (SDPA) against local, linear and
-low-rank attention (``rosetta.model.efficient_attention``).
+"""What attention costs as the input grows: full (SDPA) against local, linear,
+low-rank, sparse-with-global and LSH attention (``rosetta.model.efficient_attention``).
 
 Measured for one encoder self-attention sub-layer with its projections (the
 module a Transformer layer calls: W_QKV, the attention product, W_O), batch 1,
@@ -11,7 +11,7 @@ at n = 64, 128, ... up to --max-n positions, for d_model 256 (4 heads) and 512
   free of the CPU allocator in order; the peak of what is live above the
   inputs, not the process's RSS);
 * the time of one decoding step (``SelfAttention.step``, 8 rows: a beam) at
-  growing positions, for the causal variants (full, local, linear).
+  growing positions, for the causal variants (full, local, linear, sparse).
 
 Variants are measured in interleaved rounds (each round runs every variant
 once, in rotated order), and the median of the rounds is reported, so a change
@@ -54,14 +54,18 @@ VARIANTS = {
     "linear": AttentionConfig(variant="linear"),
     "favor": AttentionConfig(variant="linear", feature_map="favor", features=64),
     "lowrank": AttentionConfig(variant="lowrank", rank=64),
+    "sparse": AttentionConfig(variant="sparse", radius=64, global_tokens=16),
+    "lsh": AttentionConfig(variant="lsh", bucket_size=64, hashes=2),
 }
-CAUSAL = ["full", "local", "linear", "favor"]
+CAUSAL = ["full", "local", "linear", "favor", "sparse"]
 COMPLEXITY = {  # the notes' table (time per layer), and the slope in n it predicts
     "full": ("O(n²·d)", 2),
     "local": ("O(r·n·d)", 1),
     "linear": ("O(n·d²)", 1),
     "favor": ("O(n·m·d)", 1),
     "lowrank": ("O(n·k·d)", 1),
+    "sparse": ("O(n·(r+g)·d)", 1),
+    "lsh": ("O(h·n·c·d) + sort", 1),
 }
 STEP_POSITIONS = [100, 250, 500, 1000, 2000, 4000, 8000]
 STEP_ROWS = 8
@@ -75,7 +79,7 @@ def module(name: str, d_model: int, max_n: int) -> torch.nn.Module:
         d_model=d_model, heads=d_model // 64, d_ff=4 * d_model, dropout=0.0, max_positions=max_n
     )
     torch.manual_seed(0)
-    return self_attention(cfg, VARIANTS[name])
+    return self_attention(cfg, VARIANTS[name], "encoder.0.self")
 
 
 def call(layer: torch.nn.Module, x: torch.Tensor, backward: bool) -> None:

@@ -11,11 +11,21 @@ the comparison does not depend on how busy the machine is):
   ``data.toy.sentences``); trained on documents of --train-sentences, then
   greedy BLEU on held-out documents in buckets of source length up to 2,000
   subwords, beyond the lengths seen in training, so that translating at length is measured.
+* ``range``: the referent toy task (``data.toy.referent``: a document opens with
+  its topic, and each later "someone" is translated from that topic alone);
+  trained on documents of --train-sentences, then greedy decoding of held-out
+  documents by how many sentences follow the topic, scored by
+  ``referent_agreement`` (the share of "someone" rendered with the topic's stem)
+  and BLEU. A window of radius r in L layers reaches r·L positions; global
+  positions reach the topic from anywhere. Every system keeps full
+  cross-attention, through which a decoder could also find the topic: the task
+  shows whether the models learn to.
 
     python benchmarks/attention_quality.py multi30k --steps 700
     python benchmarks/attention_quality.py long --steps 800 --per-bucket 8
+    python benchmarks/attention_quality.py range --steps 1500 --train-sentences 2 24
 
-Results: benchmarks/results/attention_quality_{multi30k,long}.{json,md}.
+Results: benchmarks/results/attention_quality_{multi30k,long,range}.{json,md}.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from results_io import write_results
 from rosetta.config import ExperimentConfig, load_config, packaged_config
 from rosetta.data.prepare import corpus_root, prepare
 from rosetta.data.tokenizer import Tokenizer
-from rosetta.data.toy import generate_document
+from rosetta.data.toy import generate_document, referent_agreement
 from rosetta.decode.translator import Translator
 from rosetta.evaluate import evaluate_files
 from rosetta.evaluate.metrics import bleu
@@ -54,6 +64,20 @@ LONG_SYSTEMS = {
     "linear (elu+1)": ({"variant": "linear"}, {"variant": "linear"}),
     "lowrank k=64 (encoder)": ({"variant": "lowrank", "rank": 64}, {}),
 }
+RANGE_SYSTEMS = {
+    "full": ({}, {}),
+    "local r=16": ({"variant": "local", "radius": 16}, {"variant": "local", "radius": 16}),
+    "sparse r=16, g=16": (
+        {"variant": "sparse", "radius": 16, "global_tokens": 16},
+        {"variant": "sparse", "radius": 16, "global_tokens": 16},
+    ),
+    "lsh c=32 (encoder), local r=16 (decoder)": (
+        {"variant": "lsh", "bucket_size": 32, "hashes": 2},
+        {"variant": "local", "radius": 16},
+    ),
+}
+# referent test documents: sentences after the topic, per bucket
+RANGE_BUCKETS = [(1, 2), (3, 6), (7, 12), (13, 24)]
 # test documents: sentences per document for each bucket's pool, and the buckets
 # of source length (subwords) they are sorted into
 LONG_POOLS = [(2, 20), (20, 60), (60, 130), (100, 200)]
@@ -145,22 +169,7 @@ def run_long(args) -> None:
     rows = []
     buckets = None
     for name, (encoder, decoder) in LONG_SYSTEMS.items():
-        sets = [
-            f"experiment_dir={args.root}/long/{slug(name)}",
-            f"data.toy.sentences=[{fewest},{most}]",
-            "data.toy.train_size=6000",
-            "data.toy.valid_size=100",
-            "data.toy.test_size=100",
-            "data.max_len=1000",
-            "model.max_positions=4096",
-            "train.max_tokens=6000",
-            f"train.max_steps={args.steps}",
-            "train.max_time=null",
-            "train.warmup=100",  # toy.yaml's 300 is for its 400-step run of short sentences
-            f"train.valid_every={max(1, args.steps // 3)}",
-            "train.valid_bleu_size=20",
-            *overrides(encoder, decoder),
-        ]
+        sets = [*toy_sets(name, "long", args, (fewest, most)), *overrides(encoder, decoder)]
         config, metadata = train_system(packaged_config("toy.yaml"), sets)
         model_dir = config.experiment_dir / "model"
         translator = Translator.load(model_dir, beam=1, max_tokens=16000, batch_size=8)
@@ -199,9 +208,84 @@ def run_long(args) -> None:
     write_results("attention_quality_long", results, table)
 
 
+def toy_sets(name: str, part: str, args, sentences: tuple[int, int], *extra: str) -> list[str]:
+    """The overrides of a toy-config system trained ``args.steps`` updates on
+    documents of ``sentences``."""
+    fewest, most = sentences
+    return [
+        f"experiment_dir={args.root}/{part}/{slug(name)}",
+        f"data.toy.sentences=[{fewest},{most}]",
+        *extra,
+        "data.toy.train_size=6000",
+        "data.toy.valid_size=100",
+        "data.toy.test_size=100",
+        "data.max_len=1000",
+        "model.max_positions=4096",
+        "train.max_tokens=6000",
+        f"train.max_steps={args.steps}",
+        "train.max_time=null",
+        "train.warmup=100",  # toy.yaml's 300 is for its 400-step run of short sentences
+        f"train.valid_every={max(1, args.steps // 3)}",
+        "train.valid_bleu_size=20",
+    ]
+
+
+def run_range(args) -> None:
+    rng = random.Random(args.seed)
+    tests = {
+        bucket: [generate_document(rng, bucket, referent=True) for _ in range(args.per_bucket)]
+        for bucket in RANGE_BUCKETS
+    }
+    results: dict = {"steps": args.steps, "train_sentences": list(args.train_sentences)}
+    results["systems"] = {}
+    rows = []
+    for name, (encoder, decoder) in RANGE_SYSTEMS.items():
+        sets = toy_sets(name, "range", args, args.train_sentences, "data.toy.referent=true")
+        config, metadata = train_system(
+            packaged_config("toy.yaml"), sets + overrides(encoder, decoder)
+        )
+        translator = Translator.load(
+            config.experiment_dir / "model", beam=1, max_tokens=16000, batch_size=8
+        )
+        scores = {}
+        for (low, high), pairs in tests.items():
+            outputs = [t.text for t in translator.translate([s for s, _ in pairs])]
+            references = [t for _, t in pairs]
+            agreement = referent_agreement(outputs, references)
+            score = bleu(outputs, references)
+            scores[f"{low}-{high}"] = dict(agreement, bleu=score.score)
+            results["signature"] = score.signature
+            print(
+                f"{name}, {low}-{high} sentences after the topic: agreement "
+                f"{agreement['accuracy']:.3f} ({agreement['right']}/{agreement['expected']}, "
+                f"{agreement['wrong']} wrong), BLEU {score.score:.1f}",
+                flush=True,
+            )
+        results["systems"][name] = dict(overrides=sets, metadata=metadata, scores=scores)
+        cells = [
+            f"{scores[f'{lo}-{hi}']['accuracy']:.2f} / {scores[f'{lo}-{hi}']['bleu']:.1f}"
+            for lo, hi in RANGE_BUCKETS
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {metadata.get('training_minutes')} |")
+    header = " | ".join(f"{lo}-{hi} sentences after" for lo, hi in RANGE_BUCKETS)
+    fewest, most = args.train_sentences
+    table = (
+        f"`{args.command}`\n\nThe referent toy task: the toy config (d_model 128, 2+2 layers), "
+        f"trained {args.steps} updates on documents of a topic and {fewest}-{most} sentences, "
+        f"{args.machine}; greedy decoding of {args.per_bucket} held-out documents per bucket. "
+        'Each cell: referent agreement (the share of the reference\'s "someone" rendered '
+        "with the topic's stem) / BLEU.\n\n"
+        f"| self-attention | {header} | training minutes |\n"
+        f"|---|{'---|' * len(RANGE_BUCKETS)}---|\n"
+        + "\n".join(rows)
+        + f"\n\nBLEU signature: `{results['signature']}`\n"
+    )
+    write_results("attention_quality_range", results, table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["multi30k", "long"])
+    parser.add_argument("part", choices=["multi30k", "long", "range"])
     parser.add_argument("--steps", type=int, default=700, help="updates for every system")
     parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
     parser.add_argument("--root", default="experiments/attention_quality")
@@ -216,10 +300,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}"
     )
-    if args.part == "multi30k":
-        run_multi30k(args)
-    else:
-        run_long(args)
+    {"multi30k": run_multi30k, "long": run_long, "range": run_range}[args.part](args)
 
 
 if __name__ == "__main__":

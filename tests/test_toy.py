@@ -189,3 +189,51 @@ def test_write_corpus(tmp_path):
         src_lines, tgt_lines = src_text.splitlines(), tgt_text.splitlines()
         assert len(src_lines) == len(tgt_lines) == getattr(SMALL, split)
         assert list(zip(src_lines, tgt_lines)) == corpus[split]
+
+
+def test_the_referent_task_renders_someone_from_the_topic_alone():
+    """Each referent document opens with its topic; every "someone" after it is the
+    topic's stem with -ulo (-ulon as object), and the rest follows the grammar."""
+    from rosetta.data.toy import generate_document, referent_words
+
+    rng = random.Random(5)
+    someone = 0
+    for _ in range(200):
+        source, target = generate_document(rng, (3, 8), referent=True)
+        topic_en = source.split(". ")[0].removeprefix("this is about the ")
+        topic = SINGULAR[topic_en]
+        assert target.startswith(f"ĉi tio temas pri la {topic}. ")
+        stems = referent_words(target)
+        assert stems == [topic] * source.count("someone")
+        someone += len(stems)
+        # "someone" parses as a singular noun phrase that the topic translates
+        for english, zeta in zip(
+            source.removesuffix(".").split(". ")[1:], target.removesuffix(".").split(". ")[1:]
+        ):
+            plain = english.replace("someone", f"the {topic_en}")
+            for case in ("n", ""):  # the referent word back to "the topic"
+                zeta = zeta.replace(f"{topic[:-1]}ulo{case}", f"la {topic}{case}")
+            assert zeta_reference(plain + ".") == zeta + ".", english
+    assert someone > 150
+    # the sentence task draws exactly what it always drew
+    assert generate_document(random.Random(0), (1, 1)) == generate_pair(random.Random(0))
+
+
+def test_referent_agreement_counts_right_missing_and_wrong_stems():
+    from rosetta.data.toy import referent_agreement
+
+    references = [
+        "ĉi tio temas pri la reĝo. la kano reĝulon vidas. reĝulo la katon ŝatas.",
+        "ĉi tio temas pri la kato. katulo unu viron helpas.",
+        "la kano la katon vidas.",  # no referent: not counted
+    ]
+    outputs = [
+        "ĉi tio temas pri la reĝo. la kano reĝulon vidas. kanulo la katon ŝatas.",
+        "ĉi tio temas pri la kato. katulo katulo unu viron helpas.",  # one too many
+        "la kano la katon vidas.",
+    ]
+    score = referent_agreement(outputs, references)
+    assert score == {"accuracy": 2 / 3, "expected": 3, "right": 2, "wrong": 1}
+    assert referent_agreement(references, references)["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="2 outputs for 3 references"):
+        referent_agreement(outputs[:2], references)

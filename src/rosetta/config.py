@@ -49,6 +49,9 @@ class ToyData(Section):
     # each line holds a run of consecutive sentences, [fewest, most]: [1, 1] is the
     # sentence task; e.g. [25, 250] the long-input task (~200-2,000 subwords per line)
     sentences: tuple[int, int] = (1, 1)
+    # the referent task: each line opens with its topic and later says "someone",
+    # which only the topic can translate (rosetta.data.toy; a long-range test)
+    referent: bool = False
 
     @model_validator(mode="after")
     def _sentences_range(self) -> ToyData:

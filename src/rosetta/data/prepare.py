@@ -90,6 +90,7 @@ class PrepareError(ValueError):
 # defaults they are left out of the fingerprint, so those experiments stay up to date
 _ADDED_LATER: dict[tuple[str, ...], object] = {
     ("data", "toy", "sentences"): [1, 1],
+    ("data", "toy", "referent"): False,
     ("data", "remove_duplicates"): False,
     ("data", "remove_copies"): False,
 }
@@ -575,6 +576,7 @@ def _write_toy_corpus(config: ExperimentConfig) -> None:
         config.data.src_lang,
         config.data.tgt_lang,
         toy.sentences,
+        toy.referent,
     )
 
 

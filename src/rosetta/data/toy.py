@@ -25,6 +25,15 @@ shipped: ``write_corpus`` regenerates it anywhere.
 "document"; ``sentences=(25, 250)`` gives ~200 to 2,000 subwords): its
 translation is the sentences' translations in the same order, so reordering
 stays inside sentence boundaries while the input is as long as asked.
+
+**The referent task** (``referent=True``) is built so that translating needs
+something said far away: each document opens with its topic, "this is about the
+king." ("ĉi tio temas pri la reĝo."), and in the sentences after it some noun
+phrases are "someone", which Zeta renders from the topic alone, by its stem with
+``-ulo`` ("reĝulo"; accusative "reĝulon"). Nothing near "someone" says which
+noun it stands for: only the first sentence does. ``referent_agreement`` scores
+a translation by how many of the reference's referent words it renders with the
+right stem.
 """
 
 from __future__ import annotations
@@ -83,8 +92,22 @@ class ToySplits:
     test: int = 500
 
 
-def _noun_phrase(rng: random.Random, accusative: bool) -> tuple[list[str], list[str], bool]:
-    """A determiner, an optional adjective and a noun; returns (English, Zeta, plural)."""
+REFERENT_SHARE = 0.3  # the referent task: the share of noun phrases that are "someone"
+REFERENT_SUFFIX = "ulo"  # Zeta's "someone": the topic's stem, less its -o, with -ulo
+
+
+def referent_word(stem: str, accusative: bool) -> str:
+    """Zeta's "someone" for the topic noun ``stem`` (reĝo -> reĝulo, reĝulon)."""
+    return stem[:-1] + REFERENT_SUFFIX + ("n" if accusative else "")
+
+
+def _noun_phrase(
+    rng: random.Random, accusative: bool, topic: str | None = None
+) -> tuple[list[str], list[str], bool]:
+    """A determiner, an optional adjective and a noun, or (with a ``topic`` stem, at
+    ``REFERENT_SHARE``) "someone"; returns (English, Zeta, plural)."""
+    if topic is not None and rng.random() < REFERENT_SHARE:
+        return ["someone"], [referent_word(topic, accusative)], False
     singular, plural_form, stem = rng.choice(NOUNS)
     plural = rng.random() < 0.4
     adjective = rng.choice(ADJECTIVES) if rng.random() < 0.5 else None
@@ -108,10 +131,11 @@ def _noun_phrase(rng: random.Random, accusative: bool) -> tuple[list[str], list[
     return english, zeta, plural
 
 
-def generate_pair(rng: random.Random) -> tuple[str, str]:
-    """One (English, Zeta) sentence pair drawn from the grammar."""
-    subject_en, subject_zeta, plural_subject = _noun_phrase(rng, accusative=False)
-    object_en, object_zeta, _ = _noun_phrase(rng, accusative=True)
+def generate_pair(rng: random.Random, topic: str | None = None) -> tuple[str, str]:
+    """One (English, Zeta) sentence pair drawn from the grammar (with a ``topic``
+    stem, some noun phrases are "someone"; without, the draws are unchanged)."""
+    subject_en, subject_zeta, plural_subject = _noun_phrase(rng, False, topic)
+    object_en, object_zeta, _ = _noun_phrase(rng, True, topic)
     third_singular, base, past, stem = rng.choice(VERBS)
     is_past = rng.random() < 0.4
     if is_past:
@@ -127,21 +151,71 @@ def generate_pair(rng: random.Random) -> tuple[str, str]:
     return " ".join(english) + ".", " ".join(zeta) + "."
 
 
-def generate_document(rng: random.Random, sentences: tuple[int, int]) -> tuple[str, str]:
+def generate_document(
+    rng: random.Random, sentences: tuple[int, int], referent: bool = False
+) -> tuple[str, str]:
     """Between ``sentences[0]`` and ``sentences[1]`` consecutive sentence pairs, each
-    side joined by spaces; one sentence (the sentence task) at (1, 1)."""
+    side joined by spaces; one sentence (the sentence task) at (1, 1). With
+    ``referent``, the topic's sentence first and "someone" after (module doc)."""
     fewest, most = sentences
-    if most == 1:
-        return generate_pair(rng)  # draws exactly what the sentence task always drew
-    pairs = [generate_pair(rng) for _ in range(rng.randint(fewest, most))]
+    if not referent:
+        if most == 1:
+            return generate_pair(rng)  # draws exactly what the sentence task always drew
+        pairs = [generate_pair(rng) for _ in range(rng.randint(fewest, most))]
+    else:
+        singular, _, topic = rng.choice(NOUNS)
+        opening = (f"this is about the {singular}.", f"ĉi tio temas pri la {topic}.")
+        count = rng.randint(fewest, most)
+        pairs = [opening, *(generate_pair(rng, topic) for _ in range(count))]
     return " ".join(s for s, _ in pairs), " ".join(t for _, t in pairs)
 
 
+def referent_words(text: str) -> list[str]:
+    """The referent words of a Zeta text ("reĝulo", "kanulon"), as their topic stems
+    ("reĝo", "kano")."""
+    stems = []
+    for word in text.split():
+        word = word.rstrip(".")
+        for ending in (REFERENT_SUFFIX, REFERENT_SUFFIX + "n"):
+            if word.endswith(ending) and len(word) > len(ending):
+                stems.append(word[: -len(ending)] + "o")
+    return stems
+
+
+def referent_agreement(outputs: list[str], references: list[str]) -> dict[str, float]:
+    """How well translations of referent documents render "someone": of the
+    reference's referent words, the share the output renders with the right stem
+    (per document at most as many as the reference has: ``accuracy``), and the
+    output's referent words with another stem (``wrong``, a count)."""
+    if len(outputs) != len(references):
+        raise ValueError(f"{len(outputs)} outputs for {len(references)} references")
+    expected = right = wrong = 0
+    for output, reference in zip(outputs, references):
+        wanted = referent_words(reference)
+        if not wanted:
+            continue
+        topic = wanted[0]
+        got = referent_words(output)
+        expected += len(wanted)
+        right += min(sum(stem == topic for stem in got), len(wanted))
+        wrong += sum(stem != topic for stem in got)
+    return {
+        "accuracy": right / expected if expected else float("nan"),
+        "expected": expected,
+        "right": right,
+        "wrong": wrong,
+    }
+
+
 def generate_corpus(
-    seed: int = 1, sizes: ToySplits = ToySplits(), sentences: tuple[int, int] = (1, 1)
+    seed: int = 1,
+    sizes: ToySplits = ToySplits(),
+    sentences: tuple[int, int] = (1, 1),
+    referent: bool = False,
 ) -> dict[str, list[tuple[str, str]]]:
     """Train/valid/test pairs, deterministic for ``seed``; each pair a run of
-    ``sentences`` (fewest, most) consecutive sentences.
+    ``sentences`` (fewest, most) consecutive sentences (``referent``: documents of
+    the referent task).
 
     Valid and test hold only lines that appear in no other split, so the
     scores measure generalisation rather than memory.
@@ -152,7 +226,7 @@ def generate_corpus(
     for split in ("valid", "test", "train"):
         wanted, pairs = getattr(sizes, split), []
         while len(pairs) < wanted:
-            source, target = generate_document(rng, sentences)
+            source, target = generate_document(rng, sentences, referent)
             if source in held_out:
                 continue
             if split != "train":
@@ -169,12 +243,13 @@ def write_corpus(
     src_lang: str = "en",
     tgt_lang: str = "zeta",
     sentences: tuple[int, int] = (1, 1),
+    referent: bool = False,
 ) -> dict[str, tuple[Path, Path]]:
     """Writes ``dest/{train,valid,test}.{src_lang,tgt_lang}``; returns the paths."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, pairs in generate_corpus(seed, sizes, sentences).items():
+    for split, pairs in generate_corpus(seed, sizes, sentences, referent).items():
         src_path, tgt_path = dest / f"{split}.{src_lang}", dest / f"{split}.{tgt_lang}"
         atomic_write_text(src_path, "".join(s + "\n" for s, _ in pairs))
         atomic_write_text(tgt_path, "".join(t + "\n" for _, t in pairs))

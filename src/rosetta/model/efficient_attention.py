@@ -764,12 +764,13 @@ class LSHSelfAttention(SelfAttention):
         order = F.pad(order, (0, tail), value=n)  # added positions: index n, a blank key
         blank = q.new_zeros(batch, heads, 1, head_dim)
 
+        every_round = order.flatten(2)[..., None]  # (batch, heads, hashes * padded n, 1)
+
         def sorted_chunks(t: torch.Tensor) -> torch.Tensor:
             # (batch, heads, n, x) -> (batch, heads, hashes, chunks, size, x) in sorted order
             t = torch.cat([t, blank.to(t.dtype).expand(-1, -1, -1, t.size(-1))], dim=2)
-            picked = t[:, :, None].expand(-1, -1, self.hashes, -1, -1)
-            index = order[..., None].expand(-1, -1, -1, -1, t.size(-1))
-            return picked.gather(3, index).view(batch, heads, self.hashes, chunks, size, -1)
+            picked = t.gather(2, every_round.expand(-1, -1, -1, t.size(-1)))
+            return picked.view(batch, heads, self.hashes, chunks, size, -1)
 
         def look_back(t: torch.Tensor) -> torch.Tensor:
             # each chunk, then the one before it (the first: the last, as Reformer)
@@ -784,17 +785,24 @@ class LSHSelfAttention(SelfAttention):
         key_pos = look_back(query_pos[..., None]).squeeze(-1)
         sorted_buckets = F.pad(buckets, (0, 1), value=-1).gather(3, order).view(query_pos.shape)
         key_buckets = look_back(sorted_buckets[..., None]).squeeze(-1)
-        scores = (sq @ sk.transpose(-1, -2)) * head_dim**-0.5  # (..., chunks, size, 2 size)
         real = torch.ones(batch, n + 1, dtype=torch.bool, device=q.device)
         real[:, n] = False
         if keep is not None:
             real[:, :n] = keep
         key_real = real.gather(1, key_pos.flatten(1)).view(key_pos.shape)
         elsewhere = sorted_buckets[..., :, None] != key_buckets[..., None, :]  # another bucket
-        scores = scores.masked_fill(~key_real[..., None, :] | elsewhere, MASKED_SCORE)
-        scores = scores.masked_fill(query_pos[..., :, None] == key_pos[..., None, :], SELF_SCORE)
-        normaliser = scores.logsumexp(-1, keepdim=True)
-        weights = (scores - normaliser).exp()
+        bias = (elsewhere | ~key_real[..., None, :]).float() * MASKED_SCORE
+        bias.masked_fill_(query_pos[..., :, None] == key_pos[..., None, :], SELF_SCORE)
+        # (..., chunks, size, 2 size): the scores, then a softmax that keeps its normaliser
+        scores = torch.baddbmm(
+            bias.flatten(0, -3), sq.flatten(0, -3), sk.flatten(0, -3).transpose(1, 2),
+            alpha=head_dim**-0.5,
+        ).view(bias.shape)  # fmt: skip
+        top = scores.amax(-1, keepdim=True)
+        weights = scores.sub_(top).exp_()
+        total = weights.sum(-1, keepdim=True)
+        weights = weights.div_(total)
+        normaliser = top + total.log()
         if self.training and self.dropout:
             weights = F.dropout(weights, self.dropout)
         out = weights @ sv  # (batch, heads, hashes, chunks, size, head_dim)
