@@ -270,6 +270,36 @@ def test_lsh_attends_within_hash_chunks_and_its_maps_give_its_output():
     assert float((weights * ~same).sum()) < 1e-6
 
 
+def test_lsh_gradients_equal_those_of_its_definition():
+    """Backward through the sorted chunks and the rounds' combination: with one chunk,
+    the gradient of full attention with shared QK."""
+    module = LSHSelfAttention(16, 2, bucket_size=64, hashes=2)
+    q, _, v = qkv(heads=2, n=40, dim=8)
+    q.requires_grad_(True)
+    v.requires_grad_(True)
+    (grad_q, grad_v) = torch.autograd.grad(module.attend(q, q, v)[0].square().sum(), (q, v))
+    (want_q, want_v) = torch.autograd.grad(shared_qk_reference(q, v).square().sum(), (q, v))
+    torch.testing.assert_close(grad_q, want_q, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_v, want_v, atol=1e-4, rtol=1e-4)
+    # several chunks and rounds: backward runs and reaches every input position
+    module = LSHSelfAttention(16, 2, bucket_size=8, hashes=2)
+    (grad,) = torch.autograd.grad(module.attend(q, q, v)[0].sum(), q)
+    assert grad.abs().sum(-1).gt(0).all()
+
+
+def test_lsh_outputs_do_not_depend_on_the_padding_of_a_batch():
+    """A row's buckets and chunks come from its own length: padding it (which changes
+    the batch's length, and so would the bucket count) changes none of its outputs."""
+    module = LSHSelfAttention(16, 2, bucket_size=4, hashes=2)
+    q, _, v = qkv(batch=1, heads=2, n=23, dim=8)
+    alone, _ = module.attend(q, q, v)
+    for extra in (1, 9, 40):
+        padded_q, padded_v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, v))
+        keep = torch.arange(23 + extra)[None, :] < 23
+        got, _ = module.attend(padded_q, padded_q, padded_v, keep[:, None, None, :])
+        torch.testing.assert_close(got[:, :, :23], alone, atol=1e-5, rtol=1e-4)
+
+
 def test_lsh_refuses_the_decoder():
     module = LSHSelfAttention(16, 2)
     with pytest.raises(ValueError, match="not causal"):

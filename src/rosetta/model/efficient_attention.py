@@ -695,15 +695,17 @@ class LSHSelfAttention(SelfAttention):
     """Reformer's LSH attention (Kitaev et al. 2020): queries and keys are shared
     (k = q / |q|), hashed into buckets by a random rotation (h(x) = argmax [xR; -xR]),
     and sorted by bucket; the sorted sequence is cut into chunks of ``bucket_size``
-    and each chunk attends to itself and the chunk before it, to the keys of its
-    own bucket there, so a query sees the keys that hash with it at O(n·c·d).
+    and each chunk attends to itself and the chunk before it (the first chunk: to
+    itself), to the keys of its own bucket there, so a query sees the keys that
+    hash with it at O(n·c·d).
     ``hashes`` rounds with independent rotations are combined by their softmax
     normalisers. A query does not attend to itself unless nothing else is there
     (with shared QK it would score highest).
 
     The rotations are a buffer drawn once (saved with the weights), so a model
-    translates deterministically; the bucket count is n / ``bucket_size`` made
-    even, or one bucket where the sequence fits in one chunk (full attention).
+    translates deterministically; a row's bucket count is its length over
+    ``bucket_size`` made even, or one bucket where it fits in one chunk (full
+    attention), so the padding of a batch changes nothing.
     Not causal: which chunk a position falls in depends on the hashes of
     positions after it, so no decoding step can reproduce the training
     pass; encoder only. The ``k`` projection is not used (shared QK).
@@ -726,15 +728,25 @@ class LSHSelfAttention(SelfAttention):
         rotations = torch.randn(hashes, self.head_dim, half, generator=generator)
         self.register_buffer("rotations", rotations)
 
-    def buckets(self, x: torch.Tensor) -> torch.Tensor:
+    def buckets(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, heads, n, head_dim) -> (batch, heads, hashes, n) bucket of each
-        position in each round: n / bucket_size buckets made even, or one."""
-        n = x.size(2)
-        if n <= self.bucket_size:
-            return x.new_zeros((*x.shape[:2], self.hashes, n), dtype=torch.long)
-        half = min(max(1, -(-n // self.bucket_size) // 2), self.rotations.size(-1))
-        rotated = torch.einsum("bhnd,rdk->bhrnk", x.float(), self.rotations[..., :half].float())
-        return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+        position in each round. A row of L real positions (``lengths``; default n)
+        has L / bucket_size buckets made even, or one where L fits in a chunk: its
+        own length, never the batch's padding, decides."""
+        batch, heads, n, _ = x.shape
+        if lengths is None:
+            lengths = torch.full((batch,), n, device=x.device)
+        chunks = -(-lengths // self.bucket_size)  # (batch,)
+        half = (chunks // 2).clamp(1, self.rotations.size(-1))  # rotations per row
+        widest = int(half.max())
+        if int(chunks.max()) <= 1:
+            return torch.zeros(batch, heads, self.hashes, n, dtype=torch.long, device=x.device)
+        rotations = self.rotations[..., :widest].float()
+        rotated = torch.einsum("bhnd,rdk->bhrnk", x.float(), rotations)
+        unused = torch.arange(widest, device=x.device) >= half[:, None]  # (batch, widest)
+        rotated = rotated.masked_fill(unused[:, None, None, None, :], float("-inf"))
+        both = torch.cat([rotated, (-rotated).masked_fill(rotated.isinf(), float("-inf"))], -1)
+        return both.argmax(-1).masked_fill((chunks <= 1)[:, None, None, None], 0)
 
     def attend(
         self,
@@ -756,7 +768,7 @@ class LSHSelfAttention(SelfAttention):
         chunks = -(-n // size)
         tail = chunks * size - n
         # sort each round's positions by (bucket, position); padding goes last
-        buckets = self.buckets(q)
+        buckets = self.buckets(q, None if keep is None else keep.sum(1))
         if keep is not None:
             buckets = buckets.masked_fill(~keep[:, None, None, :], buckets.max() + 1)
         positions = torch.arange(n, device=q.device)
@@ -772,19 +784,21 @@ class LSHSelfAttention(SelfAttention):
             picked = t.gather(2, every_round.expand(-1, -1, -1, t.size(-1)))
             return picked.view(batch, heads, self.hashes, chunks, size, -1)
 
-        def look_back(t: torch.Tensor) -> torch.Tensor:
-            # each chunk, then the one before it (the first: the last, as Reformer)
-            return torch.cat([t, t.roll(1, dims=3)], dim=4)
+        def look_back(t: torch.Tensor, before_first: float) -> torch.Tensor:
+            # each chunk, then the one before it (the first: a chunk of ``before_first``,
+            # not Reformer's last chunk, whose content would depend on the padding)
+            previous = F.pad(t[:, :, :, :-1], (0, 0, 0, 0, 1, 0), value=before_first)
+            return torch.cat([t, previous], dim=4)
 
         sq, sk, sv = (
             sorted_chunks(q.float()),
-            look_back(sorted_chunks(keys)),
-            look_back(sorted_chunks(v.float())),
+            look_back(sorted_chunks(keys), 0.0),
+            look_back(sorted_chunks(v.float()), 0.0),
         )
         query_pos = order.view(batch, heads, self.hashes, chunks, size)
-        key_pos = look_back(query_pos[..., None]).squeeze(-1)
+        key_pos = look_back(query_pos[..., None], n).squeeze(-1)  # n: the blank key
         sorted_buckets = F.pad(buckets, (0, 1), value=-1).gather(3, order).view(query_pos.shape)
-        key_buckets = look_back(sorted_buckets[..., None]).squeeze(-1)
+        key_buckets = look_back(sorted_buckets[..., None], -1).squeeze(-1)
         real = torch.ones(batch, n + 1, dtype=torch.bool, device=q.device)
         real[:, n] = False
         if keep is not None:
@@ -798,11 +812,11 @@ class LSHSelfAttention(SelfAttention):
             bias.flatten(0, -3), sq.flatten(0, -3), sk.flatten(0, -3).transpose(1, 2),
             alpha=head_dim**-0.5,
         ).view(bias.shape)  # fmt: skip
-        top = scores.amax(-1, keepdim=True)
-        weights = scores.sub_(top).exp_()
+        top = scores.amax(-1, keepdim=True).detach()  # a shift: the gradient is exact
+        weights = (scores - top).exp()
         total = weights.sum(-1, keepdim=True)
-        weights = weights.div_(total)
         normaliser = top + total.log()
+        weights = weights / total
         if self.training and self.dropout:
             weights = F.dropout(weights, self.dropout)
         out = weights @ sv  # (batch, heads, hashes, chunks, size, head_dim)
