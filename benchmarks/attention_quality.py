@@ -57,12 +57,27 @@ MULTI30K_SYSTEMS = {
     "local r=8": ({"variant": "local", "radius": 8}, {"variant": "local", "radius": 8}),
     "linear (elu+1)": ({"variant": "linear"}, {"variant": "linear"}),
     "lowrank k=32 (encoder)": ({"variant": "lowrank", "rank": 32}, {}),
+    "sparse r=8, g=2": (
+        {"variant": "sparse", "radius": 8, "global_tokens": 2},
+        {"variant": "sparse", "radius": 8, "global_tokens": 2},
+    ),
+    # chunks of 8: Multi30k's ~20 subwords still hash into buckets (with chunks of
+    # 32 every sentence would be one bucket: full attention with shared QK)
+    "lsh c=8 (encoder)": ({"variant": "lsh", "bucket_size": 8, "hashes": 2}, {}),
 }
 LONG_SYSTEMS = {
     "full": ({}, {}),
     "local r=32": ({"variant": "local", "radius": 32}, {"variant": "local", "radius": 32}),
     "linear (elu+1)": ({"variant": "linear"}, {"variant": "linear"}),
     "lowrank k=64 (encoder)": ({"variant": "lowrank", "rank": 64}, {}),
+    "sparse r=32, g=16": (
+        {"variant": "sparse", "radius": 32, "global_tokens": 16},
+        {"variant": "sparse", "radius": 32, "global_tokens": 16},
+    ),
+    "lsh c=64 (encoder), local r=32 (decoder)": (
+        {"variant": "lsh", "bucket_size": 64, "hashes": 2},
+        {"variant": "local", "radius": 32},
+    ),
 }
 RANGE_SYSTEMS = {
     "full": ({}, {}),
@@ -82,6 +97,16 @@ RANGE_BUCKETS = [(1, 2), (3, 6), (7, 12), (13, 24)]
 # of source length (subwords) they are sorted into
 LONG_POOLS = [(2, 20), (20, 60), (60, 130), (100, 200)]
 LONG_BUCKETS = [(0, 200), (200, 500), (500, 1000), (1000, 2000)]
+
+
+def chosen(systems: dict, names: list[str] | None) -> dict:
+    """The ``systems`` named (all without names); an unknown name is an error."""
+    if not names:
+        return systems
+    unknown = [name for name in names if name not in systems]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; choose from {list(systems)}")
+    return {name: systems[name] for name in names}
 
 
 def overrides(encoder: dict, decoder: dict) -> list[str]:
@@ -106,7 +131,7 @@ def train_system(config_path: Path, sets: list[str]) -> tuple[ExperimentConfig, 
 def run_multi30k(args) -> None:
     results: dict = {"steps": args.steps, "systems": {}}
     rows = []
-    for name, (encoder, decoder) in MULTI30K_SYSTEMS.items():
+    for name, (encoder, decoder) in chosen(MULTI30K_SYSTEMS, args.systems).items():
         sets = [
             f"experiment_dir={args.root}/multi30k/{slug(name)}",
             f"train.max_steps={args.steps}",
@@ -168,7 +193,7 @@ def run_long(args) -> None:
     header = " | ".join(f"{low}-{high}" for low, high in LONG_BUCKETS)
     rows = []
     buckets = None
-    for name, (encoder, decoder) in LONG_SYSTEMS.items():
+    for name, (encoder, decoder) in chosen(LONG_SYSTEMS, args.systems).items():
         sets = [*toy_sets(name, "long", args, (fewest, most)), *overrides(encoder, decoder)]
         config, metadata = train_system(packaged_config("toy.yaml"), sets)
         model_dir = config.experiment_dir / "model"
@@ -239,7 +264,7 @@ def run_range(args) -> None:
     results: dict = {"steps": args.steps, "train_sentences": list(args.train_sentences)}
     results["systems"] = {}
     rows = []
-    for name, (encoder, decoder) in RANGE_SYSTEMS.items():
+    for name, (encoder, decoder) in chosen(RANGE_SYSTEMS, args.systems).items():
         sets = toy_sets(name, "range", args, args.train_sentences, "data.toy.referent=true")
         config, metadata = train_system(
             packaged_config("toy.yaml"), sets + overrides(encoder, decoder)
@@ -294,6 +319,9 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=1001, help="seed of the long test documents")
     parser.add_argument("--per-bucket", type=int, default=24, help="test documents per length")
+    parser.add_argument(
+        "--systems", nargs="+", help="train and score only these systems (names as in the table)"
+    )
     args = parser.parse_args()
     args.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     args.machine = (
