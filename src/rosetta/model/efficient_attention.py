@@ -743,10 +743,13 @@ class LSHSelfAttention(SelfAttention):
             return torch.zeros(batch, heads, self.hashes, n, dtype=torch.long, device=x.device)
         rotations = self.rotations[..., :widest].float()
         rotated = torch.einsum("bhnd,rdk->bhrnk", x.float(), rotations)
-        unused = torch.arange(widest, device=x.device) >= half[:, None]  # (batch, widest)
-        rotated = rotated.masked_fill(unused[:, None, None, None, :], float("-inf"))
-        both = torch.cat([rotated, (-rotated).masked_fill(rotated.isinf(), float("-inf"))], -1)
-        return both.argmax(-1).masked_fill((chunks <= 1)[:, None, None, None], 0)
+        unused = (torch.arange(widest, device=x.device) >= half[:, None])[:, None, None, None]
+        # argmax over [xR; -xR] without forming it: the largest entry, or the smallest
+        mixed = bool(unused.any())  # rows with fewer buckets than the widest
+        high, above = (rotated.masked_fill(unused, float("-inf")) if mixed else rotated).max(-1)
+        low, below = (rotated.masked_fill(unused, float("inf")) if mixed else rotated).min(-1)
+        buckets = torch.where(high >= -low, above, below + half[:, None, None, None])
+        return buckets.masked_fill((chunks <= 1)[:, None, None, None], 0)
 
     def attend(
         self,
@@ -774,29 +777,29 @@ class LSHSelfAttention(SelfAttention):
         positions = torch.arange(n, device=q.device)
         order = (buckets * n + positions).argsort(dim=-1)  # (batch, heads, hashes, n)
         order = F.pad(order, (0, tail), value=n)  # added positions: index n, a blank key
-        blank = q.new_zeros(batch, heads, 1, head_dim)
-
-        every_round = order.flatten(2)[..., None]  # (batch, heads, hashes * padded n, 1)
+        # rows of (batch * heads * n, x) in each round's sorted order; positions added to
+        # fill the last chunk read position 0 and are hidden as keys
+        row_start = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * n
+        rows = (order.clamp(max=n - 1) + row_start).flatten()
 
         def sorted_chunks(t: torch.Tensor) -> torch.Tensor:
             # (batch, heads, n, x) -> (batch, heads, hashes, chunks, size, x) in sorted order
-            t = torch.cat([t, blank.to(t.dtype).expand(-1, -1, -1, t.size(-1))], dim=2)
-            picked = t.gather(2, every_round.expand(-1, -1, -1, t.size(-1)))
+            picked = t.reshape(batch * heads * n, -1).index_select(0, rows)
             return picked.view(batch, heads, self.hashes, chunks, size, -1)
 
         def look_back(t: torch.Tensor, before_first: float) -> torch.Tensor:
             # each chunk, then the one before it (the first: a chunk of ``before_first``,
             # not Reformer's last chunk, whose content would depend on the padding)
-            previous = F.pad(t[:, :, :, :-1], (0, 0, 0, 0, 1, 0), value=before_first)
-            return torch.cat([t, previous], dim=4)
+            both = t.new_empty(*t.shape[:4], 2 * size, t.size(-1))
+            both[..., :size, :] = t
+            both[:, :, :, 1:, size:, :] = t[:, :, :, :-1]
+            both[:, :, :, 0, size:, :] = before_first
+            return both
 
-        sq, sk, sv = (
-            sorted_chunks(q.float()),
-            look_back(sorted_chunks(keys), 0.0),
-            look_back(sorted_chunks(v.float()), 0.0),
-        )
+        sq = sorted_chunks(q.float() * head_dim**-0.5)
+        sk, sv = look_back(sorted_chunks(keys), 0.0), look_back(sorted_chunks(v.float()), 0.0)
         query_pos = order.view(batch, heads, self.hashes, chunks, size)
-        key_pos = look_back(query_pos[..., None], n).squeeze(-1)  # n: the blank key
+        key_pos = look_back(query_pos[..., None], n).squeeze(-1)  # n: no key
         sorted_buckets = F.pad(buckets, (0, 1), value=-1).gather(3, order).view(query_pos.shape)
         key_buckets = look_back(sorted_buckets[..., None], -1).squeeze(-1)
         real = torch.ones(batch, n + 1, dtype=torch.bool, device=q.device)
@@ -804,19 +807,15 @@ class LSHSelfAttention(SelfAttention):
         if keep is not None:
             real[:, :n] = keep
         key_real = real.gather(1, key_pos.flatten(1)).view(key_pos.shape)
-        elsewhere = sorted_buckets[..., :, None] != key_buckets[..., None, :]  # another bucket
-        bias = (elsewhere | ~key_real[..., None, :]).float() * MASKED_SCORE
-        bias.masked_fill_(query_pos[..., :, None] == key_pos[..., None, :], SELF_SCORE)
-        # (..., chunks, size, 2 size): the scores, then a softmax that keeps its normaliser
-        scores = torch.baddbmm(
-            bias.flatten(0, -3), sq.flatten(0, -3), sk.flatten(0, -3).transpose(1, 2),
-            alpha=head_dim**-0.5,
-        ).view(bias.shape)  # fmt: skip
-        top = scores.amax(-1, keepdim=True).detach()  # a shift: the gradient is exact
-        weights = (scores - top).exp()
-        total = weights.sum(-1, keepdim=True)
-        normaliser = top + total.log()
-        weights = weights / total
+        hidden = sorted_buckets[..., :, None] != key_buckets[..., None, :]  # another bucket
+        hidden |= ~key_real[..., None, :]
+        # (..., chunks, size, 2 size); a query's own key is the diagonal of its chunk's part
+        scores = (sq @ sk.transpose(-1, -2)).masked_fill_(hidden, MASKED_SCORE)
+        scores[..., :size].diagonal(dim1=-2, dim2=-1).fill_(SELF_SCORE)
+        # the softmax and its normaliser in one pass: log Z = s_top - log w_top exactly
+        top, best = scores.max(-1, keepdim=True)
+        weights = scores.softmax(-1)
+        normaliser = top - weights.gather(-1, best).log()
         if self.training and self.dropout:
             weights = F.dropout(weights, self.dropout)
         out = weights @ sv  # (batch, heads, hashes, chunks, size, head_dim)
