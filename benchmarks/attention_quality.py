@@ -19,11 +19,15 @@ the comparison does not depend on how busy the machine is):
   and BLEU. A window of radius r in L layers reaches r·L positions; global
   positions reach the topic from anywhere. Every system keeps full
   cross-attention, through which a decoder could also find the topic: the task
-  shows whether the models learn to.
+  shows whether the models learn to. With --style the referent's ending (-ulo
+  or -eto) is drawn per document and shown only in the target's opening, which
+  cross-attention cannot see: the teacher-forced referent accuracy then measures
+  what the decoder's self-attention carries from its own first sentence.
 
     python benchmarks/attention_quality.py multi30k --steps 700
     python benchmarks/attention_quality.py long --steps 800 --per-bucket 8
-    python benchmarks/attention_quality.py range --steps 1500 --train-sentences 2 24
+    python benchmarks/attention_quality.py range --steps 800 --train-sentences 2 24
+    python benchmarks/attention_quality.py range --style --steps 800 --train-sentences 2 24
 
 Results: benchmarks/results/attention_quality_{multi30k,long,range}.{json,md}.
 """
@@ -31,6 +35,7 @@ Results: benchmarks/results/attention_quality_{multi30k,long,range}.{json,md}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import random
 import shlex
@@ -43,8 +48,8 @@ import torch
 from results_io import write_results
 from rosetta.config import ExperimentConfig, load_config, packaged_config
 from rosetta.data.prepare import corpus_root, prepare
-from rosetta.data.tokenizer import Tokenizer
-from rosetta.data.toy import generate_document, referent_agreement
+from rosetta.data.tokenizer import BOS_ID, Tokenizer
+from rosetta.data.toy import generate_document, is_referent, referent_agreement
 from rosetta.decode.translator import Translator
 from rosetta.evaluate import evaluate_files
 from rosetta.evaluate.metrics import bleu
@@ -255,17 +260,45 @@ def toy_sets(name: str, part: str, args, sentences: tuple[int, int], *extra: str
     ]
 
 
+@torch.inference_mode()
+def referent_forced(translator: Translator, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Teacher-forced on each reference: of the referent words after the opening,
+    the share whose every piece is the model's most probable next piece. With the
+    style task the ending comes only from the target's own opening (module doc)."""
+    model, tokenizer = translator.model, translator.tokenizer
+    right = total = 0
+    for source, target in pairs:
+        ids = tokenizer.encode_target([target])[0]
+        src = torch.tensor([tokenizer.encode_source([source])[0]])
+        guess = model(src, torch.tensor([[BOS_ID, *ids]]))[0].argmax(-1).tolist()
+        pieces = tokenizer.target_pieces(ids)
+        starts = [i for i, piece in enumerate(pieces) if piece.startswith("▁")] + [len(ids)]
+        opened = False  # past the opening sentence
+        for start, end in itertools.pairwise(starts):
+            word = "".join(pieces[start:end]).lstrip("▁")
+            if opened and is_referent(word.rstrip(".")):
+                total += 1
+                right += guess[start:end] == ids[start:end]
+            opened = opened or word.endswith(".")
+    return {"forced_accuracy": right / total if total else float("nan"), "forced": total}
+
+
 def run_range(args) -> None:
     rng = random.Random(args.seed)
     tests = {
-        bucket: [generate_document(rng, bucket, referent=True) for _ in range(args.per_bucket)]
+        bucket: [
+            generate_document(rng, bucket, referent=True, style=args.style)
+            for _ in range(args.per_bucket)
+        ]
         for bucket in RANGE_BUCKETS
     }
     results: dict = {"steps": args.steps, "train_sentences": list(args.train_sentences)}
-    results["systems"] = {}
+    results |= {"style": args.style, "systems": {}}
+    part = "range_style" if args.style else "range"
+    task = ["data.toy.referent=true"] + (["data.toy.referent_style=true"] if args.style else [])
     rows = []
     for name, (encoder, decoder) in chosen(RANGE_SYSTEMS, args.systems).items():
-        sets = toy_sets(name, "range", args, args.train_sentences, "data.toy.referent=true")
+        sets = toy_sets(name, part, args, args.train_sentences, *task)
         config, metadata = train_system(
             packaged_config("toy.yaml"), sets + overrides(encoder, decoder)
         )
@@ -277,35 +310,40 @@ def run_range(args) -> None:
             outputs = [t.text for t in translator.translate([s for s, _ in pairs])]
             references = [t for _, t in pairs]
             agreement = referent_agreement(outputs, references)
+            forced = referent_forced(translator, pairs)
             score = bleu(outputs, references)
-            scores[f"{low}-{high}"] = dict(agreement, bleu=score.score)
+            scores[f"{low}-{high}"] = dict(agreement, **forced, bleu=score.score)
             results["signature"] = score.signature
             print(
                 f"{name}, {low}-{high} sentences after the topic: agreement "
                 f"{agreement['accuracy']:.3f} ({agreement['right']}/{agreement['expected']}, "
-                f"{agreement['wrong']} wrong), BLEU {score.score:.1f}",
+                f"{agreement['wrong']} wrong), teacher-forced {forced['forced_accuracy']:.3f} "
+                f"of {forced['forced']}, BLEU {score.score:.1f}",
                 flush=True,
             )
         results["systems"][name] = dict(overrides=sets, metadata=metadata, scores=scores)
         cells = [
-            f"{scores[f'{lo}-{hi}']['accuracy']:.2f} / {scores[f'{lo}-{hi}']['bleu']:.1f}"
+            "{accuracy:.2f} / {forced_accuracy:.2f} / {bleu:.1f}".format(**scores[f"{lo}-{hi}"])
             for lo, hi in RANGE_BUCKETS
         ]
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {metadata.get('training_minutes')} |")
     header = " | ".join(f"{lo}-{hi} sentences after" for lo, hi in RANGE_BUCKETS)
     fewest, most = args.train_sentences
     table = (
-        f"`{args.command}`\n\nThe referent toy task: the toy config (d_model 128, 2+2 layers), "
+        f"`{args.command}`\n\nThe referent toy task{' (style)' if args.style else ''}: "
+        "the toy config (d_model 128, 2+2 layers), "
         f"trained {args.steps} updates on documents of a topic and {fewest}-{most} sentences, "
         f"{args.machine}; greedy decoding of {args.per_bucket} held-out documents per bucket. "
-        'Each cell: referent agreement (the share of the reference\'s "someone" rendered '
-        "with the topic's stem) / BLEU.\n\n"
+        "Each cell: referent agreement (greedy: the share of the reference's someone "
+        "rendered with the topic's stem) / teacher-forced referent accuracy (of the referent "
+        "words after the opening, the share whose every piece is the model's most probable "
+        "next one, on the reference) / BLEU.\n\n"
         f"| self-attention | {header} | training minutes |\n"
         f"|---|{'---|' * len(RANGE_BUCKETS)}---|\n"
         + "\n".join(rows)
         + f"\n\nBLEU signature: `{results['signature']}`\n"
     )
-    write_results("attention_quality_range", results, table)
+    write_results(f"attention_quality_{part}", results, table)
 
 
 def main() -> None:
@@ -321,6 +359,11 @@ def main() -> None:
     parser.add_argument("--per-bucket", type=int, default=24, help="test documents per length")
     parser.add_argument(
         "--systems", nargs="+", help="train and score only these systems (names as in the table)"
+    )
+    parser.add_argument(
+        "--style",
+        action="store_true",
+        help="range: the referent's ending drawn per document, shown only in the target's opening",
     )
     args = parser.parse_args()
     args.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

@@ -237,3 +237,21 @@ def test_referent_agreement_counts_right_missing_and_wrong_stems():
     assert referent_agreement(references, references)["accuracy"] == 1.0
     with pytest.raises(ValueError, match="2 outputs for 3 references"):
         referent_agreement(outputs[:2], references)
+
+
+def test_the_referent_style_is_drawn_per_document_and_shown_only_in_the_target():
+    from rosetta.data.toy import generate_document, is_referent, referent_words
+
+    rng = random.Random(9)
+    endings = set()
+    for _ in range(100):
+        source, target = generate_document(rng, (2, 6), referent=True, style=True)
+        opening, rest = target.split(". ", 1)
+        shown = opening.rsplit(" ", 1)[1]
+        assert is_referent(shown) and source.startswith("this is about the ")
+        ending = shown[-3:]
+        endings.add(ending)
+        later = [w.rstrip(".") for w in rest.split() if is_referent(w.rstrip("."))]
+        assert all(w.rstrip("n").endswith(ending) for w in later)  # one ending per document
+        assert referent_words(target)[0] == SINGULAR[source.split(". ")[0].split()[-1]]
+    assert endings == {"ulo", "eto"}

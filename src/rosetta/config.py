@@ -52,6 +52,9 @@ class ToyData(Section):
     # the referent task: each line opens with its topic and later says "someone",
     # which only the topic can translate (rosetta.data.toy; a long-range test)
     referent: bool = False
+    # ... with the referent's ending (-ulo or -eto) drawn per line and shown only in
+    # the target's first sentence: what a decoder must carry from there itself
+    referent_style: bool = False
 
     @model_validator(mode="after")
     def _sentences_range(self) -> ToyData:

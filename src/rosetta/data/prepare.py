@@ -91,6 +91,7 @@ class PrepareError(ValueError):
 _ADDED_LATER: dict[tuple[str, ...], object] = {
     ("data", "toy", "sentences"): [1, 1],
     ("data", "toy", "referent"): False,
+    ("data", "toy", "referent_style"): False,
     ("data", "remove_duplicates"): False,
     ("data", "remove_copies"): False,
 }
@@ -577,6 +578,7 @@ def _write_toy_corpus(config: ExperimentConfig) -> None:
         config.data.tgt_lang,
         toy.sentences,
         toy.referent,
+        toy.referent_style,
     )
 
 

@@ -34,6 +34,12 @@ phrases are "someone", which Zeta renders from the topic alone, by its stem with
 noun it stands for: only the first sentence does. ``referent_agreement`` scores
 a translation by how many of the reference's referent words it renders with the
 right stem.
+
+With ``referent_style`` the referent's ending is drawn per document, ``-ulo`` or
+``-eto``, and shown only on the target side, in the opening ("ĉi tio temas pri
+la reĝeto."): the source never says which, so a decoder can only keep it by
+looking back at its own first sentence. Cross-attention can find the topic in
+the source from anywhere; the style it cannot.
 """
 
 from __future__ import annotations
@@ -94,20 +100,25 @@ class ToySplits:
 
 REFERENT_SHARE = 0.3  # the referent task: the share of noun phrases that are "someone"
 REFERENT_SUFFIX = "ulo"  # Zeta's "someone": the topic's stem, less its -o, with -ulo
+REFERENT_STYLES = (REFERENT_SUFFIX, "eto")  # ... or, with referent_style, either per document
 
 
-def referent_word(stem: str, accusative: bool) -> str:
-    """Zeta's "someone" for the topic noun ``stem`` (reĝo -> reĝulo, reĝulon)."""
-    return stem[:-1] + REFERENT_SUFFIX + ("n" if accusative else "")
+def referent_word(stem: str, accusative: bool, style: str = REFERENT_SUFFIX) -> str:
+    """Zeta's "someone" for the topic noun ``stem`` (reĝo -> reĝulo, reĝulon; in the
+    ``eto`` style reĝeto, reĝeton)."""
+    return stem[:-1] + style + ("n" if accusative else "")
 
 
 def _noun_phrase(
-    rng: random.Random, accusative: bool, topic: str | None = None
+    rng: random.Random,
+    accusative: bool,
+    topic: str | None = None,
+    style: str = REFERENT_SUFFIX,
 ) -> tuple[list[str], list[str], bool]:
     """A determiner, an optional adjective and a noun, or (with a ``topic`` stem, at
     ``REFERENT_SHARE``) "someone"; returns (English, Zeta, plural)."""
     if topic is not None and rng.random() < REFERENT_SHARE:
-        return ["someone"], [referent_word(topic, accusative)], False
+        return ["someone"], [referent_word(topic, accusative, style)], False
     singular, plural_form, stem = rng.choice(NOUNS)
     plural = rng.random() < 0.4
     adjective = rng.choice(ADJECTIVES) if rng.random() < 0.5 else None
@@ -131,11 +142,14 @@ def _noun_phrase(
     return english, zeta, plural
 
 
-def generate_pair(rng: random.Random, topic: str | None = None) -> tuple[str, str]:
+def generate_pair(
+    rng: random.Random, topic: str | None = None, style: str = REFERENT_SUFFIX
+) -> tuple[str, str]:
     """One (English, Zeta) sentence pair drawn from the grammar (with a ``topic``
-    stem, some noun phrases are "someone"; without, the draws are unchanged)."""
-    subject_en, subject_zeta, plural_subject = _noun_phrase(rng, False, topic)
-    object_en, object_zeta, _ = _noun_phrase(rng, True, topic)
+    stem, some noun phrases are "someone", ending in ``style``; without, the draws
+    are unchanged)."""
+    subject_en, subject_zeta, plural_subject = _noun_phrase(rng, False, topic, style)
+    object_en, object_zeta, _ = _noun_phrase(rng, True, topic, style)
     third_singular, base, past, stem = rng.choice(VERBS)
     is_past = rng.random() < 0.4
     if is_past:
@@ -152,11 +166,13 @@ def generate_pair(rng: random.Random, topic: str | None = None) -> tuple[str, st
 
 
 def generate_document(
-    rng: random.Random, sentences: tuple[int, int], referent: bool = False
+    rng: random.Random, sentences: tuple[int, int], referent: bool = False, style: bool = False
 ) -> tuple[str, str]:
     """Between ``sentences[0]`` and ``sentences[1]`` consecutive sentence pairs, each
     side joined by spaces; one sentence (the sentence task) at (1, 1). With
-    ``referent``, the topic's sentence first and "someone" after (module doc)."""
+    ``referent``, the topic's sentence first and "someone" after; with ``style``
+    too, the referent's ending drawn for the document and shown in the opening's
+    target (module doc)."""
     fewest, most = sentences
     if not referent:
         if most == 1:
@@ -164,21 +180,31 @@ def generate_document(
         pairs = [generate_pair(rng) for _ in range(rng.randint(fewest, most))]
     else:
         singular, _, topic = rng.choice(NOUNS)
-        opening = (f"this is about the {singular}.", f"ĉi tio temas pri la {topic}.")
+        ending = rng.choice(REFERENT_STYLES) if style else REFERENT_SUFFIX
+        shown = referent_word(topic, False, ending) if style else topic
+        opening = (f"this is about the {singular}.", f"ĉi tio temas pri la {shown}.")
         count = rng.randint(fewest, most)
-        pairs = [opening, *(generate_pair(rng, topic) for _ in range(count))]
+        pairs = [opening, *(generate_pair(rng, topic, ending) for _ in range(count))]
     return " ".join(s for s, _ in pairs), " ".join(t for _, t in pairs)
 
 
+def is_referent(word: str) -> bool:
+    """Whether a Zeta word (its full stop stripped) is a referent word, of either style."""
+    return any(
+        word.endswith(ending) and len(word) > len(ending)
+        for style in REFERENT_STYLES
+        for ending in (style, style + "n")
+    )
+
+
 def referent_words(text: str) -> list[str]:
-    """The referent words of a Zeta text ("reĝulo", "kanulon"), as their topic stems
-    ("reĝo", "kano")."""
+    """The referent words of a Zeta text ("reĝulo", "kanulon", "kateto"), as their
+    topic stems ("reĝo", "kano", "kato")."""
     stems = []
-    for word in text.split():
-        word = word.rstrip(".")
-        for ending in (REFERENT_SUFFIX, REFERENT_SUFFIX + "n"):
-            if word.endswith(ending) and len(word) > len(ending):
-                stems.append(word[: -len(ending)] + "o")
+    for word in (w.rstrip(".") for w in text.split()):
+        if is_referent(word):
+            bare = word[:-1] if word.endswith("n") else word
+            stems.append(bare[:-3] + "o")
     return stems
 
 
@@ -212,10 +238,11 @@ def generate_corpus(
     sizes: ToySplits = ToySplits(),
     sentences: tuple[int, int] = (1, 1),
     referent: bool = False,
+    style: bool = False,
 ) -> dict[str, list[tuple[str, str]]]:
     """Train/valid/test pairs, deterministic for ``seed``; each pair a run of
-    ``sentences`` (fewest, most) consecutive sentences (``referent``: documents of
-    the referent task).
+    ``sentences`` (fewest, most) consecutive sentences (``referent``, ``style``:
+    documents of the referent task).
 
     Valid and test hold only lines that appear in no other split, so the
     scores measure generalisation rather than memory.
@@ -226,7 +253,7 @@ def generate_corpus(
     for split in ("valid", "test", "train"):
         wanted, pairs = getattr(sizes, split), []
         while len(pairs) < wanted:
-            source, target = generate_document(rng, sentences, referent)
+            source, target = generate_document(rng, sentences, referent, style)
             if source in held_out:
                 continue
             if split != "train":
@@ -244,12 +271,13 @@ def write_corpus(
     tgt_lang: str = "zeta",
     sentences: tuple[int, int] = (1, 1),
     referent: bool = False,
+    style: bool = False,
 ) -> dict[str, tuple[Path, Path]]:
     """Writes ``dest/{train,valid,test}.{src_lang,tgt_lang}``; returns the paths."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, pairs in generate_corpus(seed, sizes, sentences, referent).items():
+    for split, pairs in generate_corpus(seed, sizes, sentences, referent, style).items():
         src_path, tgt_path = dest / f"{split}.{src_lang}", dest / f"{split}.{tgt_lang}"
         atomic_write_text(src_path, "".join(s + "\n" for s, _ in pairs))
         atomic_write_text(tgt_path, "".join(t + "\n" for _, t in pairs))
