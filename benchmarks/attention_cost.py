@@ -339,15 +339,15 @@ def summarise(layers: list[dict], steps: list[dict], args) -> tuple[dict, str]:
     }
     bars = summary["bars"]
     if ("full", 8192) in fwd:
-        for name in ("local", "linear"):
+        for name in ("local", "linear", "sparse", "lsh"):
             if (name, 8192) in fwd:
                 bars[f"{name} speed-up at n=8192 d256 (>= 4)"] = fwd["full", 8192] / fwd[name, 8192]
-    for name in ("local", "linear"):
+    for name in ("local", "linear", "sparse", "lsh"):
         value = summary["slopes"].get("d256 forward", {}).get(name)
         if value is not None:
             bars[f"{name} forward slope 1k-16k (<= 1.2)"] = value
     step256 = {(r["variant"], r["position"]): r["seconds"] for r in steps if r["d_model"] == 256}
-    for name in ("linear", "local"):
+    for name in ("linear", "local", "sparse"):
         if (name, 4000) in step256:
             bars[f"{name} step time at 4000 / at 100 (within 0.85-1.15)"] = (
                 step256[name, 4000] / step256[name, 100]
