@@ -98,6 +98,7 @@ RANGE_SYSTEMS = {
 }
 # referent test documents: sentences after the topic, per bucket
 RANGE_BUCKETS = [(1, 2), (3, 6), (7, 12), (13, 24)]
+FAR_FIRST = 5  # ... and documents whose first "someone" is at least this many sentences on
 # test documents: sentences per document for each bucket's pool, and the buckets
 # of source length (subwords) they are sorted into
 LONG_POOLS = [(2, 20), (20, 60), (60, 130), (100, 200)]
@@ -261,13 +262,17 @@ def toy_sets(name: str, part: str, args, sentences: tuple[int, int], *extra: str
 
 
 @torch.inference_mode()
-def referent_forced(translator: Translator, pairs: list[tuple[str, str]]) -> dict[str, float]:
-    """Teacher-forced on each reference: of the referent words after the opening,
-    the share whose every piece is the model's most probable next piece. With the
-    style task the ending comes only from the target's own opening (module doc)."""
+def referent_forced(
+    translator: Translator, pairs: list[tuple[str, str]], first_only: bool = False
+) -> dict[str, float]:
+    """Teacher-forced on each reference: of the referent words after the opening
+    (``first_only``: the first of them), the share whose every piece is the model's
+    most probable next piece. With the style task the ending comes only from the
+    target's own opening (module doc), or from a referent word before it."""
     model, tokenizer = translator.model, translator.tokenizer
     right = total = 0
     for source, target in pairs:
+        seen = 0
         ids = tokenizer.encode_target([target])[0]
         src = torch.tensor([tokenizer.encode_source([source])[0]])
         guess = model(src, torch.tensor([[BOS_ID, *ids]]))[0].argmax(-1).tolist()
@@ -276,11 +281,20 @@ def referent_forced(translator: Translator, pairs: list[tuple[str, str]]) -> dic
         opened = False  # past the opening sentence
         for start, end in itertools.pairwise(starts):
             word = "".join(pieces[start:end]).lstrip("▁")
-            if opened and is_referent(word.rstrip(".")):
-                total += 1
+            if opened and is_referent(word.rstrip(".")) and not (first_only and seen):
+                total, seen = total + 1, seen + 1
                 right += guess[start:end] == ids[start:end]
             opened = opened or word.endswith(".")
     return {"forced_accuracy": right / total if total else float("nan"), "forced": total}
+
+
+def first_referent(target: str) -> int:
+    """The index of the first sentence after the opening that has a referent word
+    (1 = the sentence right after it; 0 = none)."""
+    for index, sentence in enumerate(target.split(". ")[1:], start=1):
+        if any(is_referent(word.rstrip(".")) for word in sentence.split()):
+            return index
+    return 0
 
 
 def run_range(args) -> None:
@@ -292,6 +306,13 @@ def run_range(args) -> None:
         ]
         for bucket in RANGE_BUCKETS
     }
+    # documents whose first referent comes FAR_FIRST or more sentences after the topic:
+    # with the style task, nothing near it shows the ending (no referent word before it)
+    far: list[tuple[str, str]] = []
+    while len(far) < args.per_bucket:
+        pair = generate_document(rng, (FAR_FIRST, 24), referent=True, style=args.style)
+        if first_referent(pair[1]) >= FAR_FIRST:
+            far.append(pair)
     results: dict = {"steps": args.steps, "train_sentences": list(args.train_sentences)}
     results |= {"style": args.style, "systems": {}}
     part = "range_style" if args.style else "range"
@@ -321,13 +342,21 @@ def run_range(args) -> None:
                 f"of {forced['forced']}, BLEU {score.score:.1f}",
                 flush=True,
             )
+        first = referent_forced(translator, far, first_only=True)
+        scores["first far"] = first
+        print(
+            f"{name}, the first referent {FAR_FIRST}+ sentences after the topic: teacher-forced "
+            f"{first['forced_accuracy']:.3f} of {first['forced']}",
+            flush=True,
+        )
         results["systems"][name] = dict(overrides=sets, metadata=metadata, scores=scores)
         cells = [
             "{accuracy:.2f} / {forced_accuracy:.2f} / {bleu:.1f}".format(**scores[f"{lo}-{hi}"])
             for lo, hi in RANGE_BUCKETS
-        ]
+        ] + [f"{first['forced_accuracy']:.2f} ({first['forced']})"]
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {metadata.get('training_minutes')} |")
     header = " | ".join(f"{lo}-{hi} sentences after" for lo, hi in RANGE_BUCKETS)
+    header += f" | first referent {FAR_FIRST}+ sentences after (teacher-forced)"
     fewest, most = args.train_sentences
     table = (
         f"`{args.command}`\n\nThe referent toy task{' (style)' if args.style else ''}: "
@@ -337,9 +366,11 @@ def run_range(args) -> None:
         "Each cell: referent agreement (greedy: the share of the reference's someone "
         "rendered with the topic's stem) / teacher-forced referent accuracy (of the referent "
         "words after the opening, the share whose every piece is the model's most probable "
-        "next one, on the reference) / BLEU.\n\n"
+        "next one, on the reference) / BLEU; and the teacher-forced accuracy on the first "
+        f"referent of {args.per_bucket} documents where it comes {FAR_FIRST} or more sentences "
+        "after the topic (how many scored).\n\n"
         f"| self-attention | {header} | training minutes |\n"
-        f"|---|{'---|' * len(RANGE_BUCKETS)}---|\n"
+        f"|---|{'---|' * (len(RANGE_BUCKETS) + 1)}---|\n"
         + "\n".join(rows)
         + f"\n\nBLEU signature: `{results['signature']}`\n"
     )
