@@ -641,12 +641,13 @@ class SparseCache:
         return self
 
 
-class SparseSelfAttention(SelfAttention):
+class SparseSelfAttention(LocalSelfAttention):
     """Sliding-window attention plus global positions (Longformer, Beltagy et al.
     2020; BigBird's window and global parts, Zaheer et al. 2020): a position sees
     ``radius`` positions on each side (causal: the ``radius`` before it) and the
     first ``globals_`` positions, which (not causal) see every position, so
-    information travels between any two positions in two layers."""
+    information travels between any two positions in two layers. Its decoding
+    step is local attention's, over a ``SparseCache`` (the globals, then the ring)."""
 
     def __init__(
         self,
@@ -657,8 +658,8 @@ class SparseSelfAttention(SelfAttention):
         radius: int = 16,
         globals_: int = 1,
     ) -> None:
-        super().__init__(d_model, heads, dropout, head_dim)
-        self.radius, self.globals_ = radius, globals_
+        super().__init__(d_model, heads, dropout, head_dim, radius)
+        self.globals_ = globals_
 
     def attend(
         self,
@@ -676,13 +677,6 @@ class SparseSelfAttention(SelfAttention):
 
     def new_cache(self) -> SparseCache:
         return SparseCache(self.radius, self.globals_)
-
-    def step(self, x: torch.Tensor, cache: SparseCache) -> torch.Tensor:
-        batch = x.size(0)
-        q, k, v = _step_qkv(self, x)
-        keys, values = cache.append(k, v)
-        context, _ = attention(q[:, :, None], keys, values, cache.mask())
-        return self.out_proj(context.view(batch, self.inner))
 
 
 # ---- LSH attention (Reformer) ------------------------------------------------------------
