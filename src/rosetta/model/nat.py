@@ -21,11 +21,13 @@ classifier's loss; the model gives it the two ways of choosing those positions:
   second pass learns the rest. The better the model, the less it is shown, which
   is what makes single-pass decoding good.
 
-Without a classifier (``model.length``): ``eos`` gives the decoder
-ceil(upsample x source length) ``<mask>`` positions and teaches it the target,
-``<eos>``, then ``<pad>``; ``ctc`` feeds it the encoder output up-sampled to as
-many positions and trains it with CTC (``rosetta.model.ctc``); ``crf`` has
-``eos``'s positions and targets and decodes them jointly with a linear-chain CRF
+Without a classifier (``model.length``) the decoder has ceil(upsample x source
+length) positions and reads the encoder output up-sampled to as many (each
+source position ``upsample`` times in turn: the uniform copy of Gu et al. 2018
+and GLAT, never a row of identical ``<mask>``s, from which a model trained with
+glancing learns to emit ``<pad>`` everywhere). ``eos`` teaches it the target,
+``<eos>``, then ``<pad>``; ``ctc`` trains it with CTC (``rosetta.model.ctc``);
+``crf`` has ``eos``'s targets and decodes them jointly with a linear-chain CRF
 (``rosetta.model.crf``), its transitions learned with the decoder. Each is one
 pass (``emit``), trained by ``rosetta.train.objectives.PositionsNAT``.
 
@@ -114,10 +116,9 @@ class NATransformer(TransformerBase):
         shown: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (batch, positions, vocab) of one pass over each row's ``lengths``
-        positions. The decoder reads ``<mask>`` at every position (``eos``, ``crf``) or the
-        encoder output up-sampled, each source position ``upsample`` times in turn
-        (``ctc``); ``shown`` (batch, positions), glancing's gold tokens, replaces what
-        a position reads where it is not ``<pad>``."""
+        positions. The decoder reads the encoder output up-sampled, each source position
+        ``upsample`` times in turn; ``shown`` (batch, positions), glancing's gold
+        tokens, replaces what a position reads where it is not ``<pad>``."""
         return self.output(self._emit_states(encoded, memories, lengths, shown)[0])
 
     def _emit_states(
@@ -136,15 +137,11 @@ class NATransformer(TransformerBase):
     def _emit_inputs(
         self, encoded: EncoderOutput, lengths: torch.Tensor, shown: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``emit``'s decoder reads (batch, positions, d_model), and as tokens
-        (``<mask>`` at the real positions, ``<pad>`` after; shown tokens in place)."""
+        """What ``emit``'s decoder reads (batch, positions, d_model), and which of its
+        positions are real, as tokens (``<mask>`` at the real positions, ``<pad>`` after)."""
         width = int(lengths.max())
         real = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
         reads = torch.full(real.shape, MASK_ID, device=lengths.device).masked_fill(~real, PAD_ID)
-        if self.length_mode != "ctc":
-            if shown is not None:
-                reads = torch.where(shown.ne(PAD_ID), shown, reads)
-            return self.tgt_embed(reads), reads
         src_lengths = (~encoded.pad_mask).sum(1)
         index = upsample_index(src_lengths, lengths)[..., None]
         memory = encoded.memory.gather(1, index.expand(-1, -1, encoded.memory.size(-1)))
@@ -154,9 +151,9 @@ class NATransformer(TransformerBase):
         return x, reads
 
     def hidden_states(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """As the Transformer's; in ``ctc`` the decoder reads the up-sampled source at
-        as many positions as ``tgt_in`` has (what a pass emitted)."""
-        if self.length_mode != "ctc":
+        """As the Transformer's; without a classifier the decoder reads the up-sampled
+        source at as many positions as ``tgt_in`` has (what a pass emitted)."""
+        if self.length_mode == "classifier":
             return super().hidden_states(src, tgt_in)
         encoded = self.encode(src)
         lengths = tgt_in.ne(PAD_ID).sum(1)
@@ -166,8 +163,9 @@ class NATransformer(TransformerBase):
     def attention_maps(
         self, src: torch.Tensor, tgt_in: torch.Tensor
     ) -> dict[str, list[torch.Tensor]]:
-        """As the Transformer's; in ``ctc``, over the positions ``hidden_states`` reads."""
-        if self.length_mode != "ctc":
+        """As the Transformer's; without a classifier, over the positions
+        ``hidden_states`` reads."""
+        if self.length_mode == "classifier":
             return super().attention_maps(src, tgt_in)
         encoded = self.encode(src, need_weights=True)
         lengths = tgt_in.ne(PAD_ID).sum(1)
