@@ -357,12 +357,20 @@ def report(results: dict) -> str:
             f"{shown(figures.get('valid_length_accuracy'), 2)} | "
             f"{shown(figures.get('valid_length_ratio'), 3)} |"
         )
-    if "deep_shallow" not in results["models"]:
-        lines += ["", "The deep-shallow AR baseline was left out of this run (--no-deep-shallow)."]
-    if "nat" not in results["models"]:
-        lines += ["", "The CMLM NAT was left out of this run (--no-cmlm)."]
-    if "glat" not in results["models"]:
-        lines += ["", "The GLAT model was left out of this run (--no-glat)."]
+    left_out = [
+        f"{name} (--no-{flag})"
+        for label, name, flag in (
+            ("deep_shallow", "the deep-shallow AR baseline", "deep-shallow"),
+            ("nat", "the CMLM NAT", "cmlm"),
+            ("glat", "the GLAT model", "glat"),
+            ("ctc", "the CTC NAT", "ctc"),
+            ("eos", "the cut-at-<eos> NAT", "eos"),
+            ("crf", "the CRF NAT", "crf"),
+        )
+        if label not in results["models"]
+    ]
+    if left_out:
+        lines += ["", f"Left out of this run: {', '.join(left_out)}."]
     signature = rows["AR teacher, greedy"]["bleu_signature"]
     lines += ["", f"BLEU signature: `{signature}`", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'} {name}" for name, ok in results["bars"].items()]
